@@ -1,0 +1,6 @@
+"""The ``dsv4`` op namespace. Importing this package registers every op (CPU reference + fake impls)."""
+
+from . import library  # noqa: F401  (registers torch.ops.dsv4.*)
+from .library import dtype_code
+
+__all__ = ["library", "dtype_code"]

@@ -1,0 +1,1 @@
+"""Frontend: ModelSpec -> the DeepSeek-V4 step function -> torch.export graphs (prefill and decode)."""
