@@ -138,9 +138,15 @@ def compressor(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: 
     j = w0[:, None] // m + w_ar[None, :]  # entry index of each window [B, W]
     complete = (w0[:, None] + (w_ar[None, :] + 1) * m) <= (start + S)[:, None]
     if overlap:
+        # The previous window's first halves, gathered from [cached previous window | open-window state | new].
         pa, pz = cache[cache_prefix + "_pa"], cache[cache_prefix + "_pz"]
-        a_prev = torch.cat((pa[:, None], a_win[:, :-1, :, :d]), dim=1)
-        z_prev = torch.cat((pz[:, None], z_win[:, :-1, :, :d]), dim=1)
+        p_prev = p_tok - m
+        src_prev = torch.where(p_prev < w0[:, None, None], p_prev - w0[:, None, None] + m,
+                               torch.where(p_prev < start[:, None, None], m + p_prev - w0[:, None, None],
+                                           2 * m + p_prev - start[:, None, None]))
+        src_prev = src_prev.clamp(0, 2 * m + S - 1)
+        a_prev = torch.cat((pa, st_a[..., :d], a_new[..., :d]), dim=1)[b_idx, src_prev]
+        z_prev = torch.cat((pz, st_z[..., :d], z_new[..., :d]), dim=1)[b_idx, src_prev]
         z_prev = torch.where((j == 0)[:, :, None, None], torch.full_like(z_prev, float("-inf")), z_prev)
     else:
         a_prev = z_prev = a_win.new_zeros((B, n_win, 0, 0))

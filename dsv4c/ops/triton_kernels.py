@@ -1,0 +1,835 @@
+"""Triton (GPU) implementations of the ``dsv4`` ops.
+
+:func:`register_cuda_kernels` registers each launcher below as the CUDA implementation of the op of
+the same name in :mod:`dsv4c.ops.library`; the CPU reference impls there stay the numerical contract.
+The launchers are also usable directly. On CPU tensors they run under Triton's interpreter, which
+must be switched on (``TRITON_INTERPRET=1``) before triton is first imported; that is how the tests
+check them on machines without a GPU.
+
+Numerics (all match the CPU reference up to fp32 summation order unless noted):
+
+- Activation quantization (``act_quant``) is a separate kernel producing e4m3 codes plus one fp32
+  scale per 1x128 block. The e4m3 rounding (nearest, ties to even) and the ue8m0 scale
+  ``2^ceil(log2(max(amax, 1e-4) / 448))`` are computed with integer bit arithmetic, so they are exact
+  and independent of the device's fp8 conversion instructions. (``torch.log2`` in the reference can
+  round ``log2`` of a value a few ulps above a power of two down to the integer, giving a scale one
+  power of two smaller in that case; the bit form is what DeepSeek's kernels compute.)
+- ``fp8_linear`` multiplies e4m3 x e4m3 on the tensor cores per 128-wide K block and applies both
+  scales to the fp32 partial product. ``fp4_grouped_linear`` dequantizes packed e2m1 weights times
+  their ue8m0 scale to bf16 in the kernel (exact) and multiplies with the e4m3 activation codes
+  (exact in bf16), fp32 accumulate.
+- ``sparse_attn``: bf16 Q.K products, fp32 online softmax; P.V uses P split into two bf16 terms
+  (hi + lo, ~16 significant bits), so its error stays well below the bf16 output rounding.
+- fp32 inputs (no activation quantization) use IEEE fp32 dots (slow; meant for fp32 test models).
+- Under the interpreter every dot runs in fp32 (the interpreter cannot multiply bf16), which is exact
+  for the bf16/e4m3 operands used here; bf16 stores truncate there instead of rounding to nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # triton is an optional (GPU) dependency
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+HAVE_TRITON = triton is not None
+
+
+def _interpreting() -> bool:
+    if not HAVE_TRITON:
+        return False
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older triton
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Decided when this module is imported, like ``triton.jit`` itself decides interpreted vs compiled.
+INTERPRET = _interpreting()
+
+
+def _fix_interpreter_for_numpy_2_4() -> None:
+    """triton <= 3.6's interpreter turns a runtime scalar into an index with ``int(ndarray of shape (1,))``,
+    which numpy >= 2.4 rejects (``range(n)`` over a kernel argument fails). Upstream fix:
+    triton-lang/triton#9172 (issue #9171); this re-patches ``__index__`` the same way."""
+    try:
+        from triton.runtime import interpreter as _interp
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_dsv4c_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _patch_lang_tensor._dsv4c_index_fix = True
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+
+if INTERPRET:
+    _fix_interpreter_for_numpy_2_4()
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+QBLOCK = 128  # activation quantization block along K; also the FP8 weight block
+
+
+# =================================================================================================
+# kernels
+# =================================================================================================
+
+if HAVE_TRITON:
+
+    # ---- shared device helpers ------------------------------------------------------------------
+
+    @triton.jit
+    def _pow2_ceil(a):
+        """(2^ceil(log2 a), 2^-ceil(log2 a)) for positive normal fp32 ``a``, exact (from the bits)."""
+        bits = a.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        s = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+        return s, inv
+
+    @triton.jit
+    def _e4m3_rne(v):
+        """Nearest e4m3 value (ties to even) of fp32 ``v`` inside [-448, 448], as fp32."""
+        a = tl.abs(v)
+        # normal range (>= 2^-6): keep 3 mantissa bits, integer round-half-even on the fp32 bits
+        bits = a.to(tl.int32, bitcast=True)
+        lsb = (bits >> 20) & 1
+        nrm = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+        # subnormal range: multiples of 2^-9
+        n = a * 512.0
+        fi = n.to(tl.int32)
+        fr = n - fi.to(tl.float32)
+        up = (fr > 0.5) | ((fr == 0.5) & ((fi & 1) == 1))
+        sub = (fi + up.to(tl.int32)).to(tl.float32) * 0.001953125
+        r = tl.where(a < 0.015625, sub, nrm)
+        return tl.where(v < 0, -r, r)
+
+    @triton.jit
+    def _e2m1_rne(v):
+        """Nearest e2m1 value (ties to even) of fp32 ``v`` inside [-6, 6], as fp32."""
+        a = tl.abs(v)
+        m = (a > 0.25).to(tl.float32) * 0.5
+        m += (a >= 0.75).to(tl.float32) * 0.5
+        m += (a > 1.25).to(tl.float32) * 0.5
+        m += (a >= 1.75).to(tl.float32) * 0.5
+        m += (a > 2.5).to(tl.float32)
+        m += (a >= 3.5).to(tl.float32)
+        m += (a > 5.0).to(tl.float32) * 2.0
+        return tl.where(v < 0, -m, m)
+
+    @triton.jit
+    def _e2m1_decode(c):
+        """fp32 value of e2m1 codes ``c`` (int32, 0..15, sign in bit 3)."""
+        e = (c >> 1) & 3
+        m = c & 1
+        num = tl.where(e == 0, m << 1, (2 + m) << e)
+        mag = num.to(tl.float32) * 0.25
+        return tl.where((c & 8) != 0, -mag, mag)
+
+    @triton.jit
+    def _quant_e4m3(x, UE8M0: tl.constexpr):
+        """Per-row quantization of fp32 ``x`` [R, B]: (e4m3 grid values as fp32 [R, B], scale [R])."""
+        amax = tl.max(tl.abs(x), axis=1)
+        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+        if UE8M0:
+            s, inv = _pow2_ceil(a)
+            v = x * inv[:, None]
+        else:
+            s = a
+            v = tl.math.div_rn(x, s[:, None])
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        return _e4m3_rne(v), s
+
+    # ---- quantization ---------------------------------------------------------------------------
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NB,
+                          BLOCK_M: tl.constexpr, QB: tl.constexpr, UE8M0: tl.constexpr,
+                          DEQUANT: tl.constexpr):
+        """x [M, K] -> e4m3 codes q [M, K] + fp32 scales s [M, NB] (or, with DEQUANT, q * s in q's dtype)."""
+        pid_m = tl.program_id(0)
+        kb = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = kb * QB + tl.arange(0, QB)
+        m_mask = rm < M
+        mask = m_mask[:, None] & (rk < K)[None, :]
+        offs = rm.to(tl.int64)[:, None] * K + rk[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q, s = _quant_e4m3(x, UE8M0)
+        if DEQUANT:
+            tl.store(q_ptr + offs, (q * s[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=mask)
+            tl.store(s_ptr + rm.to(tl.int64) * NB + kb, s, mask=m_mask)
+
+    @triton.jit
+    def _fp4_qdq_kernel(x_ptr, o_ptr, M, K, BLOCK_M: tl.constexpr, QB: tl.constexpr):
+        pid_m = tl.program_id(0)
+        kb = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = kb * QB + tl.arange(0, QB)
+        mask = (rm < M)[:, None] & (rk < K)[None, :]
+        offs = rm.to(tl.int64)[:, None] * K + rk[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        # floor 6 * 2^-126 keeps amax / 6 a normal number
+        a = tl.math.div_rn(tl.maximum(amax, 7.052966104933725e-38), 6.0)
+        s, inv = _pow2_ceil(a)
+        v = tl.minimum(tl.maximum(x * inv[:, None], -6.0), 6.0)
+        tl.store(o_ptr + offs, (_e2m1_rne(v) * s[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+
+    # ---- FP8 block-scaled GEMM ------------------------------------------------------------------
+
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, o_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
+                         ACT_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """o[split] = sum over this split's K blocks of (a @ w^T) * sa[m, kb] * sw[n // 128, kb]."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_mask = rm < M
+        n_mask = rn < N
+        a_rows = a_ptr + rm.to(tl.int64)[:, None] * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = pid_k * KB_PER_SPLIT + i  # the last split may run past KB: fully masked there
+            k = kb * BK + rk
+            k_mask = (k < K) & (kb < KB)
+            a = tl.load(a_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST or IEEE:
+                part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            elif ACT_Q:
+                part = tl.dot(a, tl.trans(w))  # e4m3 x e4m3 -> fp32
+            else:
+                part = tl.dot(a, tl.trans(w.to(a.dtype)))  # e4m3 -> bf16/fp16 is exact
+            if ACT_Q:
+                sa = tl.load(sa_ptr + rm.to(tl.int64) * KB + kb, mask=m_mask & (kb < KB), other=0.0)
+                part = part * sa[:, None]
+            sw = tl.load(sw_ptr + (rn // 128) * SW_STRIDE + (kb * BK) // 128, mask=n_mask & (kb < KB), other=0.0)
+            acc += part * sw[None, :]
+        o_offs = (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    # ---- FP4 (MXFP4-style) grouped GEMM ---------------------------------------------------------
+
+    @triton.jit
+    def _fp4_grouped_kernel(a_ptr, sa_ptr, order_ptr, t_exp_ptr, t_row0_ptr, t_row1_ptr, w_ptr, sw_ptr, o_ptr,
+                            N, K, KB,
+                            ACT_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One tile of rows of one expert (rows given through ``order``) times that expert's packed weight."""
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(t_exp_ptr + t)
+        if e >= 0:
+            row0 = tl.load(t_row0_ptr + t)
+            row1 = tl.load(t_row1_ptr + t)
+            rows = row0 + tl.arange(0, BM)
+            r_mask = rows < row1
+            src = tl.load(order_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+            rn = pid_n * BN + tl.arange(0, BN)
+            n_mask = rn < N
+            rk = tl.arange(0, BK)
+            rk2 = tl.arange(0, BK // 2)
+            K2 = K // 2
+            K32 = K // 32
+            w_rows = w_ptr + e.to(tl.int64) * N * K2 + rn.to(tl.int64)[:, None] * K2
+            s_rows = sw_ptr + e.to(tl.int64) * N * K32 + rn.to(tl.int64)[:, None] * K32
+            a_rows = a_ptr + src[:, None] * K
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in range(KB):
+                k = kb * BK + rk
+                a = tl.load(a_rows + k[None, :], mask=r_mask[:, None] & (k < K)[None, :], other=0.0)
+                kk = kb * (BK // 2) + rk2  # byte column; element 2*kk (low nibble) and 2*kk + 1 (high)
+                wm = n_mask[:, None] & (kk < K2)[None, :]
+                p = tl.load(w_rows + kk[None, :], mask=wm, other=0).to(tl.int32)
+                sc = tl.load(s_rows + (kk // 16)[None, :], mask=wm, other=0.0)
+                lo = _e2m1_decode(p & 0xF) * sc
+                hi = _e2m1_decode((p >> 4) & 0xF) * sc
+                w = tl.reshape(tl.join(lo, hi), (BN, BK))  # interleave: [.., j, 0/1] -> element 2j / 2j+1
+                if UPCAST or IEEE:
+                    part = tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee")
+                elif ACT_Q:
+                    part = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+                else:
+                    part = tl.dot(a, tl.trans(w.to(a.dtype)))
+                if ACT_Q:
+                    sa = tl.load(sa_ptr + src * KB + kb, mask=r_mask, other=0.0)
+                    part = part * sa[:, None]
+                acc += part
+            tl.store(o_ptr + src[:, None] * N + rn[None, :], acc.to(o_ptr.dtype.element_ty),
+                     mask=r_mask[:, None] & n_mask[None, :])
+
+    # ---- sparse attention with sink -------------------------------------------------------------
+
+    @triton.jit
+    def _attn_update(q, kv, vis, m_i, l_i, acc, scale,
+                     IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr):
+        if UPCAST or IEEE:
+            kvf = kv.to(tl.float32)
+            s = tl.dot(q, tl.trans(kvf), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kv))
+        s = s * scale
+        s = tl.where(vis[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if UPCAST or IEEE:
+            acc += tl.dot(p, kvf, input_precision="ieee")
+        elif PV_SPLIT:
+            p_hi = p.to(kv.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(kv.dtype)
+            acc = tl.dot(p_hi, kv, acc)
+            acc = tl.dot(p_lo, kv, acc)
+        else:
+            acc = tl.dot(p.to(kv.dtype), kv, acc)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, wkv_ptr, wmask_ptr, ckv_ptr, cidx_ptr, sink_ptr, o_ptr,
+                            S, H, C, NW, NE, KC, scale,
+                            BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr):
+        """One query token (b, s) and BH heads; keys = values; online softmax with a sink."""
+        bs = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        b = bs // S
+        rh = hb * BH + tl.arange(0, BH)
+        h_mask = rh < H
+        rc = tl.arange(0, BC)
+        c_mask = rc < C
+        q = tl.load(q_ptr + (bs * H + rh)[:, None] * C + rc[None, :],
+                    mask=h_mask[:, None] & c_mask[None, :], other=0.0)
+        if UPCAST or IEEE:
+            q = q.to(tl.float32)
+        m_i = tl.full((BH,), -1e30, dtype=tl.float32)  # finite: no visible key leaves only the sink
+        l_i = tl.zeros((BH,), dtype=tl.float32)
+        acc = tl.zeros((BH, BC), dtype=tl.float32)
+        # window part
+        w_base = wkv_ptr + b * NW * C
+        m_base = wmask_ptr + bs * NW
+        for n0 in range(0, NW, BN):
+            rn = n0 + tl.arange(0, BN)
+            vis = tl.load(m_base + rn, mask=rn < NW, other=0) != 0
+            kv = tl.load(w_base + rn[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :], other=0.0)
+            m_i, l_i, acc = _attn_update(q, kv, vis, m_i, l_i, acc, scale, IEEE, UPCAST, PV_SPLIT)
+        # selected compressed entries
+        c_base = ckv_ptr + b * NE * C
+        i_base = cidx_ptr + bs * KC
+        for k0 in range(0, KC, BN):
+            rk = k0 + tl.arange(0, BN)
+            idx = tl.load(i_base + rk, mask=rk < KC, other=-1)
+            vis = (idx >= 0) & (idx < NE)
+            kv = tl.load(c_base + idx[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :], other=0.0)
+            m_i, l_i, acc = _attn_update(q, kv, vis, m_i, l_i, acc, scale, IEEE, UPCAST, PV_SPLIT)
+        sk = tl.load(sink_ptr + rh, mask=h_mask, other=0.0)
+        l_i = l_i + tl.exp(sk - m_i)
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + (bs * H + rh)[:, None] * C + rc[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=h_mask[:, None] & c_mask[None, :])
+
+    # ---- mHC split + Sinkhorn -------------------------------------------------------------------
+
+    @triton.jit
+    def _hc_split_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, R, ITERS, eps,
+                         N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr):
+        W: tl.constexpr = (2 + N) * N
+        rr = tl.program_id(0) * BR + tl.arange(0, BR)
+        r_mask = rr < R
+        rows = rr.to(tl.int64)
+        j = tl.arange(0, NP)
+        j_mask = j < N
+        s0 = tl.load(scale_ptr)
+        s1 = tl.load(scale_ptr + 1)
+        s2 = tl.load(scale_ptr + 2)
+        m2 = r_mask[:, None] & j_mask[None, :]
+        row_ptr = mix_ptr + rows[:, None] * W
+        pre = tl.load(row_ptr + j[None, :], mask=m2, other=0.0) * s0 + tl.load(base_ptr + j, mask=j_mask, other=0.0)[None, :]
+        pre = 1.0 / (1.0 + tl.exp(-pre)) + eps
+        post = tl.load(row_ptr + N + j[None, :], mask=m2, other=0.0) * s1 + tl.load(base_ptr + N + j, mask=j_mask, other=0.0)[None, :]
+        post = 2.0 / (1.0 + tl.exp(-post))
+        tl.store(pre_ptr + rows[:, None] * N + j[None, :], pre, mask=m2)
+        tl.store(post_ptr + rows[:, None] * N + j[None, :], post, mask=m2)
+        # comb[r, i, j]
+        i3 = j[None, :, None]
+        j3 = j[None, None, :]
+        ij_mask = (i3 < N) & (j3 < N)
+        ij = 2 * N + i3 * N + j3
+        lg = tl.load(mix_ptr + rows[:, None, None] * W + ij, mask=r_mask[:, None, None] & ij_mask, other=0.0) * s2
+        lg = lg + tl.load(base_ptr + ij, mask=ij_mask, other=0.0)
+        lg = tl.where(j3 < N, lg, float("-inf"))
+        ex = tl.exp(lg - tl.max(lg, axis=2)[:, :, None])
+        comb = ex / tl.sum(ex, axis=2)[:, :, None] + eps
+        comb = tl.where(ij_mask, comb, 0.0)
+        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + eps)
+        for _ in range(ITERS - 1):
+            comb = comb / (tl.sum(comb, axis=2)[:, :, None] + eps)
+            comb = comb / (tl.sum(comb, axis=1)[:, None, :] + eps)
+        tl.store(comb_ptr + rows[:, None, None] * (N * N) + i3 * N + j3, comb, mask=r_mask[:, None, None] & ij_mask)
+
+    # ---- SwiGLU with clamps ---------------------------------------------------------------------
+
+    @triton.jit
+    def _swiglu_kernel(g_ptr, v_ptr, w_ptr, o_ptr, R, N, limit,
+                       HAS_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+        rr = tl.program_id(0) * BR + tl.arange(0, BR)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        r_mask = rr < R
+        mask = r_mask[:, None] & (rn < N)[None, :]
+        offs = rr.to(tl.int64)[:, None] * N + rn[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.minimum(g, limit)
+        v = tl.minimum(tl.maximum(v, -limit), limit)
+        h = g / (1.0 + tl.exp(-g)) * v
+        if HAS_W:
+            h = h * tl.load(w_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(o_ptr + offs, h, mask=mask)
+
+    # ---- lightning indexer scores ---------------------------------------------------------------
+
+    @triton.jit
+    def _indexer_score_kernel(q_ptr, k_ptr, w_ptr, o_ptr, S, NH, D, NE,
+                              BS: tl.constexpr, BHI: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """BS query tokens x BE key entries; the key tile is loaded once and reused for every token."""
+        nsb = tl.cdiv(S, BS)
+        pid = tl.program_id(0)
+        b = (pid // nsb).to(tl.int64)
+        s0 = (pid % nsb) * BS
+        re = tl.program_id(1) * BE + tl.arange(0, BE)
+        e_mask = re < NE
+        rd = tl.arange(0, BD)
+        d_mask = rd < D
+        rh = tl.arange(0, BHI)
+        h_mask = rh < NH
+        kt = tl.load(k_ptr + (b * NE + re)[:, None] * D + rd[None, :], mask=e_mask[:, None] & d_mask[None, :],
+                     other=0.0)
+        if UPCAST or IEEE:
+            kt = kt.to(tl.float32)
+        for i in range(BS):
+            s = s0 + i
+            s_ok = s < S
+            tok = b * S + s
+            q = tl.load(q_ptr + (tok * NH + rh)[:, None] * D + rd[None, :],
+                        mask=(h_mask[:, None] & d_mask[None, :]) & s_ok, other=0.0)
+            if UPCAST or IEEE:
+                dots = tl.dot(q.to(tl.float32), tl.trans(kt), input_precision="ieee")
+            else:
+                dots = tl.dot(q, tl.trans(kt))
+            w = tl.load(w_ptr + tok * NH + rh, mask=h_mask & s_ok, other=0.0).to(tl.float32)
+            sc = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
+            tl.store(o_ptr + tok * NE + re, sc, mask=e_mask & s_ok)
+
+    # ---- compressor softmax pooling -------------------------------------------------------------
+
+    @triton.jit
+    def _compress_pool_kernel(a_ptr, z_ptr, ap_ptr, zp_ptr, o_ptr, M, D, KD,
+                              BM: tl.constexpr, BD: tl.constexpr, OVERLAP: tl.constexpr):
+        """One window (b, w) and BD features: softmax over the m (or 2m) slots, per feature."""
+        win = tl.program_id(0).to(tl.int64)
+        rd = tl.program_id(1) * BD + tl.arange(0, BD)
+        rt = tl.arange(0, BM)
+        m2 = (rt < M)[:, None] & (rd < D)[None, :]
+        if OVERLAP:
+            col = D + rd  # this window contributes its second halves
+        else:
+            col = rd
+        offs = win * M * KD + rt[:, None] * KD + col[None, :]
+        a = tl.load(a_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs, mask=m2, other=float("-inf")).to(tl.float32)
+        mx = tl.max(z, axis=0)
+        if OVERLAP:
+            p_offs = win * M * D + rt[:, None] * D + rd[None, :]
+            ap = tl.load(ap_ptr + p_offs, mask=m2, other=0.0).to(tl.float32)
+            zp = tl.load(zp_ptr + p_offs, mask=m2, other=float("-inf")).to(tl.float32)
+            mx = tl.maximum(mx, tl.max(zp, axis=0))
+            ep = tl.exp(zp - mx[None, :])
+            ep = tl.where(m2, ep, 0.0)
+            num_p = tl.sum(ep * ap, axis=0)
+            den_p = tl.sum(ep, axis=0)
+        else:
+            num_p = 0.0
+            den_p = 0.0
+        ez = tl.exp(z - mx[None, :])
+        ez = tl.where(m2, ez, 0.0)
+        num = tl.sum(ez * a, axis=0) + num_p
+        den = tl.sum(ez, axis=0) + den_p
+        tl.store(o_ptr + win * D + rd, num / den, mask=rd < D)
+
+
+# =================================================================================================
+# launchers
+# =================================================================================================
+
+def _require(*tensors: Tensor) -> None:
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed")
+    for t in tensors:
+        if t.device.type == "cpu" and not INTERPRET:
+            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _np2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _is_fp32(t: Tensor) -> bool:
+    return t.dtype in (torch.float32, torch.float64)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def act_quant_fp8(x: Tensor, ue8m0: bool, block: int = QBLOCK) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K] float8_e4m3fn, fp32 scales [M, K/block]); K % block == 0."""
+    _require(x)
+    M, K = x.shape
+    if K % block:
+        raise ValueError(f"last dim {K} is not a multiple of the quantization block {block}")
+    x = x.contiguous()
+    nb = K // block
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((M, nb), dtype=torch.float32, device=x.device)
+    if M and K:
+        bm = min(16, _np2(M))
+        _act_quant_kernel[(triton.cdiv(M, bm), nb)](x, q, s, M, K, nb, BLOCK_M=bm, QB=block, UE8M0=bool(ue8m0),
+                                                    DEQUANT=False, num_warps=4)
+    return q, s
+
+
+def fp8_qdq(x: Tensor, block: int, ue8m0: bool) -> Tensor:
+    """FP8 quant-dequant (``dsv4::fp8_qdq``), one scale per ``block`` elements of the last dim."""
+    _require(x)
+    K = x.shape[-1]
+    if K % block:
+        raise ValueError(f"last dim {K} is not a multiple of the quantization block {block}")
+    if block & (block - 1):
+        raise ValueError(f"block {block} must be a power of two")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    out = torch.empty_like(x2)
+    if M and K:
+        bm = min(16, _np2(M))
+        _act_quant_kernel[(triton.cdiv(M, bm), K // block)](x2, out, out, M, K, K // block, BLOCK_M=bm, QB=block,
+                                                            UE8M0=bool(ue8m0), DEQUANT=True, num_warps=4)
+    return out.view(x.shape)
+
+
+def fp4_qdq(x: Tensor, block: int) -> Tensor:
+    """FP4 quant-dequant (``dsv4::fp4_qdq``), one ue8m0 scale per ``block`` elements of the last dim."""
+    _require(x)
+    K = x.shape[-1]
+    if K % block:
+        raise ValueError(f"last dim {K} is not a multiple of the quantization block {block}")
+    if block & (block - 1):
+        raise ValueError(f"block {block} must be a power of two")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    out = torch.empty_like(x2)
+    if M and K:
+        bm = min(16, _np2(M))
+        _fp4_qdq_kernel[(triton.cdiv(M, bm), K // block)](x2, out, M, K, BLOCK_M=bm, QB=block, num_warps=4)
+    return out.view(x.shape)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
+               block_m: int | None = None, block_n: int | None = None, split_k: int | None = None) -> Tensor:
+    """``dsv4::fp8_linear``: x [..., K] @ W^T, W e4m3 [N, K] with fp32 scales [ceil(N/128), ceil(K/128)]."""
+    _require(x, weight, scale)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x's last dim {K}")
+    if weight.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8_linear expects a float8_e4m3fn weight, got {weight.dtype}")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    lead = x.shape[:-1]
+    if M == 0 or N == 0:
+        return x.new_zeros((*lead, N))
+    weight = weight.contiguous()
+    scale = scale.float().contiguous()
+    kb = triton.cdiv(K, QBLOCK)
+    if tuple(scale.shape) != (triton.cdiv(N, QBLOCK), kb):
+        raise ValueError(f"scale {tuple(scale.shape)} does not match weight {tuple(weight.shape)}")
+    if act_quant and not ue8m0 and x2.dtype != torch.float32:
+        # The reference rounds the dequantized activation q * s to x.dtype before the GEMM; with non-power-
+        # of-two scales that rounding is visible, so run it that way (published checkpoints use ue8m0).
+        x2, act_quant = fp8_qdq(x2, QBLOCK, False), False
+    if act_quant:
+        a, sa = act_quant_fp8(x2, ue8m0)
+    else:
+        a, sa = x2, scale  # sa unused
+    bm = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
+    bn = block_n or (64 if M <= 64 else 128)
+    mt, nt = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    if split_k is None:
+        sms = _num_sms(x.device)
+        split_k = 1 if mt * nt >= sms else min(kb, max(1, (2 * sms) // (mt * nt)))
+    per = triton.cdiv(kb, max(1, int(split_k)))
+    split_k = triton.cdiv(kb, per)
+    if split_k == 1:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    nw = 8 if bm * bn >= 128 * 128 else 4
+    _fp8_gemm_kernel[(mt, nt, split_k)](
+        a, sa, weight, scale, out, M, N, K, kb, per, kb,
+        ACT_Q=bool(act_quant), IEEE=(not act_quant and _is_fp32(x2)), UPCAST=INTERPRET,
+        BM=bm, BN=bn, BK=QBLOCK, num_warps=nw, num_stages=3)
+    if split_k > 1:
+        out = out.sum(0).to(x.dtype)
+    return out.view(*lead, N)
+
+
+def _expert_schedule(expert: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Sort rows by expert and cut each expert's rows into tiles of ``bm``, on the device (no host sync).
+
+    Returns (order [A] row ids sorted by expert, tile_expert [T] (-1 = unused tile), tile_row0 [T],
+    tile_row1 [T] (bounds into ``order``), T) with T a static upper bound on the number of tiles."""
+    A = expert.shape[0]
+    dev = expert.device
+    e = expert.to(torch.int64)
+    key = torch.where((e >= 0) & (e < num_experts), e, torch.full_like(e, num_experts))
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    row_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + bm - 1) // bm
+    tile_end = torch.cumsum(tiles, 0)
+    tile_start = tile_end - tiles
+    T = triton.cdiv(A, bm) + min(num_experts, A)
+    t = torch.arange(T, device=dev, dtype=torch.int64)
+    te = torch.searchsorted(tile_end, t, right=True)
+    used = te < num_experts
+    ec = te.clamp(max=num_experts - 1)
+    row0 = row_start[ec] + (t - tile_start[ec]) * bm
+    row1 = row_start[ec] + counts[ec]
+    te = torch.where(used, te, torch.full_like(te, -1))
+    return order, te, row0, row1, T
+
+
+def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
+                       block_m: int | None = None, block_n: int | None = None) -> Tensor:
+    """``dsv4::fp4_grouped_linear``: out[a] = x[a] @ W[expert[a]]^T; W packed e2m1 [E, N, K/2] + scales
+    [E, N, K/32]; rows with an expert id outside [0, E) give zeros."""
+    _require(x, expert, weight, scale)
+    A, K = x.shape
+    E, N, K2 = weight.shape
+    if K2 * 2 != K or K % 32:
+        raise ValueError(f"packed weight {tuple(weight.shape)} does not match K = {K}")
+    if tuple(scale.shape) != (E, N, K // 32):
+        raise ValueError(f"scale {tuple(scale.shape)} does not match weight {tuple(weight.shape)}")
+    out = torch.zeros((A, N), dtype=x.dtype, device=x.device)
+    if A == 0 or N == 0 or E == 0:
+        return out
+    if weight.dtype == torch.int8:
+        weight = weight.view(torch.uint8)
+    weight = weight.contiguous()
+    scale = scale.float().contiguous()
+    x = x.contiguous()
+    if act_quant and not ue8m0 and x.dtype != torch.float32:
+        x, act_quant = fp8_qdq(x, QBLOCK, False), False  # as in fp8_linear: match the reference's rounding
+    if act_quant:
+        a, sa = act_quant_fp8(x, ue8m0)
+    else:
+        a, sa = x, scale  # sa unused
+    rows_per_expert = A / min(E, A)
+    bm = block_m or (16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64)
+    bn = block_n or (64 if bm <= 32 else 128)
+    order, te, row0, row1, T = _expert_schedule(expert, E, bm)
+    _fp4_grouped_kernel[(T, triton.cdiv(N, bn))](
+        a, sa, order, te, row0, row1, weight, scale, out, N, K, triton.cdiv(K, QBLOCK),
+        ACT_Q=bool(act_quant), IEEE=(not act_quant and _is_fp32(x)), UPCAST=INTERPRET,
+        BM=bm, BN=bn, BK=QBLOCK, num_warps=4, num_stages=3)
+    return out
+
+
+def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, comp_idx: Tensor, sink: Tensor,
+                scale: float, *, block_h: int | None = None, block_n: int | None = None,
+                pv_split: bool = True) -> Tensor:
+    """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator."""
+    _require(q, win_kv, win_mask, comp_kv, comp_idx, sink)
+    B, S, H, C = q.shape
+    NW = win_kv.shape[1]
+    NE = comp_kv.shape[1]
+    KC = comp_idx.shape[2]
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    kv_dtype = q.dtype
+    q = q.contiguous()
+    win_kv = win_kv.to(kv_dtype).contiguous()
+    comp_kv = comp_kv.to(kv_dtype).contiguous()
+    if NW == 0:  # keep a valid pointer; the loop does not run
+        win_kv = q.new_zeros((B, 1, C))
+    if NE == 0:
+        comp_kv = q.new_zeros((B, 1, C))
+    wm = win_mask.contiguous()
+    wm = wm.view(torch.uint8) if wm.dtype == torch.bool else (wm != 0).view(torch.uint8)
+    if NW == 0:
+        wm = torch.zeros((B, S, 1), dtype=torch.uint8, device=q.device)
+    idx = comp_idx.to(torch.int64).contiguous()
+    if KC == 0:
+        idx = torch.full((B, S, 1), -1, dtype=torch.int64, device=q.device)
+    sink = sink.float().contiguous()
+    bh = block_h or min(64, _np2(H, 16))
+    bn = block_n or 32
+    bc = _np2(C, 16)
+    grid = (B * S, triton.cdiv(H, bh))
+    _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, S, H, C, NW, NE, KC, float(scale),
+                              BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
+                              num_warps=8 if bh * bc >= 64 * 256 else 4, num_stages=2)
+    return out
+
+
+def hc_split(mix: Tensor, base: Tensor, scale: Tensor, n: int, iters: int, eps: float
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``dsv4::hc_split``: pre, post and the Sinkhorn-projected comb (all fp32)."""
+    _require(mix, base, scale)
+    lead = mix.shape[:-1]
+    if mix.shape[-1] != (2 + n) * n:
+        raise ValueError(f"mix last dim {mix.shape[-1]} != (2 + n) * n for n = {n}")
+    m2 = mix.reshape(-1, mix.shape[-1]).float().contiguous()
+    R = m2.shape[0]
+    pre = torch.empty((R, n), dtype=torch.float32, device=mix.device)
+    post = torch.empty((R, n), dtype=torch.float32, device=mix.device)
+    comb = torch.empty((R, n, n), dtype=torch.float32, device=mix.device)
+    if R:
+        br = 64 if not INTERPRET else min(64, _np2(R))
+        _hc_split_kernel[(triton.cdiv(R, br),)](m2, base.float().contiguous(), scale.float().contiguous(),
+                                                pre, post, comb, R, int(iters), float(eps),
+                                                N=n, NP=_np2(n), BR=br, num_warps=4)
+    return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
+
+
+def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight: bool) -> Tensor:
+    """``dsv4::swiglu_clamp``: silu(min(g, L)) * clamp(v, -L, L) (* weight[..., None]) in fp32."""
+    _require(g, v, weight)
+    N = g.shape[-1]
+    g2 = g.reshape(-1, N).contiguous()
+    v2 = v.reshape(-1, N).contiguous()
+    R = g2.shape[0]
+    out = torch.empty((R, N), dtype=torch.float32, device=g.device)
+    if R and N:
+        w = weight.reshape(-1).contiguous() if has_weight else g2
+        if has_weight and w.numel() != R:
+            raise ValueError(f"weight has {w.numel()} elements, expected {R}")
+        br, bn = 16, min(256, _np2(N))
+        _swiglu_kernel[(triton.cdiv(R, br), triton.cdiv(N, bn))](g2, v2, w, out, R, N, float(limit),
+                                                               HAS_W=bool(has_weight), BR=br, BN=bn, num_warps=4)
+    return out.view(g.shape)
+
+
+def indexer_score(q: Tensor, k: Tensor, w: Tensor, *, block_s: int | None = None, block_e: int | None = None
+                  ) -> Tensor:
+    """``dsv4::indexer_score``: score[b, s, j] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, j]) (fp32)."""
+    _require(q, k, w)
+    B, S, NH, D = q.shape
+    NE = k.shape[1]
+    out = torch.empty((B, S, NE), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    dt = torch.promote_types(q.dtype, k.dtype)
+    q = q.to(dt).contiguous()
+    k = k.to(dt).contiguous()
+    w = w.contiguous()
+    bs = block_s or (1 if S == 1 else 4 if INTERPRET else 16)
+    be = block_e or 64
+    grid = (B * triton.cdiv(S, bs), triton.cdiv(NE, be))
+    _indexer_score_kernel[grid](q, k, w, out, S, NH, D, NE, BS=bs, BHI=_np2(NH, 16), BD=_np2(D, 16), BE=be,
+                                IEEE=_is_fp32(q), UPCAST=INTERPRET, num_warps=4, num_stages=2)
+    return out
+
+
+def compress_pool(a: Tensor, z: Tensor, a_prev: Tensor, z_prev: Tensor, overlap: bool) -> Tensor:
+    """``dsv4::compress_pool``: softmax pooling over each window's m (overlap: 2m) slots, fp32 [B, W, d]."""
+    _require(a, z, a_prev, z_prev)
+    B, W, M, KD = a.shape
+    D = KD // 2 if overlap else KD
+    out = torch.empty((B, W, D), dtype=torch.float32, device=a.device)
+    if out.numel() == 0:
+        return out
+    a = a.contiguous()
+    z = z.contiguous()
+    if overlap:
+        ap = a_prev.contiguous()
+        zp = z_prev.contiguous()
+    else:
+        ap, zp = a, z  # unused
+    bd = min(128 if M <= 16 else 32, _np2(D))
+    _compress_pool_kernel[(B * W, triton.cdiv(D, bd))](a, z, ap, zp, out, M, D, KD, BM=_np2(M), BD=bd,
+                                                       OVERLAP=bool(overlap), num_warps=4)
+    return out
+
+
+# =================================================================================================
+# registration as the CUDA impls of the dsv4 ops
+# =================================================================================================
+
+def _cuda_impls() -> dict:
+    return {
+        "fp8_qdq": lambda x, block, ue8m0: fp8_qdq(x, block, ue8m0),
+        "fp4_qdq": lambda x, block: fp4_qdq(x, block),
+        "fp8_linear": lambda x, weight, scale, act_quant, ue8m0: fp8_linear(x, weight, scale, act_quant, ue8m0),
+        "fp4_grouped_linear": lambda x, expert, weight, scale, act_quant, ue8m0: fp4_grouped_linear(
+            x, expert, weight, scale, act_quant, ue8m0),
+        "sparse_attn": lambda q, win_kv, win_mask, comp_kv, comp_idx, sink, scale: sparse_attn(
+            q, win_kv, win_mask, comp_kv, comp_idx, sink, scale),
+        "hc_split": lambda mix, base, scale, n, iters, eps: hc_split(mix, base, scale, n, iters, eps),
+        "swiglu_clamp": lambda g, v, weight, limit, has_weight: swiglu_clamp(g, v, weight, limit, has_weight),
+        "indexer_score": lambda q, k, w: indexer_score(q, k, w),
+        "compress_pool": lambda a, z, a_prev, z_prev, overlap: compress_pool(a, z, a_prev, z_prev, overlap),
+    }
+
+
+_REGISTERED = False
+
+
+def register_cuda_kernels() -> bool:
+    """Register the Triton launchers as the CUDA impls of the ``dsv4`` ops. Idempotent; returns False
+    (and registers nothing) when triton is not importable."""
+    global _REGISTERED
+    if not HAVE_TRITON:
+        return False
+    if _REGISTERED:
+        return True
+    from . import library  # noqa: F401  (defines the ops)
+
+    for name, fn in _cuda_impls().items():
+        torch.library.register_kernel(f"dsv4::{name}", "cuda", fn)
+    _REGISTERED = True
+    return True
+
+
+__all__ = [
+    "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
+    "fp4_grouped_linear", "sparse_attn", "hc_split", "swiglu_clamp", "indexer_score", "compress_pool",
+]

@@ -1,0 +1,119 @@
+"""Trace the step function into FX graphs with ``torch.export``.
+
+Two entry points: ``prefill`` (one sequence, S symbolic; the runtime prefills sequence by sequence)
+and ``decode`` (S = 1, batch symbolic). Parameters,
+constants and the KV cache are user inputs (pytrees of named tensors), the cache is mutated in place
+(recorded by export as input mutations), and the output is the last position's logits.
+
+Inputs are fake tensors, so tracing ``--variant pro`` allocates no weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dsv4c.layout import cache_tensors, model_tensors
+from dsv4c.program import Program
+
+from .model import StepContext, constants, step
+
+EntryPoint = Literal["prefill", "decode"]
+# Example sizes used only to trace; the graphs are symbolic in them.
+_EXAMPLE_BATCH = 2
+_EXAMPLE_SEQ = 8
+
+
+class StepModule(torch.nn.Module):
+    """``forward(params, consts, cache, input_ids, start_pos) -> logits``; no state of its own."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, params, consts, cache, input_ids, start_pos):  # noqa: ANN001 - pytrees
+        return step(self.ctx, params, consts, cache, input_ids, start_pos)
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    max_seq_len: int  # cache capacity (tokens per sequence) the graph is specialized on
+
+
+def example_inputs(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, fake_mode: FakeTensorMode | None = None):
+    """(params, consts, cache, input_ids, start_pos) with the right shapes; fake when ``fake_mode`` is given."""
+    spec = ctx.spec
+    seq = 1 if entry == "decode" else min(_EXAMPLE_SEQ, cfg.max_seq_len)
+    batch = _EXAMPLE_BATCH if entry == "decode" else 1
+    real_consts = constants(spec)
+
+    def make():
+        params = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in model_tensors(spec, ctx.dtype).items()}
+        cache = {k: torch.empty(t.shape, dtype=t.dtype)
+                 for k, t in cache_tensors(spec, batch, cfg.max_seq_len, ctx.dtype).items()}
+        consts = {k: v.clone() for k, v in real_consts.items()}
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        start = torch.zeros(batch, dtype=torch.long)
+        return params, consts, cache, ids, start
+
+    if fake_mode is None:
+        return make()
+    with fake_mode:
+        return make()
+
+
+def dynamic_shapes(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, inputs) -> tuple:  # noqa: ANN001
+    params, consts, cache, _, _ = inputs
+    if entry == "prefill":
+        seq = torch.export.Dim("seq", min=1, max=cfg.max_seq_len)
+        return ({k: None for k in params}, {k: None for k in consts}, {k: None for k in cache}, {1: seq}, None)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return ({k: None for k in params}, {k: None for k in consts}, {k: {0: batch} for k in cache}, {0: batch}, {0: batch})
+
+
+def trace(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, fake: bool = True) -> torch.export.ExportedProgram:
+    """Export one entry point of the step function."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    inputs = example_inputs(ctx, entry, cfg, fake_mode)
+    ds = dynamic_shapes(ctx, entry, cfg, inputs)
+    with torch.no_grad():
+        return torch.export.export(StepModule(ctx), inputs, dynamic_shapes=ds, strict=False)
+
+
+def flat_input_names(inputs) -> list[str]:  # noqa: ANN001 - the pytree of example inputs
+    """Names of the flattened inputs: ``params.<k>``, ``consts.<k>``, ``cache.<k>``, ``input_ids``, ``start_pos``."""
+    params, consts, cache, _, _ = inputs
+    return ([f"params.{k}" for k in params] + [f"consts.{k}" for k in consts] + [f"cache.{k}" for k in cache]
+            + ["input_ids", "start_pos"])
+
+
+def to_program(ep: torch.export.ExportedProgram, entry: EntryPoint, names: list[str], meta: dict) -> Program:
+    """Unlift an exported program into a flat-input FX graph: mutations stay as in-place aten ops
+    (``copy_``/``scatter_`` on cache inputs); export's input-guard module and metadata asserts go."""
+    gm = ep.module()
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" or (n.op == "call_function" and n.target in _DROPPED and not n.users):
+            g.erase_node(n)
+    for n in list(g.nodes):
+        if n.op == "get_attr" and not n.users:
+            g.erase_node(n)
+    phs = [n for n in g.nodes if n.op == "placeholder"]
+    if len(phs) != len(names):
+        raise AssertionError(f"{len(phs)} placeholders for {len(names)} inputs")
+    for n, name in zip(phs, names):
+        n.name = n.target = name.replace(".", "_")
+    out = next(n for n in g.nodes if n.op == "output")
+    if isinstance(out.args[0], (list, tuple)) and len(out.args[0]) == 1:
+        out.args = (out.args[0][0],)  # a single logits tensor, not a pytree
+    g._codegen = torch.fx.graph.CodeGen()
+    fresh = torch.fx.GraphModule(torch.nn.Module(), g)
+    prog = Program(entry, fresh, list(names), dict(meta))
+    prog.recompile()
+    return prog
+
+
+_DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
