@@ -18,11 +18,13 @@ Numerics (all match the CPU reference up to fp32 summation order unless noted):
   scales to the fp32 partial product. ``fp4_grouped_linear`` dequantizes packed e2m1 weights times
   their ue8m0 scale to bf16 in the kernel (exact) and multiplies with the e4m3 activation codes
   (exact in bf16), fp32 accumulate.
+- bf16 outputs are rounded to nearest-even explicitly before the store (bit arithmetic), so the
+  interpreter (whose own fp32 -> bf16 cast truncates) rounds like the GPU and the reference.
 - ``sparse_attn``: bf16 Q.K products, fp32 online softmax; P.V uses P split into two bf16 terms
   (hi + lo, ~16 significant bits), so its error stays well below the bf16 output rounding.
 - fp32 inputs (no activation quantization) use IEEE fp32 dots (slow; meant for fp32 test models).
 - Under the interpreter every dot runs in fp32 (the interpreter cannot multiply bf16), which is exact
-  for the bf16/e4m3 operands used here; bf16 stores truncate there instead of rounding to nearest.
+  for the bf16/e4m3 operands used here.
 """
 
 from __future__ import annotations
@@ -103,6 +105,16 @@ if HAVE_TRITON:
         return s, inv
 
     @triton.jit
+    def _cast_out(x, DT: tl.constexpr):
+        """fp32 -> DT for a store. bf16 is rounded to nearest-even on the bits first, so the conversion itself
+        is exact (the interpreter's own fp32 -> bf16 cast truncates; on the GPU this changes nothing)."""
+        if DT == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, r)
+        return x.to(DT)
+
+    @triton.jit
     def _e4m3_rne(v):
         """Nearest e4m3 value (ties to even) of fp32 ``v`` inside [-448, 448], as fp32."""
         a = tl.abs(v)
@@ -172,7 +184,7 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         q, s = _quant_e4m3(x, UE8M0)
         if DEQUANT:
-            tl.store(q_ptr + offs, (q * s[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_ptr + offs, _cast_out(q * s[:, None], q_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=mask)
             tl.store(s_ptr + rm.to(tl.int64) * NB + kb, s, mask=m_mask)
@@ -191,7 +203,7 @@ if HAVE_TRITON:
         a = tl.math.div_rn(tl.maximum(amax, 7.052966104933725e-38), 6.0)
         s, inv = _pow2_ceil(a)
         v = tl.minimum(tl.maximum(x * inv[:, None], -6.0), 6.0)
-        tl.store(o_ptr + offs, (_e2m1_rne(v) * s[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + offs, _cast_out(_e2m1_rne(v) * s[:, None], o_ptr.dtype.element_ty), mask=mask)
 
     # ---- FP8 block-scaled GEMM ------------------------------------------------------------------
 
@@ -229,7 +241,7 @@ if HAVE_TRITON:
             sw = tl.load(sw_ptr + (rn // 128) * SW_STRIDE + (kb * BK) // 128, mask=n_mask & (kb < KB), other=0.0)
             acc += part * sw[None, :]
         o_offs = (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
-        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(o_ptr + o_offs, _cast_out(acc, o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     # ---- FP4 (MXFP4-style) grouped GEMM ---------------------------------------------------------
 
@@ -278,7 +290,7 @@ if HAVE_TRITON:
                     sa = tl.load(sa_ptr + src * KB + kb, mask=r_mask, other=0.0)
                     part = part * sa[:, None]
                 acc += part
-            tl.store(o_ptr + src[:, None] * N + rn[None, :], acc.to(o_ptr.dtype.element_ty),
+            tl.store(o_ptr + src[:, None] * N + rn[None, :], _cast_out(acc, o_ptr.dtype.element_ty),
                      mask=r_mask[:, None] & n_mask[None, :])
 
     # ---- sparse attention with sink -------------------------------------------------------------
@@ -349,7 +361,7 @@ if HAVE_TRITON:
         sk = tl.load(sink_ptr + rh, mask=h_mask, other=0.0)
         l_i = l_i + tl.exp(sk - m_i)
         out = acc / l_i[:, None]
-        tl.store(o_ptr + (bs * H + rh)[:, None] * C + rc[None, :], out.to(o_ptr.dtype.element_ty),
+        tl.store(o_ptr + (bs * H + rh)[:, None] * C + rc[None, :], _cast_out(out, o_ptr.dtype.element_ty),
                  mask=h_mask[:, None] & c_mask[None, :])
 
     # ---- mHC split + Sinkhorn -------------------------------------------------------------------
@@ -462,7 +474,7 @@ if HAVE_TRITON:
         offs = win * M * KD + rt[:, None] * KD + col[None, :]
         a = tl.load(a_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs, mask=m2, other=float("-inf")).to(tl.float32)
-        mx = tl.max(z, axis=0)
+        mx = tl.where(rd < D, tl.max(z, axis=0), 0.0)  # padded features: keep them finite
         if OVERLAP:
             p_offs = win * M * D + rt[:, None] * D + rd[None, :]
             ap = tl.load(ap_ptr + p_offs, mask=m2, other=0.0).to(tl.float32)
@@ -479,6 +491,7 @@ if HAVE_TRITON:
         ez = tl.where(m2, ez, 0.0)
         num = tl.sum(ez * a, axis=0) + num_p
         den = tl.sum(ez, axis=0) + den_p
+        den = tl.where(rd < D, den, 1.0)
         tl.store(o_ptr + win * D + rd, num / den, mask=rd < D)
 
 
