@@ -29,6 +29,8 @@ Numerics (all match the CPU reference up to fp32 summation order unless noted):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -515,10 +517,15 @@ def _is_fp32(t: Tensor) -> bool:
     return t.dtype in (torch.float32, torch.float64)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def act_quant_fp8(x: Tensor, ue8m0: bool, block: int = QBLOCK) -> tuple[Tensor, Tensor]:
@@ -633,7 +640,9 @@ def _expert_schedule(expert: Tensor, num_experts: int, bm: int) -> tuple[Tensor,
     e = expert.to(torch.int64)
     key = torch.where((e >= 0) & (e < num_experts), e, torch.full_like(e, num_experts))
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add instead of bincount: bincount syncs with the host (it sizes its output from the max)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     row_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + bm - 1) // bm
     tile_end = torch.cumsum(tiles, 0)
@@ -687,14 +696,14 @@ def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor,
 
 def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, comp_idx: Tensor, sink: Tensor,
                 scale: float, *, block_h: int | None = None, block_n: int | None = None,
-                pv_split: bool = True) -> Tensor:
+                num_warps: int | None = None, pv_split: bool = True) -> Tensor:
     """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator."""
     _require(q, win_kv, win_mask, comp_kv, comp_idx, sink)
     B, S, H, C = q.shape
     NW = win_kv.shape[1]
     NE = comp_kv.shape[1]
     KC = comp_idx.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     kv_dtype = q.dtype
@@ -713,13 +722,16 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
     if KC == 0:
         idx = torch.full((B, S, 1), -1, dtype=torch.int64, device=q.device)
     sink = sink.float().contiguous()
-    bh = block_h or min(64, _np2(H, 16))
-    bn = block_n or 32
     bc = _np2(C, 16)
+    # the fp32 accumulator is BH x C: with C = 512 keep BH at 16-32 heads per program (the programs of one
+    # token share its keys through L2)
+    bh = block_h or min(32 if bc >= 256 else 64, _np2(H, 16))
+    bn = block_n or 32
+    nw = num_warps or (8 if bh * bc >= 32 * 512 else 4)
     grid = (B * S, triton.cdiv(H, bh))
     _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, S, H, C, NW, NE, KC, float(scale),
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
-                              num_warps=8 if bh * bc >= 64 * 256 else 4, num_stages=2)
+                              num_warps=nw, num_stages=2)
     return out
 
 
