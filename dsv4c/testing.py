@@ -1,0 +1,18 @@
+"""Small helpers shared by the test suite and the benchmarks (fresh caches, relative error)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import cache_tensors
+from .spec import ModelSpec
+
+
+def new_cache(spec: ModelSpec, batch: int, max_seq_len: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A zeroed KV cache for ``batch`` sequences (the layout the step function and the runtime use)."""
+    return {k: torch.zeros(t.shape, dtype=t.dtype) for k, t in cache_tensors(spec, batch, max_seq_len, dtype).items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

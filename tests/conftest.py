@@ -1,0 +1,25 @@
+"""Shared fixtures: synthesized checkpoints and their parameter tables, made once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_params
+from dsv4c.spec import ModelSpec, get_variant
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> ModelSpec:
+    return get_variant("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_spec):
+    """A synthesized hub-format tiny checkpoint directory (seed 0)."""
+    return synthesize_checkpoint(tiny_spec, tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_params_fp32(tiny_ckpt, tiny_spec):
+    return to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.float32)
