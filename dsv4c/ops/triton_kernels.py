@@ -17,7 +17,12 @@ Numerics (all match the CPU reference up to fp32 summation order unless noted):
 - ``fp8_linear`` multiplies e4m3 x e4m3 on the tensor cores per 128-wide K block and applies both
   scales to the fp32 partial product. ``fp4_grouped_linear`` dequantizes packed e2m1 weights times
   their ue8m0 scale to bf16 in the kernel (exact) and multiplies with the e4m3 activation codes
-  (exact in bf16), fp32 accumulate.
+  (exact in bf16), fp32 accumulate. On sm_90 Triton's e4m3 dots accumulate inside the tensor cores
+  at reduced precision (its default ``max_num_imprecise_acc``); partials are promoted to fp32 every
+  128-wide K block, as in DeepGEMM, so expect ~1e-4 relative differences there, not fp32 ulps.
+- With ``ue8m0=False`` and bf16 activations the reference rounds the dequantized activation
+  ``q * s`` to bf16 before the GEMM (non-power-of-two scales make that visible); the launchers do the
+  same (quant-dequant kernel, then a bf16 GEMM). Published checkpoints use ue8m0.
 - bf16 outputs are rounded to nearest-even explicitly before the store (bit arithmetic), so the
   interpreter (whose own fp32 -> bf16 cast truncates) rounds like the GPU and the reference.
 - ``sparse_attn``: bf16 Q.K products, fp32 online softmax; P.V uses P split into two bf16 terms
