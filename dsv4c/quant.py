@@ -24,7 +24,13 @@ _E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, 
 def block_scale(amax: torch.Tensor, qmax: float, floor: float, ue8m0: bool = True) -> torch.Tensor:
     """The per-block scale for a block whose largest magnitude is ``amax`` (fp32)."""
     a = torch.clamp(amax.float(), min=floor) / qmax
-    return torch.exp2(torch.ceil(torch.log2(a))) if ue8m0 else a
+    if not ue8m0:
+        return a
+    # 2^ceil(log2(a)), exact: fp32 log2 can round a value a few ulps above a power of two down onto it,
+    # so correct the power of two by one step either way (products of powers of two are exact).
+    s = torch.exp2(torch.ceil(torch.log2(a)))
+    s = torch.where(s < a, s * 2, s)
+    return torch.where(s * 0.5 >= a, s * 0.5, s)
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
