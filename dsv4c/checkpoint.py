@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import quant
 from .errors import CheckpointError
 from .layout import F8, U8, TensorSpec, checkpoint_tensors, model_tensors
-from .safetensors_header import read_header_checked
+from .safetensors_header import format_problems, inspect_header, load_tensors_checked
 from .spec import FP4_BLOCK, ModelSpec
 
 Progress = Callable[[str], None]
@@ -148,102 +147,153 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def _shard_files(ckpt: Path) -> list[Path]:
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
+        return False
+
+
+def _shard_files(ckpt: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files of a checkpoint and, when it has an index, its weight map."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"Checkpoint directory {ckpt} does not exist.", "point --checkpoint at a hub checkpoint directory.")
     index = ckpt / INDEX_NAME
     if index.is_file():
+        fix = f"regenerate {INDEX_NAME} or remove it (then every *.safetensors file is read)."
         try:
-            wm = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(wm.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is malformed ({e!r}).", "regenerate the index or remove it to scan *.safetensors.") from None
-        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+            doc = json.loads(index.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{index} is not readable JSON ({type(e).__name__}: {str(e)[:120]}).", fix) from None
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+            raise CheckpointError(f"{index} has no `weight_map` object of tensor name -> shard file name.", fix)
+        files = sorted(set(wm.values()))
+        bad = [f for f in files if Path(f).name != f or f in ("", ".", "..") or "\\" in f or "\x00" in f]
         if bad:
-            raise CheckpointError(f"{index} names shard files outside the checkpoint directory: {bad}.",
+            raise CheckpointError(f"{index} names shard files outside the checkpoint directory: {bad[:8]}.",
                                   "the index may only name files in its own directory.")
-        missing = [f for f in files if not (ckpt / f).is_file()]
+        missing = [f for f in files if not _is_file(ckpt / f)]
         if missing:
-            raise CheckpointError(f"{index} names shard files that do not exist: {missing}.",
+            raise CheckpointError(f"{index} names shard files that do not exist: {missing[:8]}"
+                                  f"{f' ... ({len(missing) - 8} more)' if len(missing) > 8 else ''}.",
                                   "re-download the missing shards.")
-        return [ckpt / f for f in files]
+        return [ckpt / f for f in files], wm
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"No *.safetensors files in {ckpt}.", "point --checkpoint at a hub checkpoint directory.")
-    return files
+    return files, None
 
 
-def _to_canonical(name: str, t: torch.Tensor, want: TensorSpec) -> torch.Tensor | str:
-    """Convert one stored tensor to the canonical in-memory form, or return a problem description."""
-    shape = tuple(t.shape)
-    if want.dtype == U8:  # packed FP4: F4 [N, K] or int8/uint8 bytes [N, K/2]
-        if t.dtype == torch.float4_e2m1fn_x2:
-            t = t.view(torch.uint8)
-        elif t.dtype == torch.int8:
-            t = t.view(torch.uint8)
-        elif t.dtype != torch.uint8:
-            return f"{name}: dtype {t.dtype} where packed FP4 (F4, I8 or U8) was expected"
+# Stored dtypes accepted for each canonical dtype, and how the stored shape relates to the canonical one.
+_FLOATS = ("F32", "BF16", "F16")
+
+
+def _check_stored(name: str, stored: str, entry: dict, want: TensorSpec) -> str | None:
+    """Check one header entry against the expected tensor, before anything is read. None when fine."""
+    dt, shape = entry["dtype"], tuple(entry["shape"])
+    if want.dtype == U8:  # packed FP4: F4 [..., K] (two values per byte) or I8/U8 bytes [..., K/2]
+        if dt == "F4":
+            shape = (*shape[:-1], shape[-1] // 2) if shape else shape
+        elif dt not in ("I8", "U8"):
+            return f"{stored}: dtype {dt} where packed FP4 (F4, I8 or U8) was expected"
     elif want.dtype == F8:
-        if t.dtype != F8:
-            return f"{name}: dtype {t.dtype} where float8_e4m3fn was expected"
+        if dt != "F8_E4M3":
+            return f"{stored}: dtype {dt} where F8_E4M3 was expected"
     elif want.dtype == torch.float32 and name.endswith(".scale"):
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float8_e8m0fnu):
-            return f"{name}: dtype {t.dtype} where a scale (F32, BF16 or F8_E8M0) was expected"
-        t = t.float()
+        if dt not in ("F32", "BF16", "F8_E8M0"):
+            return f"{stored}: dtype {dt} where a scale (F32, BF16 or F8_E8M0) was expected"
     elif want.dtype == torch.int64:
-        if t.dtype not in (torch.int64, torch.int32, torch.int16):
-            return f"{name}: dtype {t.dtype} where an integer table was expected"
-        t = t.long()
-    elif t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"{name}: dtype {t.dtype} where a float tensor was expected"
-    else:
-        t = t.to(want.dtype)
-    if tuple(t.shape) != want.shape:
-        return f"{name}: shape {list(shape)} where {list(want.shape)} was expected"
-    return t
+        if dt not in ("I64", "I32", "I16"):
+            return f"{stored}: dtype {dt} where an integer table (I64, I32 or I16) was expected"
+    elif dt not in _FLOATS:
+        return f"{stored}: dtype {dt} where a float tensor (F32, BF16 or F16) was expected"
+    if shape != want.shape:
+        return f"{stored}: shape {list(entry['shape'])} where {list(want.shape)} was expected"
+    return None
+
+
+def _to_canonical(name: str, t: torch.Tensor, want: TensorSpec) -> torch.Tensor:
+    """Convert one stored tensor (already checked by ``_check_stored``) to the canonical in-memory form."""
+    if want.dtype == U8:
+        return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+    if want.dtype == F8:
+        return t
+    if want.dtype == torch.float32 and name.endswith(".scale"):
+        return t.float()
+    if want.dtype == torch.int64:
+        return t.long()
+    return t.to(want.dtype)
 
 
 def load_checkpoint(ckpt_dir: str | Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of a hub checkpoint into canonical form (names without ``model.``; FP4 as uint8
-    [N, K/2]; scales fp32). Raises one ``CheckpointError`` listing every problem found."""
+    [N, K/2]; scales fp32).
+
+    Every shard's header is validated first (size cap, offsets, dtype x shape = bytes), then every
+    tensor's name, dtype and shape is checked against the spec from the headers alone; only a
+    checkpoint without problems is read. Raises one ``CheckpointError`` listing every problem found:
+    damaged or truncated files, missing, unexpected, duplicated, mis-typed and mis-shaped tensors."""
     ckpt = Path(ckpt_dir)
     want = checkpoint_tensors(spec)
     problems: list[str] = []
-    located: dict[str, tuple[Path, str]] = {}
-    files = _shard_files(ckpt)
+    located: dict[str, tuple[Path, str, dict]] = {}
+    files, weight_map = _shard_files(ckpt)
+    damaged: list[Path] = []
     for f in files:
         try:
-            header = read_header_checked(f)
+            rep = inspect_header(f)
         except CheckpointError as e:
-            problems.append(str(e.problem))
+            problems.append(e.problem.rstrip("."))
+            damaged.append(f)
             continue
-        for stored in header:
+        if rep.problems:
+            problems.append(f"{f.name}: damaged safetensors file: {format_problems(rep.problems, 6)}")
+            damaged.append(f)
+        for stored, entry in rep.entries.items():
             canon = _canonical_name(stored)
             if canon in located:
                 problems.append(f"{stored} appears twice (in {located[canon][0].name} and {f.name})")
-            located[canon] = (f, stored)
-    missing = [n for n in want if n not in located]
+            located[canon] = (f, stored, entry)
+    if weight_map is not None:
+        wrong = [f"{n} (index: {fn})" for n, fn in weight_map.items()
+                 if _canonical_name(n) in located and located[_canonical_name(n)][0].name != fn]
+        if wrong:
+            problems.append(f"{len(wrong)} tensor(s) not in the shard the index names: {_names(wrong)}")
+    # Tensors of a damaged file are reported with the file, not again as "missing" or mis-shaped.
+    unreadable = {n for n, (f, _, _) in located.items() if f in damaged}
+    if weight_map is not None and damaged:
+        damaged_names = {f.name for f in damaged}
+        unreadable |= {_canonical_name(k) for k, v in weight_map.items() if v in damaged_names}
+    missing = [n for n in want if n not in located and n not in unreadable]
     extra = [n for n in located if n not in want]
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
     if extra:
         problems.append(f"{len(extra)} unexpected tensor(s): {_names(extra)}")
-    out: dict[str, torch.Tensor] = {}
-    if not problems:
-        by_file: dict[Path, list[str]] = {}
-        for canon, (f, _) in located.items():
-            by_file.setdefault(f, []).append(canon)
-        for f, names in by_file.items():
-            with safe_open(str(f), framework="pt") as h:
-                for canon in names:
-                    r = _to_canonical(canon, h.get_tensor(located[canon][1]), want[canon])
-                    if isinstance(r, str):
-                        problems.append(r)
-                    else:
-                        out[canon] = r
-            if progress:
-                progress(f"read {f.name} ({len(names)} tensors)")
+    mismatched = []
+    for canon, (f, stored, entry) in located.items():
+        if canon in want and canon not in unreadable:
+            r = _check_stored(canon, stored, entry, want[canon])
+            if r is not None:
+                mismatched.append(r)
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) with the wrong dtype or shape: {_names(mismatched, 12)}")
     if problems:
-        raise CheckpointError(f"Checkpoint {ckpt} does not match the {spec.name!r} spec: " + "; ".join(problems) + ".",
-                              "use a checkpoint written for this config (or `dsv4c synth` for a synthetic one).")
+        raise CheckpointError(f"Checkpoint {ckpt} has {len(problems)} problem(s) for the {spec.name!r} spec: "
+                              + "; ".join(problems) + ".",
+                              "re-download or re-write damaged shards, and use a checkpoint written for this config.json "
+                              "(or `dsv4c synth` for a synthetic one).")
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for canon, (f, _, _) in located.items():
+        by_file.setdefault(f, []).append(canon)
+    for f, names in by_file.items():
+        tensors = load_tensors_checked(f, [located[c][1] for c in names])
+        for canon in names:
+            out[canon] = _to_canonical(canon, tensors[located[canon][1]], want[canon])
+        if progress:
+            progress(f"read {f.name} ({len(names)} tensors)")
     return out
 
 
