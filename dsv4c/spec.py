@@ -30,6 +30,17 @@ FP4_BLOCK = 32
 KV_FP8_BLOCK = 64
 CSA_RATIO = 4  # the overlapping compressor with a lightning indexer
 
+# Sanity limits far above every published model (pro: 61 layers, 384 experts, vocab 129280, hidden 7168,
+# 1M context); they keep a corrupt config from asking for absurd tables or allocations.
+_UPPER_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "num_layers": 512, "num_mtp_layers": 8, "num_heads": 1024,
+    "head_dim": 4096, "q_lora_rank": 1 << 16, "o_groups": 1024, "o_lora_rank": 1 << 16, "sliding_window": 1 << 20,
+    "index_n_heads": 1024, "index_head_dim": 4096, "index_topk": 1 << 20, "n_routed_experts": 4096,
+    "num_experts_per_tok": 256, "moe_intermediate_size": 1 << 17, "hc_mult": 64, "hc_sinkhorn_iters": 10000,
+    "max_position_embeddings": 1 << 26, "yarn_original_max_position": 1 << 26,
+}
+_MAX_COMPRESS_RATIO = 1 << 16
+
 _LAYER_TYPE_OF = {"window": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 _KIND_OF_LAYER_TYPE = {v: k for k, v in _LAYER_TYPE_OF.items()}
 
@@ -80,7 +91,11 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        cr = self.compress_ratios
+        if not isinstance(cr, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in cr):
+            raise ConfigError(f"`compress_ratios` must be a list of integers, got {str(cr)[:80]}.",
+                              "write one integer (0, 4 or the HCA ratio) per block, MTP blocks included.")
+        object.__setattr__(self, "compress_ratios", tuple(cr))
         self.validate()
 
     # ---- derived structure -------------------------------------------------------------------
@@ -121,8 +136,28 @@ class ModelSpec:
 
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool)):
-                problems.append(f"`{f.name}` must be an integer, got {v!r}")
+            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                problems.append(f"`{f.name}` must be an integer, got {str(v)[:40]!r}")
+            elif f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                problems.append(f"`{f.name}` must be a finite number, got {str(v)[:40]!r}")
+            elif f.type == "str" and not isinstance(v, str):
+                problems.append(f"`{f.name}` must be a string, got {str(v)[:40]!r}")
+        if problems:
+            raise ConfigError(f"Invalid model config: {'; '.join(problems)}.", "correct these fields in config.json.")
+        for name, limit in _UPPER_LIMITS.items():
+            need(getattr(self, name) <= limit, f"`{name}` = {getattr(self, name)} exceeds dsv4c's limit of {limit}")
+        need(all(r <= _MAX_COMPRESS_RATIO for r in self.compress_ratios),
+             f"`compress_ratios` entries may be at most {_MAX_COMPRESS_RATIO}")
+        for name in ("rms_norm_eps", "hc_eps", "routed_scaling_factor", "swiglu_limit", "yarn_factor",
+                     "yarn_beta_fast", "yarn_beta_slow"):
+            need(getattr(self, name) > 0, f"`{name}` must be > 0 (got {getattr(self, name)})")
+        for name in ("rope_theta", "compress_rope_theta"):
+            need(getattr(self, name) > 1, f"`{name}` must be > 1 (got {getattr(self, name)})")
+        need(self.max_position_embeddings >= 1 and self.yarn_original_max_position >= 1,
+             "`max_position_embeddings` and `rope_scaling.original_max_position_embeddings` must be >= 1")
+        need(0 <= self.bos_token_id < max(self.vocab_size, 1) and 0 <= self.eos_token_id < max(self.vocab_size, 1),
+             f"`bos_token_id` ({self.bos_token_id}) and `eos_token_id` ({self.eos_token_id}) must be token ids "
+             f"below `vocab_size` ({self.vocab_size})")
         if problems:
             raise ConfigError(f"Invalid model config: {'; '.join(problems)}.", "correct these fields in config.json.")
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank", "o_groups",
@@ -178,6 +213,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"A ModelSpec must be a JSON object, got {type(d).__name__}.", "rebuild the artifact with this dsv4c.")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -251,7 +288,9 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, path_or_dict: str | Path | dict[str, Any], name: str | None = None) -> "ModelSpec":
-        """Read a hub or transformers ``config.json`` (a file, a checkpoint directory, or a dict)."""
+        """Read a hub or transformers ``config.json`` (a file, a checkpoint directory, or a dict).
+
+        Every problem raises ``ConfigError`` naming the file, the field and the fix."""
         if isinstance(path_or_dict, dict):
             cfg, where = path_or_dict, "config"
         else:
@@ -262,17 +301,27 @@ class ModelSpec:
             if not p.is_file():
                 raise ConfigError(f"No config file at {p}.", "point at a checkpoint directory that holds config.json.")
             try:
-                cfg = json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{p} is not valid JSON ({e}).", "repair or re-download config.json.") from None
+                cfg = json.loads(p.read_bytes().decode("utf-8"))
+            except OSError as e:
+                raise ConfigError(f"{p} cannot be read ({e.strerror or e}).", "check the file's permissions.") from None
+            except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting or numbers
+                raise ConfigError(f"{p} is not valid JSON ({type(e).__name__}: {str(e)[:120]}).",
+                                  "repair or re-download config.json.") from None
             if not isinstance(cfg, dict):
-                raise ConfigError(f"{p} holds a {type(cfg).__name__}, not a JSON object.", "repair config.json.")
+                raise ConfigError(f"{p} holds a JSON {type(cfg).__name__}, not an object.", "repair config.json.")
             name = name or p.parent.name
-        return cls(**_spec_kwargs_from_config(cfg, where), name=name or "custom")
+        kw = _spec_kwargs_from_config(cfg, where)
+        try:
+            return cls(**kw, name=name or "custom")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e.problem}", e.fix) from None
 
 
 def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     missing: list[str] = []
+
+    def bad(key: str, want: str, v: Any, fix: str | None = None) -> ConfigError:
+        return ConfigError(f"{where}: `{key}` must be {want}, got {str(v)[:80]!r}.", fix or f"set `{key}` to {want}.")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         if key in cfg and cfg[key] is not None:
@@ -281,18 +330,27 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             missing.append(key)
         return default
 
-    def num(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
-        v = get(key, default, required)
-        if v is None:
-            return None
+    def as_num(key: str, v: Any, kind: type) -> Any:
         if kind is int and isinstance(v, float) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-            raise ConfigError(f"{where}: `{key}` must be a{'n integer' if kind is int else ' number'}, got {v!r}.",
-                              f"set `{key}` to a {'whole ' if kind is int else ''}number.")
+            raise bad(key, "an integer" if kind is int else "a number", v)
         if kind is float and not math.isfinite(float(v)):
-            raise ConfigError(f"{where}: `{key}` must be finite, got {v!r}.", f"set `{key}` to a finite number.")
+            raise bad(key, "a finite number", v)
         return kind(v)
+
+    def num(key: str, default: Any = None, required: bool = False, kind: type = int) -> Any:
+        v = get(key, default, required)
+        return None if v is None else as_num(key, v, kind)
+
+    def sub_num(d: dict[str, Any], parent: str, key: str, default: Any, kind: type) -> Any:
+        v = d.get(key)
+        return default if v is None else as_num(f"{parent}.{key}", v, kind)
+
+    def text(key: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise bad(key, "a string", v)
+        return v
 
     n_layers = num("num_hidden_layers", required=True)
     n_mtp = num("num_nextn_predict_layers", 0)
@@ -301,40 +359,46 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     ratios = get("compress_ratios")
     if ratios is None and get("layer_types") is not None:
         lt = get("layer_types")
-        rates = {"compressed_sparse_attention": CSA_RATIO, "heavily_compressed_attention": 128}
-        if isinstance(get("compress_rates"), dict):
-            rates.update(get("compress_rates"))
+        rates: dict[str, Any] = {"compressed_sparse_attention": CSA_RATIO, "heavily_compressed_attention": 128}
+        cr = get("compress_rates")
+        if cr is not None and not isinstance(cr, dict):
+            raise bad("compress_rates", "an object of layer type -> ratio", cr)
+        for k, v in (cr or {}).items():
+            rates[k] = as_num(f"compress_rates.{k}", v, int)
         rates["sliding_attention"] = 0
-        if not isinstance(lt, list) or any(t not in rates for t in lt):
-            raise ConfigError(f"{where}: `layer_types` must be a list of {sorted(rates)}, got {lt!r}.",
+        if not isinstance(lt, list) or any(not isinstance(t, str) or t not in rates for t in lt):
+            raise ConfigError(f"{where}: `layer_types` must be a list of {sorted(rates)}, got {str(lt)[:80]}.",
                               "fix `layer_types` or give `compress_ratios`.")
-        ratios = [int(rates[t]) for t in lt]
+        ratios = [rates[t] for t in lt]
         if n_mtp and len(ratios) == n_layers:
             ratios = ratios + [0] * n_mtp  # transformers configs leave MTP blocks out; they are window-only
     if ratios is None:
         missing.append("compress_ratios (or layer_types)")
     elif not isinstance(ratios, list) or any(isinstance(r, bool) or not isinstance(r, int) for r in ratios):
-        raise ConfigError(f"{where}: `compress_ratios` must be a list of integers, got {ratios!r}.",
-                          "write one integer (0, 4 or 128) per block, MTP blocks included.")
-    n_hash = get("num_hash_layers")
-    if n_hash is None and isinstance(get("mlp_layer_types"), list):
-        mlt = get("mlp_layer_types")
+        raise bad("compress_ratios", "a list of integers", ratios,
+                  "write one integer (0, 4 or 128) per block, MTP blocks included.")
+    n_hash = num("num_hash_layers")
+    mlt = get("mlp_layer_types")
+    if n_hash is None and mlt is not None:
+        if not isinstance(mlt, list):
+            raise bad("mlp_layer_types", "a list of 'hash_moe' / 'moe'", mlt)
         n_hash = sum(1 for t in mlt if t == "hash_moe")
         if mlt[:n_hash] != ["hash_moe"] * n_hash:
-            raise ConfigError(f"{where}: `mlp_layer_types` must put every `hash_moe` block first, got {mlt!r}.",
+            raise ConfigError(f"{where}: `mlp_layer_types` must put every `hash_moe` block first, got {str(mlt)[:80]}.",
                               "list the hash_moe blocks before the moe blocks.")
-    rope_dim = get("qk_rope_head_dim")
-    if rope_dim is None and get("partial_rotary_factor") is not None and head_dim:
-        rope_dim = int(round(head_dim * float(get("partial_rotary_factor"))))
+    rope_dim = num("qk_rope_head_dim")
+    prf = num("partial_rotary_factor", kind=float)
+    if rope_dim is None and prf is not None and head_dim:
+        rope_dim = int(round(head_dim * prf))
     yarn = get("rope_scaling") or {}
     rp = get("rope_parameters")
     if not yarn and isinstance(rp, dict):
         yarn = rp.get("compress", rp) if isinstance(rp.get("compress", rp), dict) else {}
     if not isinstance(yarn, dict):
-        raise ConfigError(f"{where}: `rope_scaling` must be an object, got {yarn!r}.", "fix `rope_scaling`.")
+        raise bad("rope_scaling", "an object", yarn, "fix `rope_scaling`.")
     qc = get("quantization_config") or {}
     if not isinstance(qc, dict):
-        raise ConfigError(f"{where}: `quantization_config` must be an object.", "fix `quantization_config`.")
+        raise bad("quantization_config", "an object", qc, "fix `quantization_config`.")
     expert_dtype = get("expert_dtype") or qc.get("expert_dtype") or "fp4"
     if missing:
         raise ConfigError(f"{where} lacks required field(s): {', '.join(missing)}.",
@@ -349,7 +413,7 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         num_mtp_layers=n_mtp,
         num_heads=num("num_attention_heads", required=True),
         head_dim=head_dim,
-        rope_dim=int(rope_dim) if rope_dim is not None else 64,
+        rope_dim=rope_dim if rope_dim is not None else 64,
         q_lora_rank=num("q_lora_rank", required=True),
         o_groups=num("o_groups", required=True),
         o_lora_rank=num("o_lora_rank", required=True),
@@ -362,8 +426,8 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         num_experts_per_tok=num("num_experts_per_tok", required=True),
         n_shared_experts=num("n_shared_experts", 1),
         moe_intermediate_size=num("moe_intermediate_size", required=True),
-        num_hash_layers=int(n_hash) if n_hash is not None else 3,
-        scoring_func=str(get("scoring_func", "sqrtsoftplus")),
+        num_hash_layers=n_hash if n_hash is not None else 3,
+        scoring_func=text("scoring_func", get("scoring_func", "sqrtsoftplus")),
         routed_scaling_factor=num("routed_scaling_factor", 1.0, kind=float),
         swiglu_limit=num("swiglu_limit", 10.0, kind=float),
         hc_mult=num("hc_mult", 4),
@@ -372,15 +436,16 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         rms_norm_eps=num("rms_norm_eps", 1e-6, kind=float),
         rope_theta=num("rope_theta", 10000.0, kind=float),
         compress_rope_theta=num("compress_rope_theta", 160000.0, kind=float),
-        yarn_factor=float(yarn.get("factor", 1.0)) if yarn.get("type", yarn.get("rope_type")) == "yarn" else 1.0,
-        yarn_original_max_position=int(yarn.get("original_max_position_embeddings", 65536)),
-        yarn_beta_fast=float(yarn.get("beta_fast", 32.0)),
-        yarn_beta_slow=float(yarn.get("beta_slow", 1.0)),
+        yarn_factor=(sub_num(yarn, "rope_scaling", "factor", 1.0, float)
+                     if yarn.get("type", yarn.get("rope_type")) == "yarn" else 1.0),
+        yarn_original_max_position=sub_num(yarn, "rope_scaling", "original_max_position_embeddings", 65536, int),
+        yarn_beta_fast=sub_num(yarn, "rope_scaling", "beta_fast", 32.0, float),
+        yarn_beta_slow=sub_num(yarn, "rope_scaling", "beta_slow", 1.0, float),
         max_position_embeddings=num("max_position_embeddings", 1048576),
-        scale_fmt=str(qc.get("scale_fmt", "ue8m0")) if qc else "ue8m0",
-        expert_dtype=str(expert_dtype),
-        bos_token_id=int(get("bos_token_id", 0)),
-        eos_token_id=int(eos),
+        scale_fmt=text("quantization_config.scale_fmt", qc["scale_fmt"] if qc.get("scale_fmt") is not None else "ue8m0"),
+        expert_dtype=text("expert_dtype", expert_dtype),
+        bos_token_id=num("bos_token_id", 0),
+        eos_token_id=as_num("eos_token_id", eos, int),
     )
     return kw
 
