@@ -65,10 +65,16 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from .artifact import open_artifact
     from .runtime import Engine
+    from .runtime.engine import check_generate_request
 
-    eng = Engine.load(a.artifact, device=a.device)
+    # Bad input fails before any weight is loaded (loading a large artifact takes minutes).
     ids = _parse_ids(a.prompt_ids)
+    m = open_artifact(a.artifact).manifest
+    check_generate_request([ids], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
+                           vocab_size=m["spec"]["vocab_size"], max_seq_len=m["max_seq_len"], max_batch=m["max_batch"])
+    eng = Engine.load(a.artifact, device=a.device)
     res = eng.generate([ids], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                        top_p=a.top_p, seed=a.seed, stop_at_eos=a.stop_at_eos)
     toks = res.tokens[0]
@@ -169,12 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _paragraph(text: str) -> str:
+    """One paragraph: newlines and runs of blanks collapsed, so an error is a single readable line."""
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except DSV4CError as e:
-        print(f"dsv4c {args.cmd}: error: {e}", file=sys.stderr)
+        print(_paragraph(f"dsv4c {args.cmd}: error: {e}"), file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not the input: disk full, permissions, a vanished file
+        where = f" ({e.filename})" if e.filename else ""
+        print(_paragraph(f"dsv4c {args.cmd}: error: {e.strerror or e}{where}. Fix: check the path, its permissions "
+                         f"and the free disk space, then retry."), file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"dsv4c {args.cmd}: error: out of memory. Fix: use a smaller variant, --max-batch or --max-seq-len, "
+              "or a machine with more memory.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dsv4c {args.cmd}: interrupted", file=sys.stderr)

@@ -17,12 +17,14 @@ from typing import Sequence
 import torch
 
 from dsv4c.artifact import Artifact, open_artifact
-from dsv4c.errors import InputError
+from dsv4c.errors import ArtifactError, BackendUnavailableError, InputError
 from dsv4c.spec import ModelSpec
 
 from .executors import Executor, make_executor
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float32, torch.float16, torch.float8_e4m3fn,
+                                                     torch.uint8, torch.int8, torch.int32, torch.int64)}
+_MAX_SEED = 2**64
 
 
 @dataclass
@@ -48,24 +50,48 @@ class Engine:
         self._executor = executor
         self._static = {f"params.{k}": v for k, v in artifact.load_tensors("params", device).items()}
         self._static.update({f"consts.{k}": v for k, v in artifact.load_tensors("consts", device).items()})
-        self.cache = {name: torch.zeros((self.max_batch, *ent["shape"]), dtype=_DTYPES[ent["dtype"]], device=device)
-                      for name, ent in m["cache_layout"].items()}
+        layout = m["cache_layout"]
+        nbytes = sum(self.max_batch * math.prod(e["shape"]) * _DTYPES[e["dtype"]].itemsize for e in layout.values())
+        try:
+            self.cache = {name: torch.zeros((self.max_batch, *ent["shape"]), dtype=_DTYPES[ent["dtype"]], device=device)
+                          for name, ent in layout.items()}
+        except (RuntimeError, MemoryError, OverflowError) as e:
+            raise InputError(f"cannot allocate the KV cache of {artifact.path} ({nbytes / 2**30:.2f} GiB for "
+                             f"{self.max_batch} x {self.max_seq_len} tokens) on {device}: {str(e).splitlines()[0][:120]}",
+                             "free memory, or rebuild with a smaller --max-batch / --max-seq-len.") from None
+        self._check_program_inputs()
         self.lengths: list[int] = []
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", full_check: bool = False) -> "Engine":
-        dev = torch.device(device)
-        art = open_artifact(path, full_check=full_check)
-        target = art.manifest["target"]
-        if (target == "cpu") != (dev.type == "cpu"):
-            raise InputError(f"{path} was built for target {target!r} but was asked to run on {dev.type!r}.",
-                             f"rebuild with --target {'cpu' if dev.type == 'cpu' else 'h100'}, or load it on "
-                             f"{'cpu' if target == 'cpu' else 'cuda'}.")
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", full_check: bool = False,
+             target: str | None = None, backend: str | None = None) -> "Engine":
+        """Open and check an artifact (``dsv4c.artifact.open_artifact``), then load it onto ``device``.
+        ``target``/``backend``, when given, must match the manifest's."""
+        dev = _parse_device(device)
+        art = open_artifact(path, target=target, backend=backend, full_check=full_check)
+        built_for = art.manifest["target"]
+        if (built_for == "cpu") != (dev.type == "cpu"):
+            want = "cpu" if dev.type == "cpu" else "h100"
+            raise ArtifactError(f"{path} was built for target {built_for!r} but was asked to run on {dev.type!r}.",
+                                f"rebuild it for this device: `dsv4c build ... --target {want} -o {path}`, or load it "
+                                f"on {'cpu' if built_for == 'cpu' else 'a cuda device'}.")
         return cls(art, make_executor(art, dev), dev)
+
+    def _check_program_inputs(self) -> None:
+        """Every input a program takes must be provided by the artifact's tables or the engine."""
+        progs = getattr(self._executor, "programs", None)
+        if not isinstance(progs, dict):
+            return
+        have = set(self._static) | {f"cache.{k}" for k in self.cache} | {"input_ids", "start_pos"}
+        for entry, prog in progs.items():
+            lacking = [n for n in getattr(prog, "input_names", []) if n not in have]
+            if lacking:
+                raise ArtifactError(f"{self.artifact.path}: program {entry!r} takes inputs the manifest does not provide: "
+                                    f"{lacking[:6]}.", "rebuild the artifact; its manifest was modified.")
 
     # ---- validation ---------------------------------------------------------------------------
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
-        if ids.dtype not in (torch.int64, torch.int32):
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise InputError(f"{what} must be integer token ids, got dtype {ids.dtype}.", "pass a LongTensor of token ids.")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
@@ -95,7 +121,12 @@ class Engine:
                                  "pass a 2-D LongTensor (or a list of token-id lists).")
             prompts = None
         else:
-            prompts = [torch.as_tensor(list(p), dtype=torch.long) for p in ids]
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise InputError(f"prefill takes a [batch, seq] tensor or a list of token-id lists, got {type(ids).__name__}.",
+                                 "pass e.g. [[1, 2, 3], [4, 5]].")
+            if not 1 <= len(ids) <= self.max_batch:
+                self._check_batch(len(ids))
+            prompts = [_as_id_tensor(p, f"prompt {k}") for k, p in enumerate(ids)]
             if not prompts or any(p.numel() == 0 for p in prompts):
                 raise InputError("prefill needs at least one prompt and no empty prompt.", "give every sequence >= 1 token.")
         n = ids.shape[0] if prompts is None else len(prompts)
@@ -116,9 +147,9 @@ class Engine:
 
     def decode(self, next_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """One token per live sequence ([B]); returns logits [B, vocab]."""
-        ids = torch.as_tensor(next_ids, dtype=torch.long).reshape(-1)
         if not self.lengths:
             raise InputError("decode called before prefill.", "call prefill(prompts) first.")
+        ids = _as_id_tensor(next_ids, "next_ids").reshape(-1)
         if ids.numel() != len(self.lengths):
             raise InputError(f"decode got {ids.numel()} ids for {len(self.lengths)} live sequences.",
                              "pass exactly one next token per sequence.")
@@ -136,14 +167,9 @@ class Engine:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_at_eos: bool = False) -> GenerationResult:
         """Greedy (temperature 0) or sampled generation for a batch of prompts of any lengths."""
-        _check_sampling(max_new_tokens, temperature, top_k, top_p, self.vocab_size)
+        plist = check_generate_request(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                       vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, max_batch=self.max_batch)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        plist = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
-        longest = max((len(p) for p in plist), default=0)
-        if longest + max_new_tokens - 1 > self.max_seq_len:
-            raise InputError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the context of "
-                             f"{self.max_seq_len}.", f"ask for at most {max(self.max_seq_len - longest + 1, 0)} new tokens "
-                             "or rebuild with a larger --max-seq-len.")
         t0 = time.perf_counter()
         logits = self.prefill(plist)
         t1 = time.perf_counter()
@@ -164,14 +190,98 @@ class Engine:
         return GenerationResult(out, t1 - t0, t2 - t1, steps)
 
 
+def check_generate_request(prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, temperature: float,
+                           top_k: int, top_p: float, seed: int | None, *, vocab_size: int, max_seq_len: int,
+                           max_batch: int) -> list[list[int]]:
+    """Validate a generation request against an artifact's limits without loading it (the CLI checks
+    before loading weights); return the prompts as lists of ints. Raises ``InputError``."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED):
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r:.40}.", "pass a non-negative integer seed.")
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise InputError(f"prompts must have shape [batch, seq], got {list(prompts.shape)}.",
+                             "pass a 2-D LongTensor or a list of token-id lists.")
+        rows: Sequence = list(prompts)
+    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InputError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}.", "pass e.g. [[1, 2, 3]].")
+    else:
+        rows = prompts
+    if not 1 <= len(rows) <= max_batch:
+        raise InputError(f"batch of {len(rows)} sequences; this artifact serves 1..{max_batch}.",
+                         f"split the batch, or rebuild with --max-batch {max(len(rows), 1)}.")
+    plist = []
+    for k, p in enumerate(rows):
+        t = _as_id_tensor(p, f"prompt {k}").reshape(-1)
+        if t.numel() == 0:
+            raise InputError(f"prompt {k} is empty.", "give every sequence >= 1 token.")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab_size:
+            raise InputError(f"prompt {k} holds token id {hi if hi >= vocab_size else lo}, outside the vocabulary "
+                             f"0..{vocab_size - 1}.", "tokenize with this model's tokenizer.")
+        if t.numel() > max_seq_len:
+            raise InputError(f"a prompt of {t.numel()} tokens exceeds this artifact's context of {max_seq_len}.",
+                             f"shorten the prompt, or rebuild with --max-seq-len {t.numel() + max_new_tokens - 1}.")
+        plist.append(t.tolist())
+    longest = max(len(p) for p in plist)
+    if longest + max_new_tokens - 1 > max_seq_len:
+        raise InputError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the context of "
+                         f"{max_seq_len}.", f"ask for at most {max_seq_len - longest + 1} new tokens, "
+                         f"or rebuild with --max-seq-len {longest + max_new_tokens - 1}.")
+    return plist
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{str(device)[:40]!r} is not a torch device.", "use cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(dev)!r} is not supported by dsv4c.", "use cpu, cuda or cuda:N.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"device {str(dev)!r} was asked for but this machine has no usable CUDA GPU.",
+                                          "run on --device cpu with a --target cpu artifact.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(dev)!r} does not exist ({torch.cuda.device_count()} GPU(s) visible).",
+                             "pick an existing cuda:N.")
+    return dev
+
+
+def _as_id_tensor(ids: object, what: str) -> torch.Tensor:
+    """Token ids as a LongTensor, refusing floats, booleans, strings and out-of-int64 values."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise InputError(f"{what} must be integer token ids, got dtype {ids.dtype}.", "pass a LongTensor of token ids.")
+        return ids.to(torch.long)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InputError(f"{what} must be a list of token ids, got {type(ids).__name__}.", "pass e.g. [1, 2, 3].")
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise InputError(f"{what} holds {str(bad[0])[:40]!r}, which is not an integer token id.",
+                         "pass whole-number token ids from this model's tokenizer.")
+    big = [t for t in ids if not -2**63 <= t < 2**63]
+    if big:
+        raise InputError(f"{what} holds token id {str(big[0])[:40]}, far outside any vocabulary.",
+                         "tokenize with this model's tokenizer.")
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, vocab: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.", "ask for >= 1 new token.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not is_num(temperature) or temperature < 0:
         raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}.", "use 0 for greedy decoding.")
-    if not isinstance(top_k, int) or not 0 <= top_k <= vocab:
-        raise InputError(f"top_k must be an integer in 0..{vocab}, got {top_k!r}.", "use 0 to disable top-k.")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not is_int(top_k) or not 0 <= top_k <= vocab:
+        raise InputError(f"top_k must be an integer in 0..{vocab} (the vocabulary size), got {top_k!r}.",
+                         "use 0 to disable top-k.")
+    if not is_num(top_p) or not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}.", "use 1.0 to disable nucleus sampling.")
 
 
@@ -180,7 +290,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # Shift by the max before scaling so that a tiny temperature gives 0 / -inf, never inf - inf = nan.
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
