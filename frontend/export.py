@@ -19,7 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from dsv4c.layout import cache_tensors, model_tensors
 from dsv4c.program import Program
 
-from .model import StepContext, constants, step
+from .model import StepContext, block, constants, embed, head, step
+from dsv4c.layout import block_prefix
 
 EntryPoint = Literal["prefill", "decode"]
 # Example sizes used only to trace; the graphs are symbolic in them.
@@ -117,3 +118,121 @@ def to_program(ep: torch.export.ExportedProgram, entry: EntryPoint, names: list[
 
 
 _DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+# ---- block-template tracing ---------------------------------------------------------------------------
+# Blocks of the same kind (attention kind, compress ratio, routing kind) have identical graphs up to the
+# names of their parameters and cache entries. Tracing one representative per kind and stitching copies
+# of its graph makes tracing cost proportional to the number of kinds (4 for pro) instead of blocks (61).
+
+class _EmbedModule(torch.nn.Module):
+    def __init__(self, ctx: StepContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, params, input_ids, start_pos):  # noqa: ANN001
+        return embed(self.ctx, params, input_ids, start_pos)
+
+
+class _BlockModule(torch.nn.Module):
+    def __init__(self, ctx: StepContext, index: int) -> None:
+        super().__init__()
+        self.ctx, self.index = ctx, index
+
+    def forward(self, params, consts, cache, x, input_ids, pos, start_pos):  # noqa: ANN001
+        return block(self.ctx, x, input_ids, pos, start_pos, params, self.index, cache, consts)
+
+
+class _HeadModule(torch.nn.Module):
+    def __init__(self, ctx: StepContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, params, x):  # noqa: ANN001
+        return head(self.ctx, params, x)
+
+
+def _block_key(spec, i: int) -> tuple:
+    return (spec.attn_kind(i), spec.compress_ratios[i], spec.route_kind(i))
+
+
+def _subgraph(mod: torch.nn.Module, args: tuple, ds: tuple) -> torch.fx.Graph:
+    with torch.no_grad():
+        ep = torch.export.export(mod, args, dynamic_shapes=ds, strict=False)
+    g = ep.module().graph
+    for n in list(g.nodes):
+        if n.op == "call_module" or (n.op == "call_function" and n.target in _DROPPED and not n.users):
+            g.erase_node(n)
+    return g
+
+
+def trace_program(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, log=None) -> Program:  # noqa: ANN001
+    """Trace one entry point as a flat-input Program, one representative block per block kind."""
+    spec = ctx.spec
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    params, consts, cache, ids, start = example_inputs(ctx, entry, cfg, fake_mode)
+    names = flat_input_names((params, consts, cache, ids, start))
+    decode = entry == "decode"
+    batch = torch.export.Dim("batch", min=1, max=1024) if decode else None
+    seq = None if decode else torch.export.Dim("seq", min=1, max=cfg.max_seq_len)
+    tok = {0: batch} if decode else {1: seq}  # [B, S] tensors
+    bdim = {0: batch} if decode else None  # [B] / [B, ...] tensors
+
+    def none(d):  # noqa: ANN001, ANN202
+        return {k: None for k in d}
+
+    top = {k: v for k, v in params.items() if not k.startswith(("layers.", "mtp."))}
+    with fake_mode:
+        x, pos = embed(ctx, top, ids, start)
+    graphs = {"embed": _subgraph(_EmbedModule(ctx), (top, ids, start), (none(top), tok, bdim))}
+    reps: dict[tuple, int] = {}
+    for i in range(spec.num_layers):
+        key = _block_key(spec, i)
+        if key in reps:
+            continue
+        reps[key] = i
+        p = block_prefix(spec, i)
+        bp = {k: v for k, v in params.items() if k.startswith(p)}
+        bc = {k: v for k, v in cache.items() if k.startswith(f"b{i}.")}
+        ds = (none(bp), none(consts), {k: bdim for k in bc}, tok, tok, tok, bdim)
+        graphs[key] = _subgraph(_BlockModule(ctx, i), (bp, consts, bc, x, ids, pos, start), ds)
+        if log:
+            log(f"traced {entry} block kind {key} (block {i})")
+    graphs["head"] = _subgraph(_HeadModule(ctx), (top, x), (none(top), tok))
+
+    g = torch.fx.Graph()
+    ph = {name: g.placeholder(name.replace(".", "_")) for name in names}
+
+    def copy(sub: torch.fx.Graph, inputs: list, block_index: int | None):  # noqa: ANN202
+        subph = [n for n in sub.nodes if n.op == "placeholder"]
+        assert len(subph) == len(inputs), (len(subph), len(inputs))
+        val_map = dict(zip(subph, inputs))
+        before = set(g.nodes)
+        out = g.graph_copy(sub, val_map)
+        if block_index is not None:
+            for n in g.nodes:
+                if n not in before:
+                    n.meta["dsv4c_block"] = block_index
+        while isinstance(out, (list, tuple)) and len(out) == 1:
+            out = out[0]  # a single-output module returns a one-element pytree
+        return out
+
+    def flat(name_list: list[str]) -> list:
+        return [ph[n] for n in name_list]
+
+    xv, posv = copy(graphs["embed"], flat([f"params.{k}" for k in top] + ["input_ids", "start_pos"]), None)
+    for i in range(spec.num_layers):
+        rep = reps[_block_key(spec, i)]
+        rp, ip = block_prefix(spec, rep), block_prefix(spec, i)
+        bp = [f"params.{ip}{k[len(rp):]}" for k in params if k.startswith(rp)]
+        bc = [f"cache.b{i}.{k[len(f'b{rep}.'):]}" for k in cache if k.startswith(f"b{rep}.")]
+        cn = [f"consts.{k}" for k in consts]
+        xv = copy(graphs[_block_key(spec, i)], flat(bp) + flat(cn) + flat(bc) + [xv, ph["input_ids"], posv,
+                                                                                  ph["start_pos"]], i)
+    logits = copy(graphs["head"], flat([f"params.{k}" for k in top]) + [xv], None)
+    g.output(logits)
+    g._codegen = torch.fx.graph.CodeGen()
+    prog = Program(entry, torch.fx.GraphModule(torch.nn.Module(), g), names,
+                   {"numerics": ctx.numerics, "dtype": str(ctx.dtype).removeprefix("torch.")})
+    prog.recompile()
+    return prog

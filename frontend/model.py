@@ -311,18 +311,28 @@ def block(ctx: StepContext, x: Tensor, ids: Tensor, pos: Tensor, start: Tensor, 
     return hc_post(moe(ctx, u, ids, params, p, i), x, post, comb)
 
 
-def step(ctx: StepContext, params: P, consts: P, cache: dict[str, Tensor], input_ids: Tensor,
-         start_pos: Tensor) -> Tensor:
-    """S new tokens per sequence -> logits of the last one [B, vocab] (fp32); the cache is updated in place."""
+def embed(ctx: StepContext, params: P, input_ids: Tensor, start_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Token embeddings expanded to the n_hc residual streams [B, S, n, D], and absolute positions [B, S]."""
     s = ctx.spec
     B, S = input_ids.shape
     pos = start_pos[:, None] + torch.arange(S, device=input_ids.device)[None, :]
     h = params["embed.weight"][input_ids].to(ctx.dtype)
-    x = h[:, :, None, :].expand(B, S, s.hc_mult, s.hidden_size)
-    for i in range(s.num_layers):
-        x = block(ctx, x, input_ids, pos, start_pos, params, i, cache, consts)
-    y = rms_norm(hc_head(ctx, x, params, ""), params["norm.weight"], s.rms_norm_eps)
+    return h[:, :, None, :].expand(B, S, s.hc_mult, s.hidden_size), pos
+
+
+def head(ctx: StepContext, params: P, x: Tensor) -> Tensor:
+    """Collapse the streams (hc_head), final norm, logits of the last position in fp32."""
+    y = rms_norm(hc_head(ctx, x, params, ""), params["norm.weight"], ctx.spec.rms_norm_eps)
     return y[:, -1].float() @ params["head.weight"].float().t()
+
+
+def step(ctx: StepContext, params: P, consts: P, cache: dict[str, Tensor], input_ids: Tensor,
+         start_pos: Tensor) -> Tensor:
+    """S new tokens per sequence -> logits of the last one [B, vocab] (fp32); the cache is updated in place."""
+    x, pos = embed(ctx, params, input_ids, start_pos)
+    for i in range(ctx.spec.num_layers):
+        x = block(ctx, x, input_ids, pos, start_pos, params, i, cache, consts)
+    return head(ctx, params, x)
 
 
 def constants(spec: ModelSpec) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from dsv4c import __version__
 from dsv4c.artifact import SCHEMA_VERSION, artifact_writer
 from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_params
 from dsv4c.errors import BackendUnavailableError, ConfigError
-from dsv4c.frontend.export import TraceConfig, example_inputs, flat_input_names, to_program, trace
+from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
 from dsv4c.passes import run_pipeline
@@ -112,9 +112,7 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
         t = step(f"weights ready: {len(weights)} tensors", t)
     programs = {}
     for entry in ("prefill", "decode"):
-        ep = trace(ctx, entry, cfg, fake=True)
-        names = flat_input_names(example_inputs(ctx, entry, cfg))
-        programs[entry] = to_program(ep, entry, names, {"numerics": req.numerics, "dtype": req.dtype})
+        programs[entry] = trace_program(ctx, entry, cfg, log=progress)
         t = step(f"traced {entry}: {programs[entry].num_nodes()} nodes", t)
     weights, records = run_pipeline(programs, weights, ctx, req.target, req.disable_passes, req.dump_passes, progress)
     t = step(f"pass pipeline: {len(records)} passes", t)
