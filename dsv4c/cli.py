@@ -53,7 +53,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     req = BuildRequest(output=Path(a.output) if a.output else None, variant=a.variant,
                        checkpoint=Path(a.checkpoint) if a.checkpoint else None, target=a.target, backend=a.backend,
                        numerics=a.numerics, dtype=a.dtype, max_seq_len=a.max_seq_len, max_batch=a.max_batch,
-                       seed=a.seed, dry_run=a.dry_run, dump_passes=Path(a.dump_passes) if a.dump_passes else None,
+                       layers=a.layers, seed=a.seed, dry_run=a.dry_run, dump_passes=Path(a.dump_passes) if a.dump_passes else None,
                        disable_passes=a.disable_pass or [])
     res = build(req, _progress(a.quiet))
     if a.dry_run:
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bf16", help="activation dtype: bf16 or fp32")
     b.add_argument("--max-seq-len", type=int, default=4096, help="context capacity per sequence")
     b.add_argument("--max-batch", type=int, default=8, help="sequences served at once")
+    b.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (benchmark slices)")
     b.add_argument("--seed", type=int, default=0, help="seed of synthesized weights")
     b.add_argument("--dry-run", action="store_true", help="print the plan; allocate no weights, write nothing")
     b.add_argument("--dump-passes", metavar="DIR", help="write each pass's graph before/after, a diff and a DOT picture")

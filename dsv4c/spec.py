@@ -492,6 +492,17 @@ def _tiny() -> ModelSpec:
 VARIANTS = {"pro": _pro, "flash": _flash, "mini": _mini, "tiny": _tiny}
 
 
+def truncated(spec: ModelSpec, num_layers: int) -> ModelSpec:
+    """The first ``num_layers`` main blocks of ``spec`` (plus its MTP blocks): a benchmark slice with the
+    real geometry, e.g. Flash truncated to 4 blocks."""
+    if not 1 <= num_layers <= spec.num_layers:
+        raise ConfigError(f"--layers {num_layers} is outside 1..{spec.num_layers} for {spec.name!r}.",
+                          f"pick a number of blocks between 1 and {spec.num_layers}.")
+    ratios = spec.compress_ratios[:num_layers] + spec.compress_ratios[spec.num_layers:]
+    return dataclasses.replace(spec, name=f"{spec.name}-{num_layers}", num_layers=num_layers, compress_ratios=ratios,
+                               num_hash_layers=min(spec.num_hash_layers, num_layers))
+
+
 def get_variant(name: str) -> ModelSpec:
     """A built-in variant by name."""
     try:

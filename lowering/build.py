@@ -26,7 +26,7 @@ from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
 from dsv4c.passes import run_pipeline
 from dsv4c.plan import make_plan
-from dsv4c.spec import ModelSpec, get_variant
+from dsv4c.spec import ModelSpec, get_variant, truncated
 
 from .backends import BACKENDS, TARGETS, lower
 
@@ -44,6 +44,7 @@ class BuildRequest:
     dtype: str = "bf16"
     max_seq_len: int = 4096
     max_batch: int = 8
+    layers: int | None = None  # truncate to the first N blocks (benchmark slices)
     seed: int = 0
     dry_run: bool = False
     dump_passes: Path | None = None
@@ -62,9 +63,8 @@ def resolve_spec(req: BuildRequest) -> ModelSpec:
     if (req.variant is None) == (req.checkpoint is None):
         raise ConfigError("Give exactly one of --variant and --checkpoint.",
                           "use --variant mini (synthesized weights) or --checkpoint DIR (a hub checkpoint).")
-    if req.checkpoint is not None:
-        return ModelSpec.from_config(req.checkpoint)
-    return get_variant(req.variant)
+    spec = ModelSpec.from_config(req.checkpoint) if req.checkpoint is not None else get_variant(req.variant)
+    return truncated(spec, req.layers) if req.layers is not None else spec
 
 
 def validate_request(req: BuildRequest, spec: ModelSpec) -> None:
