@@ -1,37 +1,66 @@
-"""Which passes run, in which order, for each target; and the driver the build calls."""
+"""Which passes run, in which order, with which config, for each target; and the driver the build calls.
+
+The pipelines are data: a list of (pass name, config overrides) per target. Targets differ only in
+configuration (the FP4 tile layout the expert kernel reads), not in the passes that run, so an
+artifact's graphs are comparable across targets.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from dsv4c.errors import ConfigError
 from dsv4c.program import Program
 
+# Importing the pass modules registers them.
+from . import cleanup, fuse_compress_indexer, pack_fp4_experts, rewrite_swiglu_clamp, schedule_expert_waves  # noqa: F401
+from .manager import REGISTRY, Pass, PassManager
 
-def eliminate_dead_code(prog: Program) -> int:
-    """Drop side-effect-free nodes whose results are unused; return how many went."""
-    before = prog.num_nodes()
-    prog.graph_module.graph.eliminate_dead_code()
-    prog.recompile()
-    return before - prog.num_nodes()
+_CPU_TILE = {"bn": 16, "bk": 64}  # small tiles: the CPU reference unpacks whole tensors anyway
+_HOPPER_TILE = {"bn": 128, "bk": 128}  # one 128x128 tile = 8 KiB of nibbles, a Triton program's K step
+
+PIPELINES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "cpu": [
+        ("eliminate_dead_code", {}),
+        ("fuse_compress_indexer", {}),
+        ("rewrite_swiglu_clamp", {}),
+        ("pack_fp4_experts", _CPU_TILE),
+        ("schedule_expert_waves", {"num_waves": 2}),
+        ("remove_noop_casts", {}),
+        ("remove_noop_views", {}),
+    ],
+    "h100": [
+        ("eliminate_dead_code", {}),
+        ("fuse_compress_indexer", {}),
+        ("rewrite_swiglu_clamp", {}),
+        ("pack_fp4_experts", _HOPPER_TILE),
+        ("schedule_expert_waves", {"num_waves": 2}),
+        ("remove_noop_casts", {}),
+        ("remove_noop_views", {}),
+    ],
+}
+PIPELINES["h200"] = PIPELINES["h100"]
+
+
+def make_passes(target: str, config: dict[str, dict[str, Any]] | None = None) -> list[Pass]:
+    """The target's pipeline as pass objects; ``config`` overrides options per pass name."""
+    if target not in PIPELINES:
+        raise ConfigError(f"No pass pipeline for target {target!r}.", f"use one of: {', '.join(PIPELINES)}.")
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(REGISTRY))
+    if unknown:
+        raise ConfigError(f"pass config names unknown pass(es) {unknown}.", f"use one of: {', '.join(sorted(REGISTRY))}.")
+    return [REGISTRY[name]({**opts, **config.get(name, {})}) for name, opts in PIPELINES[target]]
 
 
 def run_pipeline(programs: dict[str, Program], weights: dict[str, torch.Tensor], ctx, target: str,
                  disable: Iterable[str] = (), dump_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Run the target's pipeline over every entry point; return (rewritten weights, per-pass records)."""
-    records = []
-    t0 = time.perf_counter()
-    before = {e: p.num_nodes() for e, p in programs.items()}
-    removed = {e: eliminate_dead_code(p) for e, p in programs.items()}
-    ms = (time.perf_counter() - t0) * 1e3
-    uuid = hashlib.sha256(b"eliminate_dead_code/1").hexdigest()[:16]
-    records.append({"name": "eliminate_dead_code", "uuid": uuid, "matches": removed, "ms": round(ms, 2),
-                    "nodes_before": before, "nodes_after": {e: p.num_nodes() for e, p in programs.items()},
-                    "skipped": False, "notes": ""})
-    log(f"pass eliminate_dead_code: removed {sum(removed.values())} nodes in {ms:.0f} ms")
-    return weights, records
+                 log: Callable[[str], None] = print, config: dict[str, dict[str, Any]] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Run the target's pipeline over every entry point (rewriting ``programs`` in place); return the
+    rewritten weights (a new dict; ``weights`` is left as it was) and one record per pass."""
+    manager = PassManager(make_passes(target, config), disable, dump_dir, log)
+    return manager.run(programs, weights, ctx)
