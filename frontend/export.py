@@ -207,6 +207,9 @@ def trace_program(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, log=Non
         subph = [n for n in sub.nodes if n.op == "placeholder"]
         assert len(subph) == len(inputs), (len(subph), len(inputs))
         val_map = dict(zip(subph, inputs))
+        for sp, node in val_map.items():  # placeholders of the stitched graph take the traced metadata
+            if node.op == "placeholder" and "val" not in node.meta and "val" in sp.meta:
+                node.meta["val"] = sp.meta["val"]
         before = set(g.nodes)
         out = g.graph_copy(sub, val_map)
         if block_index is not None:
