@@ -370,7 +370,7 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: `layer_types` must be a list of {sorted(rates)}, got {str(lt)[:80]}.",
                               "fix `layer_types` or give `compress_ratios`.")
         ratios = [rates[t] for t in lt]
-        if n_mtp and len(ratios) == n_layers:
+        if 0 < n_mtp <= _UPPER_LIMITS["num_mtp_layers"] and len(ratios) == n_layers:
             ratios = ratios + [0] * n_mtp  # transformers configs leave MTP blocks out; they are window-only
     if ratios is None:
         missing.append("compress_ratios (or layer_types)")
