@@ -132,9 +132,15 @@ def built(tmp_path_factory) -> BuiltArtifact:
 
 
 @pytest.fixture(scope="session")
-def artifact(built: BuiltArtifact) -> Path:
-    """The session's pristine artifact: never modify it; use ``artifact_copy``."""
-    return built.path
+def artifact(request) -> Path:
+    """The session's pristine artifact: never modify it; use ``artifact_copy``.
+
+    ``DSV4C_TEST_ARTIFACT=DIR`` reuses an artifact built by ``dsv4c build --variant tiny --max-seq-len 256
+    --max-batch 2`` (for quick local iterations; the killed-build test still builds)."""
+    pre = os.environ.get("DSV4C_TEST_ARTIFACT")
+    if pre:
+        return Path(pre)
+    return request.getfixturevalue("built").path
 
 
 @pytest.fixture
