@@ -24,7 +24,7 @@ from dsv4c.errors import BackendUnavailableError, ConfigError
 from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
-from dsv4c.passes import run_pipeline
+from dsv4c.passes import dump_files, run_pipeline
 from dsv4c.plan import make_plan
 from dsv4c.spec import ModelSpec, get_variant, truncated
 
@@ -148,6 +148,8 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
         manifest["params"] = {k: _entry(v, where[k]) for k, v in weights.items()}
         cwhere = w.write_tensors("consts", consts, progress)
         manifest["consts"] = {k: _entry(v, cwhere[k]) for k, v in consts.items()}
+        for f in dump_files(req.dump_passes) if req.dump_passes is not None else ():  # for `dsv4c inspect --stage`
+            w.write_bytes(f"debug/passes/{f.name}", f.read_bytes())
         out = w.commit(manifest)
     step(f"artifact written to {out}", t)
     return BuildResult(out, manifest, plan.render(), time.perf_counter() - t_start)

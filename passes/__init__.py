@@ -4,6 +4,7 @@
 interface and ``passes/pipeline.py`` for which passes run for which target.
 """
 
+from .dump import dump_files
 from .pipeline import run_pipeline
 
-__all__ = ["run_pipeline"]
+__all__ = ["run_pipeline", "dump_files"]

@@ -9,8 +9,9 @@ For pass number NN and entry point ENTRY the dumper writes::
                                   nodes they read (grey), and the nodes it removed (red, dashed)
     index.json                    the pipeline records and the files of each pass, in order
 
-Lines of the code are annotated with the pass that created the node (``# <- pass``) and its expert wave,
-so a block's fused ops can be traced back to the pass that made them. (TVM's ``DumpIR`` instrument
+Lines of the code are annotated with the block the node belongs to (``# [block 3]``, from the frontend's
+``meta["dsv4c_block"]``), the pass that created it (``<- pass``) and its expert wave, so
+``grep "block 3\]"`` on a dump or a diff shows what every pass did to block 3. (TVM's ``DumpIR`` instrument
 and PyTorch's ``TORCH_COMPILE_DEBUG`` dumps do the same job.)
 """
 
@@ -35,7 +36,7 @@ def annotated_code(gm: fx.GraphModule) -> str:
     src = gm.graph.python_code("self").src
     prov = {}
     for n in gm.graph.nodes:
-        tags = []
+        tags = [f"[block {n.meta['dsv4c_block']}]"] if "dsv4c_block" in n.meta else []
         if n.meta.get("dsv4c_pass"):
             tags.append(f"<- {n.meta['dsv4c_pass']}")
         if "dsv4c_wave" in n.meta:
@@ -139,6 +140,16 @@ class Dumper:
 
     def finish(self, records: list[dict]) -> None:
         (self.root / "index.json").write_text(json.dumps({"passes": self.files, "records": records}, indent=1))
+
+
+def dump_files(root: Path | str) -> list[Path]:
+    """The files a dump in ``root`` consists of (what the build copies into ``ARTIFACT/debug/passes/``)."""
+    index = Path(root) / "index.json"
+    if not index.is_file():
+        return []
+    stems = [s for run in json.loads(index.read_text())["passes"] for s in run["stems"].values()]
+    exts = (".before.py", ".after.py", ".diff", ".dot")
+    return [index] + [Path(root) / f"{s}{e}" for s in stems for e in exts if (Path(root) / f"{s}{e}").is_file()]
 
 
 def find_stage(index: dict, stage: str, entry: str) -> tuple[str, str]:

@@ -107,7 +107,7 @@ class FuseCompressIndexer(WeightPass):
         first = next(iter(counts.values()), {})
         note = ", ".join(f"{k} {v}" for k, v in first.items()) + " per entry"
         if removed:
-            note += f"; {removed} unused program inputs dropped"
+            note += f"; {removed} unused program inputs dropped (all entries)"
         if notes:
             note += "; " + "; ".join(sorted(set(notes)))
         return PassResult(total, skipped=not any(total.values()), notes=note, record={"sites": counts})

@@ -211,49 +211,63 @@ def same_shape(a: Iterable, b: Iterable) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
-def _fake_mode(graph: fx.Graph):
-    from torch._guards import detect_fake_mode
+def _fake_mode_of(values: list) -> Any:
+    """The one fake mode of these values (None if there is none or more than one: graphs stitched from
+    several exports carry one mode per export, and a new node only ever combines values of one)."""
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    vals = [n.meta["val"] for n in graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals) if vals else None
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    return next(iter(modes.values())) if len(modes) == 1 else None
 
 
-def infer_val(node: fx.Node) -> None:
-    """Set ``node.meta['val']`` by running its target on its inputs' fake values (when they have them)."""
+def infer_val(node: fx.Node, like: fx.Node | None = None) -> None:
+    """Set ``node.meta['val']`` by running its target on its inputs' fake values; where an input has
+    none (the stitched frontend leaves placeholders without values), copy ``like``'s value instead
+    (a node computing a value of the same shape and dtype, e.g. the node it replaces)."""
     missing = []
+    vals = []
 
     def v(a: Any) -> Any:
         if isinstance(a, fx.Node):
             if "val" not in a.meta:
                 missing.append(a)
+            vals.append(a.meta.get("val"))
             return a.meta.get("val")
         return a
 
     args = fx.node.map_aggregate(node.args, v)
     kwargs = fx.node.map_aggregate(node.kwargs, v)
-    if missing or node.op != "call_function":
-        return
-    if node.target is operator.getitem:
-        node.meta["val"] = args[0][args[1]]
-        return
-    mode = _fake_mode(node.graph)
-    if mode is None:
-        return
-    with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
+    mode = _fake_mode_of(vals)
+    if node.op == "call_function" and not missing:
+        if node.target is operator.getitem:
+            node.meta["val"] = args[0][args[1]]
+            return
+        if mode is not None:
+            with mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+            return
+    if like is not None and "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
 
 
-def call(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
-    """Create a call_function node at the graph's current insertion point, with its fake value."""
+def call(graph: fx.Graph, target: Any, *args: Any, like: fx.Node | None = None, **kwargs: Any) -> fx.Node:
+    """Create a call_function node at the graph's current insertion point, with its fake value
+    (``like``: see :func:`infer_val`)."""
     n = graph.call_function(target, tuple(args), kwargs)
-    infer_val(n)
+    infer_val(n, like)
+    # The block a node belongs to (the frontend tags traced nodes) carries over to what replaces them.
+    for src in ([like] if like is not None else []) + n.all_input_nodes + [n.next, n.prev]:
+        if "dsv4c_block" in src.meta:
+            n.meta["dsv4c_block"] = src.meta["dsv4c_block"]
+            break
     return n
 
 
 def placeholder_with_val(prog: Program, name: str, value: torch.Tensor) -> fx.Node:
-    """A new ``params.<name>`` input whose fake value has ``value``'s shape and dtype."""
+    """A new ``params.<name>`` input; it gets a fake value of ``value``'s shape and dtype when the
+    program's placeholders carry fake values (of one mode)."""
     node = prog.add_param_input(name)
-    mode = _fake_mode(prog.graph_module.graph)
+    mode = _fake_mode_of([n.meta.get("val") for n in prog.graph_module.graph.nodes if n.op == "placeholder"])
     if mode is not None:
         with mode:
             node.meta["val"] = torch.empty(value.shape, dtype=value.dtype)
@@ -283,7 +297,9 @@ def prune(node: fx.Node) -> int:
 
 
 def replace(old: fx.Node, new: fx.Node) -> None:
-    """Point every user of ``old`` at ``new`` and prune what became dead."""
+    """Point every user of ``old`` at ``new`` (which computes the same value) and prune what became dead."""
+    if "val" not in new.meta and "val" in old.meta:
+        new.meta["val"] = old.meta["val"]
     old.replace_all_uses_with(new)
     prune(old)
 

@@ -93,7 +93,7 @@ class Pass:
         return dataclasses.asdict(self.config)
 
     def uuid(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(f"{self.name}/{type(self).__qualname__}".encode())
         for mod in (type(self).__module__, *self.uses_modules):
             h.update(inspect.getsource(sys.modules[mod]).encode())
         h.update(json.dumps(self.config_dict(), sort_keys=True).encode())

@@ -141,10 +141,10 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
             for n in region:
                 args = fx.node.map_arg(n.args, lambda a: env.get(a, a))
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))
-                env[n] = call(g, n.target, *args, **kwargs)
+                env[n] = call(g, n.target, *args, like=n, **kwargs)  # same shape: rows are permuted, not dropped
                 new.append(env[n])
             inv = call(g, aten.argsort.default, perm, 0)
-            back = call(g, aten.index.Tensor, env[out], [inv])
+            back = call(g, aten.index.Tensor, env[out], [inv], like=out)
             results.append(back)
             tag(new + [inv, back], i, f"experts {i}")
 
