@@ -38,12 +38,20 @@ from .safetensors_header import TORCH_DTYPES, load_tensors_checked, read_header_
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 HEAD_BYTES = 1 << 16  # the fast check hashes each file's first 64 KiB
 SHARD_BYTES = 1 << 30
 Progress = Callable[[str], None]
 ALLOWED_SUFFIXES = (".json", ".safetensors", ".onnx", ".data", ".py", ".diff", ".dot", ".txt", ".md", ".so", ".engine",
                     ".plan", ".cubin", ".ptx", ".bin", ".wrapper.cpp", ".cpp", ".h")
 FORBIDDEN_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".pt2", ".ckpt", ".npy", ".npz")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: catches a corrupted or edited
+    manifest (the files are covered by their own hashes in it)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def sha256_file(path: Path, limit: int | None = None) -> str:
@@ -110,6 +118,7 @@ class ArtifactWriter:
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p), "head_sha256": sha256_file(p, HEAD_BYTES)}
                 _fsync(p)
         manifest = dict(manifest, files=files)
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(self.tmp / MANIFEST)
         for d in sorted({self.tmp, *[(self.tmp / r).parent for r in files]}):
@@ -407,10 +416,9 @@ def open_artifact(path: str | Path, target: str | None = None, backend: str | No
     if problems:
         raise ArtifactError(f"{mpath} is malformed: " + "; ".join(problems[:10]) + ".", rebuild)
     files: dict[str, dict[str, Any]] = m["files"]
-    for rel in files:
+    named = set(files) | {e["file"] for key in ("params", "consts", "programs") for e in m[key].values()}
+    for rel in sorted(named):
         _inside(root, rel)  # hostile paths stop everything
-    for ent in list(m["params"].values()) + list(m["consts"].values()) + list(m["programs"].values()):
-        _inside(root, ent["file"])
     for rel in files:
         if rel.endswith(FORBIDDEN_SUFFIXES):
             problems.append(f"{rel}: pickle-format files are never loaded")
@@ -462,4 +470,7 @@ def open_artifact(path: str | Path, target: str | None = None, backend: str | No
     if problems:
         raise ArtifactError(f"artifact {root} failed its integrity check: " + "; ".join(problems[:10])
                             + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "") + ".", rebuild)
+    if m.get(MANIFEST_DIGEST) != manifest_digest(m):
+        raise ArtifactError(f"{mpath} was modified after the build (its {MANIFEST_DIGEST} does not match its content).",
+                            rebuild)
     return Artifact(root, m)
