@@ -23,14 +23,15 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch is imported only where tensors are written or read: `dsv4c verify` runs without it
+    import torch
 
 from . import __version__
 from .errors import ArtifactError
@@ -89,6 +90,8 @@ class ArtifactWriter:
 
     def write_tensors(self, prefix: str, tensors: dict[str, torch.Tensor], progress: Progress | None = None) -> dict[str, str]:
         """Shard ``tensors`` into ``weights/<prefix>-NNNNN.safetensors``; return {name: relative file}."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in tensors.items():
@@ -296,6 +299,16 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") and b".pkl" in head
 
 
+def _torch_version() -> str:
+    """The installed torch's version without the local suffix (no torch import needed)."""
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod.__version__.split("+")[0]
+    from importlib.metadata import version  # noqa: PLC0415
+
+    return version("torch").split("+")[0]
+
+
 def _short(v: Any, n: int = 40) -> str:
     r = repr(v)
     return r if len(r) <= n else r[: n - 3] + "..."
@@ -386,7 +399,7 @@ def open_artifact(path: str | Path, target: str | None = None, backend: str | No
                             f"version {SCHEMA_VERSION}.", rebuild)
     if m.get("dsv4c_version") != __version__:
         raise ArtifactError(f"{mpath}: built by dsv4c {_short(m.get('dsv4c_version'))}; this is dsv4c {__version__}.", rebuild)
-    torch_version = torch.__version__.split("+")[0]
+    torch_version = _torch_version()
     if m.get("torch_version") != torch_version:
         raise ArtifactError(f"{mpath}: built with torch {_short(m.get('torch_version'))}; this runtime has torch "
                             f"{torch_version}.", rebuild.rstrip(".") + f" (or run it with torch {str(m.get('torch_version'))[:40]}).")
