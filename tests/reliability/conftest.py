@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4c.artifact import MANIFEST_DIGEST, manifest_digest
 from dsv4c.checkpoint import synthesize_checkpoint
 from dsv4c.spec import get_variant
 
@@ -163,10 +164,22 @@ def ckpt_copy(tiny_ckpt_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def edit_manifest(art: Path, fn) -> None:
+def edit_manifest(art: Path, fn, resign: bool = True) -> None:
+    """Apply ``fn`` to the manifest; ``resign`` recomputes its digest, as a buggy or hostile writer would
+    (so that the check under test, not the digest, is what refuses the edit)."""
     m = json.loads((art / "manifest.json").read_text())
     fn(m)
+    if resign:
+        m[MANIFEST_DIGEST] = manifest_digest(m)
     (art / "manifest.json").write_text(json.dumps(m))
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
 
 
 def assert_one_paragraph_error(r: subprocess.CompletedProcess, *needles: str) -> str:
