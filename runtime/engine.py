@@ -258,7 +258,7 @@ def _as_id_tensor(ids: object, what: str) -> torch.Tensor:
         raise InputError(f"{what} must be a list of token ids, got {type(ids).__name__}.", "pass e.g. [1, 2, 3].")
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
     if bad:
-        raise InputError(f"{what} holds {str(bad[0])[:40]!r}, which is not an integer token id.",
+        raise InputError(f"{what} holds {bad[0]!r:.40}, which is not an integer token id.",
                          "pass whole-number token ids from this model's tokenizer.")
     big = [t for t in ids if not -2**63 <= t < 2**63]
     if big:
@@ -290,8 +290,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     logits = logits.float().cpu()
     if temperature == 0:
         return logits.argmax(-1)
-    # Shift by the max before scaling so that a tiny temperature gives 0 / -inf, never inf - inf = nan.
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    # In float64 and shifted by the max before scaling, so that any tiny positive temperature gives
+    # 0 / -inf (greedy), never inf - inf = nan.
+    logits = (logits.double() - logits.double().max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
