@@ -48,6 +48,13 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
+    from .spec import ModelSpec, get_variant
+
+    # A bad config or variant fails before the compiler (and torch) is imported.
+    if a.checkpoint:
+        ModelSpec.from_config(a.checkpoint)
+    elif a.variant:
+        get_variant(a.variant)
     from .lowering.build import BuildRequest, build
 
     req = BuildRequest(output=Path(a.output) if a.output else None, variant=a.variant,
@@ -66,14 +73,15 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .artifact import open_artifact
-    from .runtime import Engine
-    from .runtime.engine import check_generate_request
+    from .requests import check_generate_request
 
-    # Bad input fails before any weight is loaded (loading a large artifact takes minutes).
+    # Bad input fails before torch is imported or any weight is loaded (loading a large artifact takes minutes).
     ids = _parse_ids(a.prompt_ids)
     m = open_artifact(a.artifact).manifest
     check_generate_request([ids], a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed,
                            vocab_size=m["spec"]["vocab_size"], max_seq_len=m["max_seq_len"], max_batch=m["max_batch"])
+    from .runtime import Engine
+
     eng = Engine.load(a.artifact, device=a.device)
     res = eng.generate([ids], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                        top_p=a.top_p, seed=a.seed, stop_at_eos=a.stop_at_eos)

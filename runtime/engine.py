@@ -18,13 +18,13 @@ import torch
 
 from dsv4c.artifact import Artifact, open_artifact
 from dsv4c.errors import ArtifactError, BackendUnavailableError, InputError
+from dsv4c.requests import as_id_list, check_generate_request
 from dsv4c.spec import ModelSpec
 
 from .executors import Executor, make_executor
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float32, torch.float16, torch.float8_e4m3fn,
                                                      torch.uint8, torch.int8, torch.int32, torch.int64)}
-_MAX_SEED = 2**64
 
 
 @dataclass
@@ -190,47 +190,6 @@ class Engine:
         return GenerationResult(out, t1 - t0, t2 - t1, steps)
 
 
-def check_generate_request(prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, temperature: float,
-                           top_k: int, top_p: float, seed: int | None, *, vocab_size: int, max_seq_len: int,
-                           max_batch: int) -> list[list[int]]:
-    """Validate a generation request against an artifact's limits without loading it (the CLI checks
-    before loading weights); return the prompts as lists of ints. Raises ``InputError``."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED):
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r:.40}.", "pass a non-negative integer seed.")
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise InputError(f"prompts must have shape [batch, seq], got {list(prompts.shape)}.",
-                             "pass a 2-D LongTensor or a list of token-id lists.")
-        rows: Sequence = list(prompts)
-    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise InputError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}.", "pass e.g. [[1, 2, 3]].")
-    else:
-        rows = prompts
-    if not 1 <= len(rows) <= max_batch:
-        raise InputError(f"batch of {len(rows)} sequences; this artifact serves 1..{max_batch}.",
-                         f"split the batch, or rebuild with --max-batch {max(len(rows), 1)}.")
-    plist = []
-    for k, p in enumerate(rows):
-        t = _as_id_tensor(p, f"prompt {k}").reshape(-1)
-        if t.numel() == 0:
-            raise InputError(f"prompt {k} is empty.", "give every sequence >= 1 token.")
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= vocab_size:
-            raise InputError(f"prompt {k} holds token id {hi if hi >= vocab_size else lo}, outside the vocabulary "
-                             f"0..{vocab_size - 1}.", "tokenize with this model's tokenizer.")
-        if t.numel() > max_seq_len:
-            raise InputError(f"a prompt of {t.numel()} tokens exceeds this artifact's context of {max_seq_len}.",
-                             f"shorten the prompt, or rebuild with --max-seq-len {t.numel() + max_new_tokens - 1}.")
-        plist.append(t.tolist())
-    longest = max(len(p) for p in plist)
-    if longest + max_new_tokens - 1 > max_seq_len:
-        raise InputError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the context of "
-                         f"{max_seq_len}.", f"ask for at most {max_seq_len - longest + 1} new tokens, "
-                         f"or rebuild with --max-seq-len {longest + max_new_tokens - 1}.")
-    return plist
-
-
 def _parse_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -249,40 +208,11 @@ def _parse_device(device: str | torch.device) -> torch.device:
 
 
 def _as_id_tensor(ids: object, what: str) -> torch.Tensor:
-    """Token ids as a LongTensor, refusing floats, booleans, strings and out-of-int64 values."""
+    """Token ids as a LongTensor (see ``dsv4c.requests.as_id_list`` for what is refused)."""
     if isinstance(ids, torch.Tensor):
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise InputError(f"{what} must be integer token ids, got dtype {ids.dtype}.", "pass a LongTensor of token ids.")
+        as_id_list(ids[:0], what)  # dtype check only
         return ids.to(torch.long)
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise InputError(f"{what} must be a list of token ids, got {type(ids).__name__}.", "pass e.g. [1, 2, 3].")
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
-    if bad:
-        raise InputError(f"{what} holds {bad[0]!r:.40}, which is not an integer token id.",
-                         "pass whole-number token ids from this model's tokenizer.")
-    big = [t for t in ids if not -2**63 <= t < 2**63]
-    if big:
-        raise InputError(f"{what} holds token id {str(big[0])[:40]}, far outside any vocabulary.",
-                         "tokenize with this model's tokenizer.")
-    return torch.tensor(list(ids), dtype=torch.long)
-
-
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, vocab: int) -> None:
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_num(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.", "ask for >= 1 new token.")
-    if not is_num(temperature) or temperature < 0:
-        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}.", "use 0 for greedy decoding.")
-    if not is_int(top_k) or not 0 <= top_k <= vocab:
-        raise InputError(f"top_k must be an integer in 0..{vocab} (the vocabulary size), got {top_k!r}.",
-                         "use 0 to disable top-k.")
-    if not is_num(top_p) or not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}.", "use 1.0 to disable nucleus sampling.")
+    return torch.tensor(as_id_list(ids, what), dtype=torch.long)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
