@@ -19,7 +19,7 @@ from dsv4c.errors import ArtifactError, BackendUnavailableError, ConfigError, DS
 from dsv4c.lowering.build import BuildRequest, build
 from dsv4c.runtime import Engine
 
-from conftest import edit_manifest, flip_bit
+from rel_helpers import edit_manifest, flip_bit
 
 PARAMS = "weights/params-00001.safetensors"
 REBUILD = "rebuild it with this dsv4c: `dsv4c build --variant tiny --target cpu --backend eager --max-seq-len 256 --max-batch 2 -o"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from dsv4c.errors import ConfigError, DSV4CError
 from dsv4c.spec import ModelSpec, get_variant
 
-from fuzzing import FUZZ, dumps, json_values, junk_bytes, no_hang
+from rel_fuzzing import FUZZ, dumps, json_values, junk_bytes, no_hang
 
 HUB = get_variant("tiny").to_hub_config()
 TRANSFORMERS = {k: v for k, v in HUB.items() if k not in ("compress_ratios", "num_hash_layers", "qk_rope_head_dim")}

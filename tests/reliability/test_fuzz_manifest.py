@@ -25,7 +25,7 @@ from dsv4c.artifact import MANIFEST_DIGEST, manifest_digest, open_artifact
 from dsv4c.errors import DSV4CError
 from dsv4c.runtime import Engine
 
-from fuzzing import FUZZ, dumps, json_values, junk_bytes, no_hang
+from rel_fuzzing import FUZZ, dumps, json_values, junk_bytes, no_hang
 
 HOSTILE_PATHS = ["../../etc/passwd", "/etc/passwd", "weights/../../../etc/passwd", "weights/../manifest.json",
                  "manifest.json", ".", "..", "", "weights//params-00001.safetensors", "weights/./params-00001.safetensors",

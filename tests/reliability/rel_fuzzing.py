@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 from contextlib import contextmanager
@@ -11,10 +12,12 @@ from typing import Any, Iterator
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-EXAMPLES = 1000
-# Deterministic (derandomized) runs so that CI is stable; the deadline flags slow cases and the alarm
-# below turns a real hang into a failure instead of a stuck CI job.
-FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), derandomize=True, database=None,
+# CI: 1000 deterministic (derandomized) cases per target, so that CI is stable. For a deeper local or
+# nightly run: DSV4C_FUZZ_EXAMPLES=20000 DSV4C_FUZZ_RANDOM=1 (fresh random cases each run).
+EXAMPLES = int(os.environ.get("DSV4C_FUZZ_EXAMPLES", "1000"))
+RANDOM = os.environ.get("DSV4C_FUZZ_RANDOM") == "1"
+# The deadline flags slow cases; the alarm below turns a real hang into a failure, not a stuck CI job.
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), derandomize=not RANDOM, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
                 print_blob=True)
 HANG_S = 20
