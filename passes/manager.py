@@ -163,6 +163,7 @@ class PassManager:
         weights = dict(weights)  # passes rewrite the table; the caller's dict stays as it was
         dumper = Dumper(self.dump_dir, programs) if self.dump_dir is not None else None
         records = []
+        stale: set[str] = set()  # programs whose generated code is behind their graph
         for k, p in enumerate(self.passes, start=1):
             nodes_before = {e: prog.num_nodes() for e, prog in programs.items()}
             rec: dict[str, Any] = {"name": p.name, "uuid": p.uuid(), "config": p.config_dict()}
@@ -179,16 +180,19 @@ class PassManager:
             existing = {e: set(prog.graph_module.graph.nodes) for e, prog in programs.items()}
             t0 = time.perf_counter()
             res = p(programs, weights, ctx)
+            matches = res.num_matches if isinstance(res.num_matches, dict) else {e: int(res.num_matches) for e in programs}
             for e, prog in programs.items():
                 g = prog.graph_module.graph
+                if not matches.get(e) and len(g.nodes) == nodes_before[e]:
+                    continue  # nothing matched: the graph is as it was
                 for n in g.nodes:
                     if n not in existing[e]:
                         n.meta["dsv4c_pass"] = p.name
                 if p.prune_after:
                     g.eliminate_dead_code()
-                prog.recompile()
+                g.lint()
+                stale.add(e)
             ms = (time.perf_counter() - t0) * 1e3
-            matches = res.num_matches if isinstance(res.num_matches, dict) else {e: int(res.num_matches) for e in programs}
             rec.update(matches=matches, ms=round(ms, 2), nodes_before=nodes_before,
                        nodes_after={e: prog.num_nodes() for e, prog in programs.items()},
                        skipped=bool(res.skipped), notes=res.notes)
@@ -197,6 +201,8 @@ class PassManager:
             self.log(_line(k, rec))
             if dumper is not None:
                 dumper.after(k, p.name, programs, rec)
+        for e in stale:
+            programs[e].recompile()  # once, at the end: passes and dumps read the graph, not the code
         if dumper is not None:
             dumper.finish(records)
         return weights, records

@@ -1,0 +1,105 @@
+"""Shared helpers of the pass tests: trace once, clone programs, run a program on fresh random inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from dsv4c.frontend.export import TraceConfig, trace_program
+from dsv4c.frontend.model import StepContext, constants
+from dsv4c.layout import cache_tensors
+from dsv4c.passes import run_pipeline
+from dsv4c.program import Program
+
+MAX_SEQ = 64
+
+
+def trace(ctx: StepContext, entry: str, max_seq_len: int = MAX_SEQ) -> Program:
+    """The entry point as the build traces it."""
+    return trace_program(ctx, entry, TraceConfig(max_seq_len))
+
+
+def clone_program(prog: Program) -> Program:
+    """A copy of the graph (node meta, incl. fake values, shallow-copied) that passes may rewrite."""
+    g = fx.Graph()
+    out = g.graph_copy(prog.graph_module.graph, {})
+    g.output(out)
+    g._codegen = copy.copy(prog.graph_module.graph._codegen)
+    return Program(prog.entry, fx.GraphModule(torch.nn.Module(), g), list(prog.input_names), copy.deepcopy(prog.meta))
+
+
+def passes_only(programs: dict[str, Program], weights, ctx, keep: set[str], target: str = "cpu", config=None):
+    """Run the target pipeline on clones with every product pass outside ``keep`` disabled."""
+    from dsv4c.passes.pipeline import PIPELINES
+
+    product = {"fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_experts", "schedule_expert_waves"}
+    disable = sorted(n for n, _ in PIPELINES[target] if n in product and n not in keep)
+    progs = {e: clone_program(p) for e, p in programs.items()}
+    logs: list[str] = []
+    w, records = run_pipeline(progs, weights, ctx, target, disable, None, logs.append, config)
+    return progs, w, records
+
+
+def random_inputs(ctx: StepContext, entry: str, seed: int, max_seq_len: int = MAX_SEQ):
+    """(cache, input_ids, start_pos): a random cache state, random tokens at random positions."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = ctx.spec
+    batch, seq = (1, 11) if entry == "prefill" else (3, 1)
+    cache = {}
+    for k, t in cache_tensors(spec, batch, max_seq_len, ctx.dtype).items():
+        cache[k] = torch.randn(t.shape, generator=gen).to(t.dtype)
+    ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=gen)
+    start = torch.randint(0, max_seq_len - seq, (batch,), generator=gen)
+    return cache, ids, start
+
+
+def run(prog: Program, weights, ctx: StepContext, inputs):
+    """Logits and the updated cache of one call (inputs are cloned: runs do not disturb each other)."""
+    cache, ids, start = inputs
+    cache = {k: v.clone() for k, v in cache.items()}
+    consts = constants(ctx.spec)
+    flat = []
+    for name in prog.input_names:
+        kind, _, key = name.partition(".")
+        if kind == "params":
+            flat.append(weights[key])
+        elif kind == "consts":
+            flat.append(consts[key])
+        elif kind == "cache":
+            flat.append(cache[key])
+        else:
+            flat.append({"input_ids": ids, "start_pos": start}[name])
+    with torch.no_grad():
+        logits = prog(*flat)
+    return logits, cache
+
+
+PRODUCT_PASSES = ("fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_experts", "schedule_expert_waves")
+
+
+def expected_sites(spec) -> dict[str, dict[str, int]]:
+    """Exact rewrite sites per entry point, from the spec alone (the traced step runs the main blocks)."""
+    L = spec.num_layers
+    kinds = [spec.attn_kind(i) for i in range(L)]
+    csa, hca = kinds.count("csa"), kinds.count("hca")
+    return {
+        "fuse_compress_indexer": {"projection": csa, "finish_pair": csa, "finish": hca, "indexer_topk": csa},
+        "rewrite_swiglu_clamp": {"routed": L, "shared": L * spec.n_shared_experts},
+        "pack_fp4_experts": {"grouped_gemms": 3 * L},
+        "schedule_expert_waves": {"moe_blocks": L},
+    }
+
+
+def check_counts(records: list[dict], spec, entries) -> None:
+    """Assert every product pass matched exactly as often as the spec says, per entry point."""
+    want = expected_sites(spec)
+    by_name = {r["name"]: r for r in records}
+    for name, sites in want.items():
+        rec = by_name[name]
+        for e in entries:
+            assert rec["matches"][e] == sum(sites.values()), (name, e, rec["matches"], sites)
+    for e in entries:
+        assert by_name["fuse_compress_indexer"]["sites"][e] == want["fuse_compress_indexer"]
+        assert by_name["rewrite_swiglu_clamp"]["sites"][e] == want["rewrite_swiglu_clamp"]
