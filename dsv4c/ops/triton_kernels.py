@@ -300,6 +300,208 @@ if HAVE_TRITON:
             tl.store(o_ptr + src[:, None] * N + rn[None, :], _cast_out(acc, o_ptr.dtype.element_ty),
                      mask=r_mask[:, None] & n_mask[None, :])
 
+    # ---- split-K with a semaphore: one launch, deterministic --------------------------------------
+
+    @triton.jit
+    def _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, rows, r_mask, rn, n_mask, ks, cnt_idx, MROWS, N,
+                      SPLIT: tl.constexpr):
+        """Store ``acc``, this program's share of output rows ``rows`` x columns ``rn``.
+
+        SPLIT == 1: store it. Otherwise park it in ``part`` [SPLIT, MROWS, N] (fp32), count the arrival on
+        ``cnt[cnt_idx]``, and let the last of the SPLIT programs of the tile sum the partials in split order
+        (so the result does not depend on timing) and reset the counter to 0 for the next launch."""
+        m2 = r_mask[:, None] & n_mask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + rn[None, :]
+        if SPLIT == 1:
+            tl.store(o_ptr + offs, _cast_out(acc, o_ptr.dtype.element_ty), mask=m2)
+        else:
+            stride = MROWS.to(tl.int64) * N
+            tl.store(part_ptr + ks.to(tl.int64) * stride + offs, acc, mask=m2)
+            tl.debug_barrier()
+            prev = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel", scope="gpu")
+            if prev == SPLIT - 1:
+                tot = tl.zeros(acc.shape, dtype=tl.float32)
+                for j in range(SPLIT):
+                    tot += tl.load(part_ptr + j * stride + offs, mask=m2, other=0.0, cache_modifier=".cg")
+                tl.store(o_ptr + offs, _cast_out(tot, o_ptr.dtype.element_ty), mask=m2)
+                tl.atomic_xchg(cnt_ptr + cnt_idx, 0)
+
+    # ---- FP8 GEMM for few rows (decode): activation quantized in the kernel, split-K ----------------
+
+    @triton.jit
+    def _fp8_skinny_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
+                           ACT_Q: tl.constexpr, UE8M0: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                           FP8_DOT: tl.constexpr, SPLIT: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """o = x @ w^T for M <= 64 rows: each program quantizes its own [BM, 128] activation blocks (no
+        separate quantization launch), multiplies with the e4m3 weight tile and applies both scales per
+        128-wide K block; K is split across programs (axis 2) and merged by :func:`_splitk_store`."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_mask = rm < M
+        n_mask = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = ks * KB_PER_SPLIT + i
+            k = kb * BK + rk
+            k_mask = (k < K) & (kb < KB)
+            xa = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if ACT_Q:
+                q, sa = _quant_e4m3(xa.to(tl.float32), UE8M0)
+                if UPCAST or IEEE:
+                    part = tl.dot(q, tl.trans(w.to(tl.float32)), input_precision="ieee")
+                elif FP8_DOT:
+                    part = tl.dot(q.to(tl.float8e4nv), tl.trans(w))
+                else:
+                    part = tl.dot(q.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))  # both exact in bf16
+                part = part * sa[:, None]
+            else:
+                if UPCAST or IEEE:
+                    part = tl.dot(xa.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    part = tl.dot(xa, tl.trans(w.to(xa.dtype)))
+            sw = tl.load(sw_ptr + (rn // 128) * SW_STRIDE + (kb * BK) // 128, mask=n_mask & (kb < KB), other=0.0)
+            acc += part * sw[None, :]
+        _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, rm, m_mask, rn, n_mask, ks,
+                      pid_m * tl.num_programs(1) + pid_n, M, N, SPLIT)
+
+    # ---- FP4 experts on the packed (tiled) layout -------------------------------------------------
+
+    @triton.jit
+    def _fp4_packed_kernel(x_ptr, sa_ptr, order_ptr, t_exp_ptr, t_row0_ptr, t_row1_ptr, w_ptr, sw_ptr, o_ptr,
+                           part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES, NKB, KB_PER_SPLIT,
+                           PBN: tl.constexpr, PBK: tl.constexpr, ACT_MODE: tl.constexpr, UE8M0: tl.constexpr,
+                           IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_DIRECT: tl.constexpr,
+                           SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """Rows of one expert times that expert's packed e2m1 weight (``dsv4c.fp4-tiled/1``).
+
+        The tile's nibbles become e4m3 bit patterns with two masks and shifts (an e2m1 value is its e4m3
+        pattern times 2^6, subnormal 0.5 included), the per-32 ue8m0 scale times 2^6 is applied in bf16
+        (exact), and the bf16 dot accumulates in fp32. ACT_MODE: 0 plain activations, 1 e4m3 codes with
+        per-128 scales (``sa``), 2 quantize here (decode). ROWS_DIRECT: tile t is row t (decode, no sort);
+        otherwise tiles come from the expert schedule (``order``, tile tables). K is split over axis 2."""
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        e = tl.load(t_exp_ptr + t).to(tl.int32)
+        valid = (e >= 0) & (e < E)
+        ar = tl.arange(0, BM)
+        if ROWS_DIRECT:
+            rows = t + ar
+            r_mask = ar == 0
+            src = rows.to(tl.int64)
+        else:
+            row0 = tl.load(t_row0_ptr + t)
+            row1 = tl.load(t_row1_ptr + t)
+            rows = row0 + ar
+            r_mask = (rows < row1) & valid
+            src = tl.load(order_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        nb = (pid_n * BN) // PBN
+        r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
+        j = tl.arange(0, 64)  # byte columns of a 128-wide K block
+        g = tl.arange(0, 4)  # its four 32-element scale groups
+        rk = tl.arange(0, 128)
+        K32 = K // 32
+        ev = tl.maximum(e, 0).to(tl.int64)
+        w_base = w_ptr + ((ev * NBLK + nb) * KTILES) * (PBN * (PBK // 2))
+        s_base = sw_ptr + (ev * NBLK + nb) * K32 * PBN
+        x_rows = x_ptr + src[:, None] * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if valid:
+            for i in range(KB_PER_SPLIT):
+                kb = ks * KB_PER_SPLIT + i
+                kb_ok = kb < NKB
+                # activation block [BM, 128]
+                k = kb * 128 + rk
+                am = r_mask[:, None] & kb_ok
+                if ACT_MODE == 1:
+                    a = tl.load(x_rows + k[None, :], mask=am, other=0.0)
+                    sa = tl.load(sa_ptr + src * NKB + kb, mask=r_mask & kb_ok, other=0.0)
+                    if UPCAST or IEEE:
+                        a = a.to(tl.float32)
+                    else:
+                        a = a.to(tl.bfloat16)
+                elif ACT_MODE == 2:
+                    a, sa = _quant_e4m3(tl.load(x_rows + k[None, :], mask=am, other=0.0).to(tl.float32), UE8M0)
+                    if not (UPCAST or IEEE):
+                        a = a.to(tl.bfloat16)
+                else:
+                    a = tl.load(x_rows + k[None, :], mask=am, other=0.0)
+                    if UPCAST or IEEE:
+                        a = a.to(tl.float32)
+                # weight block [BN, 128]: bytes of element pairs (2c, 2c+1), c = kb * 64 + j
+                kk = kb * 128 + 2 * j
+                col = (kk // PBK) * (PBN * (PBK // 2)) + (kk % PBK) // 2
+                p = tl.load(w_base + r_in[:, None] * (PBK // 2) + col[None, :], mask=kb_ok, other=0)
+                lo = ((p & 7) << 2) | ((p & 8) << 4)
+                hi = ((p >> 2) & 0x1C) | (p & 0x80)
+                w8 = tl.reshape(tl.join(lo, hi), (BN, 128)).to(tl.float8e4nv, bitcast=True)
+                sb = tl.load(s_base + (kb * 4 + g)[None, :] * PBN + r_in[:, None], mask=kb_ok, other=0).to(tl.int32)
+                sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
+                if UPCAST or IEEE:
+                    w = tl.reshape(tl.reshape(w8.to(tl.float32), (BN, 4, 32)) * sf[:, :, None], (BN, 128))
+                    part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                else:
+                    w = tl.reshape(tl.reshape(w8.to(tl.bfloat16), (BN, 4, 32)) * sf.to(tl.bfloat16)[:, :, None],
+                                   (BN, 128))
+                    part = tl.dot(a, tl.trans(w.to(a.dtype)))
+                if ACT_MODE != 0:
+                    part = part * sa[:, None]
+                acc += part
+        if ROWS_DIRECT or valid:
+            _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, src, r_mask, rn, n_mask, ks,
+                          t * tl.num_programs(1) + pid_n, A, N, SPLIT)
+
+    # ---- bf16-stored weights applied in fp32 (head, gate, compressor projections) ------------------
+
+    @triton.jit
+    def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
+                           X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """o (fp32) = x @ w^T with w bf16 and fp32 arithmetic: bf16 x is exact in a bf16 dot (fp32
+        accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_mask = rm < M
+        n_mask = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = ks * KB_PER_SPLIT + i
+            k = kb * BK + rk
+            k_mask = (k < K) & (kb < NKB)
+            xa = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                acc += tl.dot(xa.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            elif X_SPLIT3:
+                wt = tl.trans(w)
+                hi = xa.to(tl.bfloat16)
+                r1 = xa - hi.to(tl.float32)
+                mid = r1.to(tl.bfloat16)
+                lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(hi, wt, acc)
+                acc = tl.dot(mid, wt, acc)
+                acc = tl.dot(lo, wt, acc)
+            else:
+                acc = tl.dot(xa, tl.trans(w), acc)
+        _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, rm, m_mask, rn, n_mask, ks,
+                      pid_m * tl.num_programs(1) + pid_n, M, N, SPLIT)
+
     # ---- sparse attention with sink -------------------------------------------------------------
 
     @triton.jit
@@ -330,12 +532,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sparse_attn_kernel(q_ptr, wkv_ptr, wmask_ptr, ckv_ptr, cidx_ptr, sink_ptr, o_ptr,
-                            S, H, C, NW, NE, KC, scale,
+                            pm_ptr, pl_ptr, pacc_ptr, cnt_ptr,
+                            S, H, C, NW, NE, KC, scale, W_CHUNK, C_CHUNK, BSH,
                             BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-                            IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr):
-        """One query token (b, s) and BH heads; keys = values; online softmax with a sink."""
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr,
+                            SPLIT: tl.constexpr):
+        """One query token (b, s) and BH heads; keys = values; online softmax with a sink.
+
+        With SPLIT > 1 (decode: few query tokens) program ``k`` of axis 2 takes the ``k``-th chunk of the
+        window keys and of the selected entries, parks its (max, sum, unnormalized output) in the
+        workspace, and the last of the SPLIT programs of this (token, head block) merges them (split-KV
+        "flash decoding", one launch: the merge is done by whoever finishes last, counted on ``cnt``)."""
         bs = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
+        ks = tl.program_id(2)
         b = bs // S
         rh = hb * BH + tl.arange(0, BH)
         h_mask = rh < H
@@ -351,25 +561,55 @@ if HAVE_TRITON:
         # window part
         w_base = wkv_ptr + b * NW * C
         m_base = wmask_ptr + bs * NW
-        for n0 in range(0, NW, BN):
+        w_lo = ks * W_CHUNK
+        w_hi = tl.minimum(w_lo + W_CHUNK, NW)
+        for n0 in range(w_lo, w_hi, BN):
             rn = n0 + tl.arange(0, BN)
-            vis = tl.load(m_base + rn, mask=rn < NW, other=0) != 0
+            vis = tl.load(m_base + rn, mask=rn < w_hi, other=0) != 0
             kv = tl.load(w_base + rn[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :], other=0.0)
             m_i, l_i, acc = _attn_update(q, kv, vis, m_i, l_i, acc, scale, IEEE, UPCAST, PV_SPLIT)
         # selected compressed entries
         c_base = ckv_ptr + b * NE * C
         i_base = cidx_ptr + bs * KC
-        for k0 in range(0, KC, BN):
+        c_lo = ks * C_CHUNK
+        c_hi = tl.minimum(c_lo + C_CHUNK, KC)
+        for k0 in range(c_lo, c_hi, BN):
             rk = k0 + tl.arange(0, BN)
-            idx = tl.load(i_base + rk, mask=rk < KC, other=-1)
+            idx = tl.load(i_base + rk, mask=rk < c_hi, other=-1)
             vis = (idx >= 0) & (idx < NE)
             kv = tl.load(c_base + idx[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :], other=0.0)
             m_i, l_i, acc = _attn_update(q, kv, vis, m_i, l_i, acc, scale, IEEE, UPCAST, PV_SPLIT)
         sk = tl.load(sink_ptr + rh, mask=h_mask, other=0.0)
-        l_i = l_i + tl.exp(sk - m_i)
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + (bs * H + rh)[:, None] * C + rc[None, :], _cast_out(out, o_ptr.dtype.element_ty),
-                 mask=h_mask[:, None] & c_mask[None, :])
+        o_offs = (bs * H + rh)[:, None] * C + rc[None, :]
+        o_mask = h_mask[:, None] & c_mask[None, :]
+        if SPLIT == 1:
+            l_i = l_i + tl.exp(sk - m_i)
+            out = acc / l_i[:, None]
+            tl.store(o_ptr + o_offs, _cast_out(out, o_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            ml_offs = ks.to(tl.int64) * BSH + bs * H + rh
+            tl.store(pm_ptr + ml_offs, m_i, mask=h_mask)
+            tl.store(pl_ptr + ml_offs, l_i, mask=h_mask)
+            tl.store(pacc_ptr + ks.to(tl.int64) * BSH * C + o_offs, acc, mask=o_mask)
+            tl.debug_barrier()
+            prev = tl.atomic_add(cnt_ptr + bs * tl.num_programs(1) + hb, 1, sem="acq_rel", scope="gpu")
+            if prev == SPLIT - 1:
+                mx = tl.full((BH,), -1e30, dtype=tl.float32)
+                for j in range(SPLIT):
+                    mx = tl.maximum(mx, tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30,
+                                                cache_modifier=".cg"))
+                tot_l = tl.exp(sk - mx)
+                tot = tl.zeros((BH, BC), dtype=tl.float32)
+                for j in range(SPLIT):
+                    mj = tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30, cache_modifier=".cg")
+                    lj = tl.load(pl_ptr + j * BSH + bs * H + rh, mask=h_mask, other=0.0, cache_modifier=".cg")
+                    aj = tl.load(pacc_ptr + j * BSH * C + o_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
+                    f = tl.exp(mj - mx)
+                    tot_l += lj * f
+                    tot += aj * f[:, None]
+                out = tot / tot_l[:, None]
+                tl.store(o_ptr + o_offs, _cast_out(out, o_ptr.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(cnt_ptr + bs * tl.num_programs(1) + hb, 0)
 
     # ---- mHC split + Sinkhorn -------------------------------------------------------------------
 
@@ -609,6 +849,8 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
         # The reference rounds the dequantized activation q * s to x.dtype before the GEMM; with non-power-
         # of-two scales that rounding is visible, so run it that way (published checkpoints use ue8m0).
         x2, act_quant = fp8_qdq(x2, QBLOCK, False), False
+    if M <= SKINNY_MAX_ROWS and block_m is None and (K % QBLOCK == 0 or not act_quant):
+        return _fp8_linear_skinny(x2, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k).view(*lead, N)
     if act_quant:
         a, sa = act_quant_fp8(x2, ue8m0)
     else:
@@ -663,6 +905,177 @@ def _expert_schedule(expert: Tensor, num_experts: int, bm: int) -> tuple[Tensor,
     return order, te, row0, row1, T
 
 
+
+# ---- split-K bookkeeping ---------------------------------------------------------------------------
+
+SKINNY_MAX_ROWS = 64  # fp8_linear with at most this many rows takes the fused-quantization split-K kernel
+DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (no sort; decode)
+COUNTER_SLOTS = 1 << 20
+_COUNTERS: dict[tuple[str, int | None], Tensor] = {}
+# Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
+TUNE = {"skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
+        "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
+        "attn_split_target": 2}
+
+
+def _counters(device: torch.device) -> Tensor:
+    """Per-device int32 arrival counters of the split-K kernels; every launch leaves them at 0.
+
+    Allocated (zeroed) on first use; call :func:`prepare_device` before capturing CUDA graphs so that the
+    first use is not inside a capture."""
+    key = (device.type, device.index if device.index is not None else
+           (torch.cuda.current_device() if device.type == "cuda" else None))
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dsv4c split-K counters must be allocated before CUDA graph capture "
+                               "(call dsv4c.ops.triton_kernels.prepare_device first)")
+        c = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _COUNTERS[key] = c
+    return c
+
+
+def prepare_device(device: torch.device | str) -> None:
+    """Allocate the per-device state of the kernels (split-K counters) outside any CUDA graph capture."""
+    _counters(torch.device(device))
+
+
+def _pick_split(tiles: int, kb: int, device: torch.device, split_k: int | None, min_per: int = 1) -> tuple[int, int]:
+    """(split, K blocks per split) so that about TUNE['split_target'] programs per SM run."""
+    if split_k is None:
+        want = triton.cdiv(TUNE["split_target"] * _num_sms(device), max(1, tiles))
+        split_k = max(1, min(want, kb // max(1, min_per)))
+        if tiles * split_k > COUNTER_SLOTS:
+            split_k = 1
+    per = triton.cdiv(kb, max(1, int(split_k)))
+    return triton.cdiv(kb, per), per
+
+
+def _split_buffers(split: int, rows: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if split == 1:
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        return dummy, _counters(device)
+    return torch.empty((split, rows, n), dtype=torch.float32, device=device), _counters(device)
+
+
+def _fp8_linear_skinny(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
+                       block_n: int | None = None, split_k: int | None = None) -> Tensor:
+    """fp8_linear for M <= 64 rows (x2 [M, K] contiguous, already checked by :func:`fp8_linear`)."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    kb = triton.cdiv(K, QBLOCK)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bn = block_n or TUNE["skinny_bn"]
+    mt, nt = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    split, per = _pick_split(mt * nt, kb, x2.device, split_k)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    part, cnt = _split_buffers(split, M, N, x2.device)
+    _fp8_skinny_kernel[(mt, nt, split)](
+        x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb,
+        ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), IEEE=_is_fp32(x2) and not act_quant, UPCAST=INTERPRET,
+        FP8_DOT=bool(TUNE["skinny_fp8_dot"]), SPLIT=split, BM=bm, BN=bn, BK=QBLOCK,
+        num_warps=TUNE["skinny_warps"], num_stages=TUNE["skinny_stages"])
+    return out
+
+
+def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool,
+                              *, block_m: int | None = None, block_n: int | None = None, split_k: int | None = None,
+                              direct: bool | None = None) -> Tensor:
+    """``dsv4::fp4_grouped_linear_packed``: out[a] = x[a] @ W[expert[a]]^T on the packed layout
+    (weight uint8 [E, N/bn, K/bk, bn, bk/2], scale ue8m0 bytes [E, N/bn, K/32, bn]); rows with an expert id
+    outside [0, E) give zeros.
+
+    Few rows (decode, ``direct``): one row per tile, the activation quantized inside the kernel, K split
+    across programs; no sort, no extra launch. Many rows (prefill): rows sorted by expert on the device
+    and cut into tiles of ``block_m`` (see :func:`_expert_schedule`), activations quantized once."""
+    _require(x, expert, weight, scale)
+    A, K = x.shape
+    E, NBLK, KT, PBN, PBK2 = weight.shape
+    PBK = 2 * PBK2
+    N = NBLK * PBN
+    if KT * PBK != K or tuple(scale.shape) != (E, NBLK, K // 32, PBN) or weight.dtype != torch.uint8:
+        raise ValueError(f"packed weight {tuple(weight.shape)} {weight.dtype} / scale {tuple(scale.shape)} do not "
+                         f"match K = {K}")
+    if K % QBLOCK or PBN & (PBN - 1):
+        from .fused import unpack_fp4_tiled  # noqa: PLC0415  (odd shapes: unpack and use the generic kernel)
+
+        w, s = unpack_fp4_tiled(weight, scale)
+        return fp4_grouped_linear(x, expert, w, s, act_quant, ue8m0, block_m=block_m, block_n=block_n)
+    if A == 0 or N == 0:
+        return x.new_zeros((A, N))
+    x = x.contiguous()
+    weight = weight.contiguous()
+    scale = scale.contiguous()
+    expert = expert.contiguous()
+    if act_quant and not ue8m0 and x.dtype != torch.float32:
+        x, act_quant = fp8_qdq(x, QBLOCK, False), False  # as in fp8_linear: match the reference's rounding
+    nkb = K // QBLOCK
+    ieee = _is_fp32(x) and not act_quant
+    if direct is None:
+        direct = A <= DIRECT_MAX_ROWS
+    if direct:
+        bn = min(block_n or TUNE["fp4_bn"], PBN)
+        nt = triton.cdiv(N, bn)
+        split, per = _pick_split(A * nt, nkb, x.device, split_k)
+        out = torch.empty((A, N), dtype=x.dtype, device=x.device)
+        part, cnt = _split_buffers(split, A, N, x.device)
+        _fp4_packed_kernel[(A, nt, split)](
+            x, x, expert, expert, expert, expert, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per,
+            PBN=PBN, PBK=PBK, ACT_MODE=2 if act_quant else 0, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
+            ROWS_DIRECT=True, SPLIT=split, BM=16, BN=bn,
+            num_warps=TUNE["fp4_warps"], num_stages=TUNE["fp4_stages"])
+        return out
+    rows_per_expert = A / min(E, A)
+    bm = block_m or (16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else
+                     64 if rows_per_expert <= 96 else 128)
+    bn = min(block_n or 128, PBN)
+    if act_quant:
+        a, sa = act_quant_fp8(x, ue8m0)
+    else:
+        a, sa = x, x  # sa unused
+    order, te, row0, row1, T = _expert_schedule(expert, E, bm)
+    out = torch.zeros((A, N), dtype=x.dtype, device=x.device)
+    cnt = _counters(x.device)
+    nw = 8 if bm * bn >= 128 * 128 else 4
+    _fp4_packed_kernel[(T, triton.cdiv(N, bn), 1)](
+        a, sa, order, te, row0, row1, weight, scale, out, out, cnt, A, N, K, E, NBLK, KT, nkb, nkb,
+        PBN=PBN, PBK=PBK, ACT_MODE=1 if act_quant else 0, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
+        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, num_warps=nw, num_stages=3)
+    return out
+
+
+def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n: int | None = None,
+               split_k: int | None = None) -> Tensor:
+    """fp32 ``x.float() @ weight.float().t()`` for a bf16 ``weight`` [N, K] without materializing the fp32
+    weight: x [..., K] bf16 (one exact bf16 dot) or fp32 (split into three bf16 terms). Returns fp32."""
+    _require(x, weight)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x's last dim {K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != torch.bfloat16:
+        return (x2.float() @ weight.float().t()).view(*lead, N)
+    x2 = x2.contiguous()
+    weight = weight.contiguous()
+    M = x2.shape[0]
+    if M == 0 or N == 0:
+        return x.new_zeros((*lead, N), dtype=torch.float32)
+    bk = 64
+    nkb = triton.cdiv(K, bk)
+    bm = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
+    bn = block_n or (TUNE["w16_bn"] if M <= 64 else 128)
+    mt, nt = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    split, per = _pick_split(mt * nt, nkb, x.device, split_k, min_per=2)
+    out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+    part, cnt = _split_buffers(split, M, N, x.device)
+    nw = 8 if bm * bn >= 128 * 128 else TUNE["w16_warps"]
+    _w16_linear_kernel[(mt, nt, split)](
+        x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
+        SPLIT=split, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=TUNE["w16_stages"])
+    return out.view(*lead, N)
+
 def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
                        block_m: int | None = None, block_n: int | None = None) -> Tensor:
     """``dsv4::fp4_grouped_linear``: out[a] = x[a] @ W[expert[a]]^T; W packed e2m1 [E, N, K/2] + scales
@@ -701,7 +1114,7 @@ def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor,
 
 def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, comp_idx: Tensor, sink: Tensor,
                 scale: float, *, block_h: int | None = None, block_n: int | None = None,
-                num_warps: int | None = None, pv_split: bool = True) -> Tensor:
+                num_warps: int | None = None, pv_split: bool = True, kv_split: int | None = None) -> Tensor:
     """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator."""
     _require(q, win_kv, win_mask, comp_kv, comp_idx, sink)
     B, S, H, C = q.shape
@@ -733,10 +1146,28 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
     bh = block_h or min(32 if bc >= 256 else 64, _np2(H, 16))
     bn = block_n or 32
     nw = num_warps or (8 if bh * bc >= 32 * 512 else 4)
-    grid = (B * S, triton.cdiv(H, bh))
-    _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, S, H, C, NW, NE, KC, float(scale),
+    hbk = triton.cdiv(H, bh)
+    nw_keys, nc_keys = max(NW, 1), max(KC, 1)
+    if kv_split is None:  # decode: few (token, head block) programs; split the keys (flash decoding)
+        want = triton.cdiv(TUNE["attn_split_target"] * _num_sms(q.device), B * S * hbk)
+        kv_split = max(1, min(want, triton.cdiv(nw_keys + nc_keys, 2 * bn)))
+        if B * S * hbk > COUNTER_SLOTS:
+            kv_split = 1
+    kv_split = max(1, int(kv_split))
+    w_chunk = triton.cdiv(triton.cdiv(nw_keys, kv_split), bn) * bn
+    c_chunk = triton.cdiv(triton.cdiv(nc_keys, kv_split), bn) * bn
+    grid = (B * S, hbk, kv_split)
+    if kv_split > 1:
+        pm = torch.empty((kv_split, B * S, H), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty((kv_split, B * S, H, C), dtype=torch.float32, device=q.device)
+        cnt = _counters(q.device)
+    else:
+        pm = pl = pacc = cnt = sink
+    _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, pm, pl, pacc, cnt,
+                              S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H,
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
-                              num_warps=nw, num_stages=2)
+                              SPLIT=kv_split, num_warps=nw, num_stages=2)
     return out
 
 
@@ -837,6 +1268,8 @@ def _cuda_impls() -> dict:
         "swiglu_clamp": lambda g, v, weight, limit, has_weight: swiglu_clamp(g, v, weight, limit, has_weight),
         "indexer_score": lambda q, k, w: indexer_score(q, k, w),
         "compress_pool": lambda a, z, a_prev, z_prev, overlap: compress_pool(a, z, a_prev, z_prev, overlap),
+        "fp4_grouped_linear_packed": lambda x, expert, weight, scale, act_quant, ue8m0: fp4_grouped_linear_packed(
+            x, expert, weight, scale, act_quant, ue8m0),
     }
 
 
@@ -862,4 +1295,5 @@ def register_cuda_kernels() -> bool:
 __all__ = [
     "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
     "fp4_grouped_linear", "sparse_attn", "hc_split", "swiglu_clamp", "indexer_score", "compress_pool",
+    "fp4_grouped_linear_packed", "linear_w16", "prepare_device", "TUNE",
 ]

@@ -1,0 +1,162 @@
+"""The decode/packed-layout Triton kernels against the CPU reference ops, under Triton's interpreter.
+
+Covers the kernels added for the inductor backend: the FP4 expert GEMM on the packed tiled layout
+(one-row-per-tile decode path with in-kernel activation quantization and split-K, and the sorted
+prefill path), the small-M FP8 GEMM with fused activation quantization and split-K, the bf16-weight
+fp32 linear (head / gate / compressor projections) and split-KV decode attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from dsv4c import quant  # noqa: E402
+from dsv4c.ops import fused, library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4c.ops import triton_kernels as tk  # noqa: E402
+
+if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    tk = importlib.reload(tk)
+if not tk.INTERPRET:
+    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/kernels_gpu.py)",
+                allow_module_level=True)
+
+ops = torch.ops.dsv4
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+BF16_REL = 2.0**-7
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    assert bool((torch.isfinite(out.float()) == torch.isfinite(ref.float())).all())
+    if ref.dtype == torch.bfloat16:
+        err = (out.float() - ref.float()).abs()
+        bound = BF16_REL * ref.float().abs() + 1e-6 * ref.float().abs().max()
+        assert bool((err <= bound).all()), f"max bf16 excess {(err - bound).max().item()}"
+    else:
+        assert _rel(out, ref) <= tol, _rel(out, ref)
+
+
+def _act(shape, seed, dtype, spread=True):
+    x = torch.randn(shape, generator=_gen(seed))
+    if spread and shape[-2] > 1:
+        x = x * torch.logspace(-3, 2, shape[-2])[:, None]
+        x[..., 0, :] = 0.0
+    return x.to(dtype)
+
+
+def _packed_experts(E, N, K, bn, bk, seed):
+    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=_gen(seed)) * 0.05)
+    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=_gen(seed + 1)).float())  # spread the scales
+    pw, ps = fused.pack_fp4_tiled(w, s, bn, bk)
+    return pw, ps
+
+
+# ---- FP4 experts, packed layout -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("direct", [True, False])
+def test_fp4_packed(dtype, act_quant, ue8m0, direct):
+    E, N, K, A = 3, 64, 256, 9
+    pw, ps = _packed_experts(E, N, K, 32, 64, 20)
+    x = _act((A, K), 21, dtype)
+    expert = torch.tensor([2, 0, -1, 2, 1, 3, 0, 0, 2])  # -1 and 3 are outside [0, E): zero rows
+    ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
+    out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=direct, block_n=16,
+                                       split_k=2 if direct else None)
+    _check(out, ref)
+    assert not out[[2, 5]].float().any()
+
+
+@pytest.mark.parametrize("bn,bk", [(128, 128), (16, 256)])
+def test_fp4_packed_tiles_and_splits(bn, bk):
+    E, N, K, A = 2, 128, 512, 5
+    pw, ps = _packed_experts(E, N, K, bn, bk, 22)
+    x = _act((A, K), 23, torch.bfloat16, spread=False)
+    expert = torch.tensor([1, 0, 1, 1, 0])
+    ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, True, True)
+    for split in (1, 3):
+        _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=True, block_n=32, split_k=split),
+               ref)
+    _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16), ref)
+
+
+# ---- FP8, few rows --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("split", [1, 3])
+def test_fp8_skinny(dtype, act_quant, ue8m0, split):
+    N, K = 192, 384  # N not a multiple of the 128 weight block
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(24)) * 0.05, ue8m0=ue8m0)
+    x = _act((1, 5, K), 25, dtype)
+    ref = ops.fp8_linear(x, w, s, act_quant, ue8m0)
+    _check(tk.fp8_linear(x, w, s, act_quant, ue8m0, block_n=64, split_k=split), ref)
+
+
+def test_fp8_skinny_one_row():
+    N, K = 256, 256
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(26)) * 0.05)
+    x = _act((1, K), 27, torch.bfloat16, spread=False)
+    _check(tk.fp8_linear(x, w, s, True, True, split_k=2), ops.fp8_linear(x, w, s, True, True))
+
+
+# ---- bf16 weight applied in fp32 ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,split", [(1, 2), (3, 1), (40, 3)])
+def test_linear_w16(dtype, M, split):
+    N, K = 100, 200
+    w = (torch.randn(N, K, generator=_gen(28)) * 0.05).bfloat16()
+    x = _act((M, K), 29, dtype, spread=False)
+    ref = x.float() @ w.float().t()
+    _check(tk.linear_w16(x, w, split_k=split), ref, tol=1e-6)
+
+
+# ---- split-KV decode attention ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_split", [2, 5])
+def test_sparse_attn_split(dtype, kv_split):
+    B, S, H, C, NW, E, KC = 2, 1, 4, 64, 40, 30, 37
+    g = _gen(30)
+    q = torch.randn(B, S, H, C, generator=g).to(dtype)
+    win = (torch.randn(B, NW, C, generator=g) * 2).to(dtype)
+    comp = (torch.randn(B, E, C, generator=g) * 2).to(dtype)
+    mask = torch.rand(B, S, NW, generator=g) < 0.5
+    idx = torch.randint(-1, E, (B, S, KC), generator=g)
+    mask[1] = False
+    idx[1] = -1  # nothing visible at all: output 0
+    idx[0, 0, :20] = -1  # one split sees nothing
+    sink = torch.randn(H, generator=g)
+    ref = ops.sparse_attn(q, win, mask, comp, idx, sink, C**-0.5)
+    out = tk.sparse_attn(q, win, mask, comp, idx, sink, C**-0.5, block_n=8, kv_split=kv_split)
+    _check(out, ref)
+    assert not out[1].float().any()
+
+
+def test_split_counters_reset():
+    """Every split-K launch leaves its arrival counters at zero (CUDA graph replays rely on it)."""
+    N, K = 64, 256
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(31)) * 0.05)
+    x = _act((2, K), 32, torch.bfloat16, spread=False)
+    tk.fp8_linear(x, w, s, True, True, split_k=2)
+    assert not tk._counters(x.device).any()
