@@ -15,19 +15,9 @@ from dsv4c.checkpoint import load_checkpoint, to_model_params
 from dsv4c.frontend.model import StepContext
 from dsv4c.spec import get_variant
 
-sys.path.insert(0, str(Path(__file__).parent))  # helpers.py (tests/ has no packages)
+sys.path.insert(0, str(Path(__file__).parent))  # passes_helpers.py (tests/ has no packages)
 
-from helpers import passes_only, random_inputs, run, trace  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# (numerics, dtype, entry): both numerics modes, both activation dtypes and both entry points in three
-# traces (tracing dominates the run time): reference numerics in bf16, what `dsv4c build` makes by default
-# (prefill and decode), and exact numerics in fp32, the transformers cross-check setting (prefill).
-COMBOS = [("reference", "bf16", "prefill"), ("reference", "bf16", "decode"), ("exact", "fp32", "prefill")]
-
-
-def combo_id(c) -> str:
-    return "-".join(c)
+from passes_helpers import DTYPES, combo_id, passes_only, random_inputs, run, trace  # noqa: E402
 
 
 @pytest.fixture(scope="session")

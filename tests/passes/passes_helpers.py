@@ -14,6 +14,15 @@ from dsv4c.passes import run_pipeline
 from dsv4c.program import Program
 
 MAX_SEQ = 64
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# (numerics, dtype, entry): both numerics modes, both activation dtypes and both entry points in three
+# traces (tracing dominates the run time): reference numerics in bf16, what `dsv4c build` makes by default
+# (prefill and decode), and exact numerics in fp32, the transformers cross-check setting (prefill).
+COMBOS = [("reference", "bf16", "prefill"), ("reference", "bf16", "decode"), ("exact", "fp32", "prefill")]
+
+
+def combo_id(c) -> str:
+    return "-".join(c)
 
 
 def trace(ctx: StepContext, entry: str, max_seq_len: int = MAX_SEQ) -> Program:

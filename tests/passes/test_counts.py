@@ -12,7 +12,7 @@ from dsv4c.frontend.model import StepContext
 from dsv4c.layout import model_tensors
 from dsv4c.passes import run_pipeline
 from dsv4c.spec import get_variant
-from helpers import check_counts, expected_sites, trace
+from passes_helpers import check_counts, clone_program, expected_sites, trace
 
 
 def meta_weights(spec, dtype):
@@ -34,8 +34,6 @@ def test_mini_counts(traced):
     spec = get_variant("mini")
     ctx = StepContext(spec, "reference", torch.bfloat16)
     prog = traced("reference", "bf16", "prefill", variant="mini")
-    from helpers import clone_program
-
     progs = {"prefill": clone_program(prog)}
     w, records = run_pipeline(progs, meta_weights(spec, torch.bfloat16), ctx, "h100", log=lambda m: None)
     check_counts(records, spec, ["prefill"])

@@ -13,7 +13,7 @@ from dsv4c.errors import InputError
 from dsv4c.inspect_artifact import inspect_artifact
 from dsv4c.lowering.build import BuildRequest, build
 from dsv4c.runtime import Engine
-from helpers import MAX_SEQ, PRODUCT_PASSES, clone_program
+from passes_helpers import MAX_SEQ, PRODUCT_PASSES, clone_program
 
 
 @pytest.fixture(scope="module")

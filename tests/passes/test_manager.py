@@ -13,7 +13,7 @@ from dsv4c.passes.dump import find_stage
 from dsv4c.passes.manager import REGISTRY
 from dsv4c.passes.pipeline import PIPELINES, make_passes
 from dsv4c.program import Program
-from helpers import PRODUCT_PASSES, clone_program
+from passes_helpers import PRODUCT_PASSES, clone_program
 
 COMBO = ("reference", "bf16", "decode")
 RECORD_KEYS = {"name", "uuid", "matches", "ms", "nodes_before", "nodes_after", "skipped", "notes"}

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import COMBOS, combo_id
-from helpers import PRODUCT_PASSES, check_counts, passes_only, run
+from passes_helpers import COMBOS, PRODUCT_PASSES, check_counts, combo_id, passes_only, run
 
 # fp32: the bound; bf16: one unit in the last place of bf16 (2^-8 relative). Both are upper bounds:
 # on this machine every fused op reproduces the chain it replaces bit for bit.

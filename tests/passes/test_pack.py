@@ -7,7 +7,7 @@ import torch
 
 from dsv4c.frontend.model import StepContext
 from dsv4c.ops.fused import pack_fp4_tiled, ue8m0_encode, unpack_fp4_tiled
-from helpers import passes_only
+from passes_helpers import passes_only, run
 
 COMBO = ("reference", "bf16", "prefill")
 
@@ -72,8 +72,6 @@ def test_scales_that_are_not_powers_of_two_are_refused():
 
 
 def test_pass_leaves_a_weight_with_bad_scales_unpacked(traced, tiny_params, tiny_spec, baseline):
-    from helpers import run
-
     ctx, inputs, ref, _ = baseline(COMBO)
     weights = dict(tiny_params("bf16"))
     bad = "layers.2.ffn.experts.w2.scale"

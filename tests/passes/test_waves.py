@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv4c.program import Program
-from helpers import PRODUCT_PASSES, passes_only, run
+from passes_helpers import PRODUCT_PASSES, passes_only, run
 
 TOL = {"fp32": 1e-5, "bf16": 2.0**-8}
 
