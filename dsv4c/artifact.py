@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are written or read: `
     import torch
 
 from . import __version__
-from .errors import ArtifactError
+from .errors import ArtifactError, show
 from .safetensors_header import TORCH_DTYPES, load_tensors_checked, read_header_checked
 
 SCHEMA_VERSION = 1
@@ -310,8 +310,7 @@ def _torch_version() -> str:
 
 
 def _short(v: Any, n: int = 40) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[: n - 3] + "..."
+    return show(v, n)
 
 
 def _rebuild_cmd(m: dict[str, Any], root: Path, target: str | None = None, backend: str | None = None) -> str:

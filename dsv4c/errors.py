@@ -7,6 +7,15 @@ and exits non-zero; anything else escaping is a bug in dsv4c.
 from __future__ import annotations
 
 
+def show(value: object, limit: int = 40) -> str:
+    """A short repr for messages: long values are cut, and ints too large to print do not raise."""
+    try:
+        r = repr(value)
+    except ValueError:  # int beyond sys.get_int_max_str_digits()
+        r = f"<an integer of about {int(value.bit_length() * 0.30103)} digits>" if isinstance(value, int) else "<unprintable>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 class DSV4CError(Exception):
     """A user-facing error: what is wrong, where, and what to do about it."""
 

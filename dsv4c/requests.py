@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import InputError
+from .errors import InputError, show
 
 INT_DTYPES = ("torch.int64", "torch.int32", "torch.int16", "torch.uint8", "torch.int8")
 MAX_SEED = 2**64
@@ -30,11 +30,11 @@ def as_id_list(ids: Any, what: str) -> list[int]:
         raise InputError(f"{what} must be a list of token ids, got {type(ids).__name__}.", "pass e.g. [1, 2, 3].")
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
     if bad:
-        raise InputError(f"{what} holds {bad[0]!r:.40}, which is not an integer token id.",
+        raise InputError(f"{what} holds {show(bad[0])}, which is not an integer token id.",
                          "pass whole-number token ids from this model's tokenizer.")
     big = [t for t in ids if not -2**63 <= t < 2**63]
     if big:
-        raise InputError(f"{what} holds token id {str(big[0])[:40]}, far outside any vocabulary.",
+        raise InputError(f"{what} holds token id {show(big[0])}, far outside any vocabulary.",
                          "tokenize with this model's tokenizer.")
     return list(ids)
 
@@ -51,22 +51,27 @@ def check_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
         return isinstance(v, int) and not isinstance(v, bool)
 
     def is_num(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return False
+        try:
+            return math.isfinite(v)
+        except OverflowError:  # an int too large for a float
+            return False
 
     if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.", "ask for >= 1 new token.")
+        raise InputError(f"max_new_tokens must be a positive integer, got {show(max_new_tokens)}.", "ask for >= 1 new token.")
     if not is_num(temperature) or temperature < 0:
-        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}.", "use 0 for greedy decoding.")
+        raise InputError(f"temperature must be a finite number >= 0, got {show(temperature)}.", "use 0 for greedy decoding.")
     if not is_int(top_k) or not 0 <= top_k <= vocab:
-        raise InputError(f"top_k must be an integer in 0..{vocab} (the vocabulary size), got {top_k!r}.",
+        raise InputError(f"top_k must be an integer in 0..{vocab} (the vocabulary size), got {show(top_k)}.",
                          "use 0 to disable top-k.")
     if not is_num(top_p) or not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}.", "use 1.0 to disable nucleus sampling.")
+        raise InputError(f"top_p must be in (0, 1], got {show(top_p)}.", "use 1.0 to disable nucleus sampling.")
 
 
 def check_seed(seed: Any) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed!r:.40}.", "pass a non-negative integer seed.")
+        raise InputError(f"seed must be an integer in 0..2**64-1, got {show(seed)}.", "pass a non-negative integer seed.")
 
 
 def check_generate_request(prompts: Any, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any, *,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, show
 
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 EXPERT_DTYPES = ("fp4", "fp8")
@@ -40,6 +40,14 @@ _UPPER_LIMITS = {
     "max_position_embeddings": 1 << 26, "yarn_original_max_position": 1 << 26,
 }
 _MAX_COMPRESS_RATIO = 1 << 16
+
+def _finite(v: int | float) -> bool:
+    """math.isfinite that also answers (False) for ints too large for a float."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
 
 _LAYER_TYPE_OF = {"window": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 _KIND_OF_LAYER_TYPE = {v: k for k, v in _LAYER_TYPE_OF.items()}
@@ -137,22 +145,24 @@ class ModelSpec:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                problems.append(f"`{f.name}` must be an integer, got {str(v)[:40]!r}")
-            elif f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                problems.append(f"`{f.name}` must be a finite number, got {str(v)[:40]!r}")
+                problems.append(f"`{f.name}` must be an integer, got {show(v)}")
+            elif f.type == "int" and not -2**63 <= v < 2**63:
+                problems.append(f"`{f.name}` is out of range, got {show(v)}")
+            elif f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v)):
+                problems.append(f"`{f.name}` must be a finite number, got {show(v)}")
             elif f.type == "str" and not isinstance(v, str):
-                problems.append(f"`{f.name}` must be a string, got {str(v)[:40]!r}")
+                problems.append(f"`{f.name}` must be a string, got {show(v)}")
         if problems:
             raise ConfigError(f"Invalid model config: {'; '.join(problems)}.", "correct these fields in config.json.")
         for name, limit in _UPPER_LIMITS.items():
-            need(getattr(self, name) <= limit, f"`{name}` = {getattr(self, name)} exceeds dsv4c's limit of {limit}")
+            need(getattr(self, name) <= limit, f"`{name}` = {show(getattr(self, name))} exceeds dsv4c's limit of {limit}")
         need(all(r <= _MAX_COMPRESS_RATIO for r in self.compress_ratios),
              f"`compress_ratios` entries may be at most {_MAX_COMPRESS_RATIO}")
         for name in ("rms_norm_eps", "hc_eps", "routed_scaling_factor", "swiglu_limit", "yarn_factor",
                      "yarn_beta_fast", "yarn_beta_slow"):
-            need(getattr(self, name) > 0, f"`{name}` must be > 0 (got {getattr(self, name)})")
+            need(getattr(self, name) > 0, f"`{name}` must be > 0 (got {show(getattr(self, name))})")
         for name in ("rope_theta", "compress_rope_theta"):
-            need(getattr(self, name) > 1, f"`{name}` must be > 1 (got {getattr(self, name)})")
+            need(getattr(self, name) > 1, f"`{name}` must be > 1 (got {show(getattr(self, name))})")
         need(self.max_position_embeddings >= 1 and self.yarn_original_max_position >= 1,
              "`max_position_embeddings` and `rope_scaling.original_max_position_embeddings` must be >= 1")
         need(0 <= self.bos_token_id < max(self.vocab_size, 1) and 0 <= self.eos_token_id < max(self.vocab_size, 1),
@@ -165,7 +175,7 @@ class ModelSpec:
                     "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
                     "hc_sinkhorn_iters")
         for name in positive:
-            need(getattr(self, name) > 0, f"`{name}` must be > 0 (got {getattr(self, name)})")
+            need(getattr(self, name) > 0, f"`{name}` must be > 0 (got {show(getattr(self, name))})")
         need(self.num_mtp_layers >= 0, f"`num_nextn_predict_layers` must be >= 0 (got {self.num_mtp_layers})")
         need(self.n_shared_experts in (0, 1), f"`n_shared_experts` must be 0 or 1 (got {self.n_shared_experts})")
         need(0 <= self.num_hash_layers <= self.num_layers,
@@ -176,7 +186,7 @@ class ModelSpec:
              f"`compress_ratios` has {len(self.compress_ratios)} entries but num_hidden_layers + "
              f"num_nextn_predict_layers = {self.num_layers} + {self.num_mtp_layers} = {self.num_blocks}")
         bad = [r for r in self.compress_ratios if r < 0 or (r not in (0, CSA_RATIO) and r <= CSA_RATIO)]
-        need(not bad, f"`compress_ratios` entries must be 0 (window), {CSA_RATIO} (CSA) or > {CSA_RATIO} (HCA); got {bad}")
+        need(not bad, f"`compress_ratios` entries must be 0 (window), {CSA_RATIO} (CSA) or > {CSA_RATIO} (HCA); got {show(bad, 80)}")
         need(self.scoring_func in SCORING_FUNCS, f"`scoring_func` is {self.scoring_func!r}; known: {', '.join(SCORING_FUNCS)}")
         need(self.expert_dtype in EXPERT_DTYPES, f"`expert_dtype` is {self.expert_dtype!r}; known: {', '.join(EXPERT_DTYPES)}")
         need(self.scale_fmt in SCALE_FMTS, f"`quantization_config.scale_fmt` is {self.scale_fmt!r}; known: {', '.join(SCALE_FMTS)}")
@@ -321,7 +331,7 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     missing: list[str] = []
 
     def bad(key: str, want: str, v: Any, fix: str | None = None) -> ConfigError:
-        return ConfigError(f"{where}: `{key}` must be {want}, got {str(v)[:80]!r}.", fix or f"set `{key}` to {want}.")
+        return ConfigError(f"{where}: `{key}` must be {want}, got {show(v, 80)}.", fix or f"set `{key}` to {want}.")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         if key in cfg and cfg[key] is not None:
@@ -335,7 +345,7 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
             raise bad(key, "an integer" if kind is int else "a number", v)
-        if kind is float and not math.isfinite(float(v)):
+        if kind is float and not _finite(v):
             raise bad(key, "a finite number", v)
         return kind(v)
 
@@ -388,7 +398,9 @@ def _spec_kwargs_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                               "list the hash_moe blocks before the moe blocks.")
     rope_dim = num("qk_rope_head_dim")
     prf = num("partial_rotary_factor", kind=float)
-    if rope_dim is None and prf is not None and head_dim:
+    if prf is not None and not 0 < prf <= 1:
+        raise bad("partial_rotary_factor", "a number in (0, 1]", prf)
+    if rope_dim is None and prf is not None and head_dim and 0 < head_dim <= _UPPER_LIMITS["head_dim"]:
         rope_dim = int(round(head_dim * prf))
     yarn = get("rope_scaling") or {}
     rp = get("rope_parameters")
