@@ -264,7 +264,9 @@ def test_artifact_for_another_backend_than_asked_is_refused(artifact):
 
 @pytest.mark.parametrize("backend, cls, text", [
     ("bogus", ArtifactError, "names unknown backend 'bogus'"),
-    ("tensorrt", BackendUnavailableError, "Running a 'tensorrt' artifact needs"),
+    ("tensorrt", BackendUnavailableError, "artifact needs"),
+    ("onnx", DSV4CError, "onnx"),  # an eager artifact relabelled: the executor finds no ONNX programs
+    ("inductor", DSV4CError, "inductor"),
 ])
 def test_artifact_of_an_unknown_or_unavailable_backend_is_refused(artifact_copy, backend, cls, text):
     edit_manifest(artifact_copy, lambda m: m.__setitem__("backend", backend))
