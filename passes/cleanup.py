@@ -62,13 +62,12 @@ class RemoveNoopViews(GraphPass):
     def run(self, prog: Program, weights, ctx) -> PassResult:
         n_done = 0
         for n in list(prog.graph_module.graph.nodes):
-            if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+            if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node) \
+                    or not (n.target in _VIEWS or (n.target is aten.slice.Tensor and _full_slice(n.args))):
                 continue
             src = n.args[0]
             s_in, s_out = shape_of(src), shape_of(n)
-            if s_in is None or s_out is None or not same_shape(s_in, s_out):
-                continue
-            if n.target in _VIEWS or (n.target is aten.slice.Tensor and _full_slice(n.args)):
+            if s_in is not None and s_out is not None and same_shape(s_in, s_out):
                 n.replace_all_uses_with(src)
                 prune(n)
                 n_done += 1

@@ -143,7 +143,7 @@ def _fuse_projections(prog: Program, weights: dict[str, torch.Tensor], replaced:
         if new_name not in weights:
             weights[new_name] = torch.cat([weights[o] for o in olds], dim=0)
         mms = [bs[p]["mm"] for p in _PROJ]
-        first = min(mms, key=_position(g))
+        first = min(mms)  # nodes compare by their position in the graph
         u = strip_noop_casts(bs[_PROJ[0]]["u"])
         w_node = placeholder_with_val(prog, new_name, weights[new_name])
         with g.inserting_before(first):
@@ -162,11 +162,6 @@ def _fuse_projections(prog: Program, weights: dict[str, torch.Tensor], replaced:
     return n
 
 
-def _position(g: fx.Graph):
-    pos = {n: i for i, n in enumerate(g.nodes)}
-    return pos.__getitem__
-
-
 # ---- 2. the finishing chains -----------------------------------------------------------------------------
 
 def _match_finish(pool: fx.Node, spec) -> tuple[fx.Node, int, dict] | None:
@@ -182,9 +177,7 @@ def _match_finish(pool: fx.Node, spec) -> tuple[fx.Node, int, dict] | None:
                     nxt.append(u)
         cands.extend(nxt)
         frontier = nxt
-    g = pool.graph
-    order = _position(g)
-    for end in sorted(cands, key=order, reverse=True):
+    for end in sorted(cands, reverse=True):
         for mode, pat in _FINISH:
             b = match(pat, end)
             if b is not None and b["pool"] is pool and b["negr"] == -spec.rope_dim \
@@ -228,7 +221,7 @@ def _emit_single(g: fx.Graph, m: tuple, ctx) -> None:
     ops, k = _finish_args(m, ctx)
     with g.inserting_before(end):
         new = call(g, dsv4.compress_finish.default, *ops, k["freqs"], k["had"] if k["had"] is not None else k["freqs"],
-                   k["overlap"], k["eps"], k["dtype"], k["mode"], k["ue8m0"])
+                   k["overlap"], k["eps"], k["dtype"], k["mode"], k["ue8m0"], like=end)
     replace(end, new)
 
 
@@ -245,9 +238,9 @@ def _emit_pair(g: fx.Graph, main: tuple, idx: tuple, ctx) -> bool:
     had = ki["had"] if ki["had"] is not None else km["freqs"]
     with g.inserting_before(at):
         pair = call(g, dsv4.compress_finish_pair.default, *ops_m, *ops_i, km["freqs"], had, km["overlap"], km["eps"],
-                    km["dtype"], km["mode"], ki["mode"], km["ue8m0"])
-        kv = call(g, operator.getitem, pair, 0)
-        keys = call(g, operator.getitem, pair, 1)
+                    km["dtype"], km["mode"], ki["mode"], km["ue8m0"], infer=False)
+        kv = call(g, operator.getitem, pair, 0, like=main[0])
+        keys = call(g, operator.getitem, pair, 1, like=idx[0])
     replace(main[0], kv)
     replace(idx[0], keys)
     return True
@@ -271,11 +264,8 @@ def _hoist_before(needed: list[fx.Node], at: fx.Node) -> bool:
 
     Refuses (returns False, graph untouched) if one of them has a side effect or reads storage that a
     side-effecting node between ``at`` and its old position writes."""
-    g = at.graph
-    order = {n: i for i, n in enumerate(g.nodes)}
-    limit = order[at]
     move: set[fx.Node] = set()
-    todo = [n for n in needed if order[n] >= limit]
+    todo = [n for n in needed if n > at]
     while todo:
         n = todo.pop()
         if n in move:
@@ -283,18 +273,19 @@ def _hoist_before(needed: list[fx.Node], at: fx.Node) -> bool:
         if n.op != "call_function" or n.is_impure():
             return False
         move.add(n)
-        todo.extend(a for a in n.all_input_nodes if order[a] >= limit)
+        todo.extend(a for a in n.all_input_nodes if a > at)
     if not move:
         return True
-    last = max(order[n] for n in move)
-    written = {_storage_root(n.args[0]) for n in g.nodes
-               if limit <= order[n] <= last and n.op == "call_function" and n.is_impure() and n.args
-               and isinstance(n.args[0], fx.Node)}
+    last, written, n = max(move), set(), at
+    while n is not last:  # side effects between ``at`` and the last node to move
+        if n.op == "call_function" and n.is_impure() and n.args and isinstance(n.args[0], fx.Node):
+            written.add(_storage_root(n.args[0]))
+        n = n.next
     for n in move:
         for a in n.all_input_nodes:
             if a not in move and _storage_root(a) in written:
                 return False
-    for n in sorted(move, key=order.__getitem__):
+    for n in sorted(move):
         at.prepend(n)
     return True
 
@@ -312,7 +303,7 @@ def _fuse_topk(prog: Program) -> int:
         if k_shape is None or b["n_ent"] != k_shape[1] or b["vd"] not in (-1, 2) or not isinstance(b["topk"], int):
             continue
         with g.inserting_before(w):
-            new = call(g, dsv4.indexer_topk.default, b["q"], b["k"], b["w"], b["visible"], b["topk"])
+            new = call(g, dsv4.indexer_topk.default, b["q"], b["k"], b["w"], b["visible"], b["topk"], like=w)
         replace(w, new)
         n += 1
     return n

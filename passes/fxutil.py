@@ -220,10 +220,9 @@ def _fake_mode_of(values: list) -> Any:
     return next(iter(modes.values())) if len(modes) == 1 else None
 
 
-def infer_val(node: fx.Node, like: fx.Node | None = None) -> None:
-    """Set ``node.meta['val']`` by running its target on its inputs' fake values; where an input has
-    none (the stitched frontend leaves placeholders without values), copy ``like``'s value instead
-    (a node computing a value of the same shape and dtype, e.g. the node it replaces)."""
+def infer_val(node: fx.Node) -> None:
+    """Set ``node.meta['val']`` by running its target on its inputs' fake values (when they all have
+    one: the stitched frontend leaves placeholders without values)."""
     missing = []
     vals = []
 
@@ -245,16 +244,19 @@ def infer_val(node: fx.Node, like: fx.Node | None = None) -> None:
         if mode is not None:
             with mode:
                 node.meta["val"] = node.target(*args, **kwargs)
-            return
-    if like is not None and "val" in like.meta:
-        node.meta["val"] = like.meta["val"]
 
 
-def call(graph: fx.Graph, target: Any, *args: Any, like: fx.Node | None = None, **kwargs: Any) -> fx.Node:
-    """Create a call_function node at the graph's current insertion point, with its fake value
-    (``like``: see :func:`infer_val`)."""
+def call(graph: fx.Graph, target: Any, *args: Any, like: fx.Node | None = None, infer: bool = True,
+         **kwargs: Any) -> fx.Node:
+    """Create a call_function node at the graph's current insertion point, with its fake value:
+    ``like``'s (a node whose value has the same shape and dtype, e.g. the node a rewrite replaces: cheap,
+    and right where fake propagation cannot run), else inferred from the inputs unless ``infer=False``
+    (fake propagation is slow with symbolic shapes; skip it for nodes no later pass reads a value of)."""
     n = graph.call_function(target, tuple(args), kwargs)
-    infer_val(n, like)
+    if like is not None and "val" in like.meta:
+        n.meta["val"] = like.meta["val"]
+    elif infer:
+        infer_val(n)
     # The block a node belongs to (the frontend tags traced nodes) carries over to what replaces them.
     for src in ([like] if like is not None else []) + n.all_input_nodes + [n.next, n.prev]:
         if "dsv4c_block" in src.meta:
@@ -267,7 +269,7 @@ def placeholder_with_val(prog: Program, name: str, value: torch.Tensor) -> fx.No
     """A new ``params.<name>`` input; it gets a fake value of ``value``'s shape and dtype when the
     program's placeholders carry fake values (of one mode)."""
     node = prog.add_param_input(name)
-    mode = _fake_mode_of([n.meta.get("val") for n in prog.graph_module.graph.nodes if n.op == "placeholder"])
+    mode = _fake_mode_of([n.meta.get("val") for n in prog.graph_module.graph.find_nodes(op="placeholder")])
     if mode is not None:
         with mode:
             node.meta["val"] = torch.empty(value.shape, dtype=value.dtype)

@@ -57,6 +57,7 @@ class PackFp4Experts(WeightPass):
         for entry, prog in programs.items():
             g = prog.graph_module.graph
             pnames = params(prog)
+            by_name = {name: node for node, name in pnames.items()}
             n = 0
             for node in calls(g, dsv4.fp4_grouped_linear.default):
                 x, expert, w, s, act_quant, ue8m0 = node.args
@@ -71,10 +72,13 @@ class PackFp4Experts(WeightPass):
                         continue
                     packed[wn] = entry_or_err
                 lay = packed[wn]
-                w_node = _param_node(prog, lay["weight"], weights)
-                s_node = _param_node(prog, lay["scale"], weights)
+                for key in ("weight", "scale"):
+                    if lay[key] not in by_name:
+                        by_name[lay[key]] = placeholder_with_val(prog, lay[key], weights[lay[key]])
+                w_node, s_node = by_name[lay["weight"]], by_name[lay["scale"]]
                 with g.inserting_before(node):
-                    new = call(g, dsv4.fp4_grouped_linear_packed.default, x, expert, w_node, s_node, act_quant, ue8m0)
+                    new = call(g, dsv4.fp4_grouped_linear_packed.default, x, expert, w_node, s_node, act_quant, ue8m0,
+                               like=node)
                 replace(node, new)
                 replaced.update((wn, sn))
                 n += 1
@@ -114,9 +118,3 @@ class PackFp4Experts(WeightPass):
                 "weight_shape": list(pw.shape), "scale_shape": list(ps.shape),
                 "bytes_before": nbytes(w) + nbytes(s), "bytes_after": nbytes(pw) + nbytes(ps)}
 
-
-def _param_node(prog: Program, name: str, weights: dict[str, torch.Tensor]):
-    for node, pname in params(prog).items():
-        if pname == name:
-            return node
-    return placeholder_with_val(prog, name, weights[name])

@@ -59,7 +59,7 @@ class RewriteSwigluClamp(GraphPass):
                 continue
             with g.inserting_before(node):
                 new = call(g, dsv4.swiglu_clamp.default, b["g"], b["v"], b["w"] if weighted else b["g"], float(b["L"]),
-                           weighted)
+                           weighted, like=node)
             replace(node, new)
             if weighted:
                 n_weighted += 1

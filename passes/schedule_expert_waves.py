@@ -79,13 +79,11 @@ def _block_label(param_name: str) -> str:
 
 def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tuple[int, int]], label: str,
               schedule: dict) -> str | None:
-    pos = {n: i for i, n in enumerate(g.nodes)}
-    out = max(gemms, key=pos.__getitem__)
-    first = min(pos[m] for m in gemms)
+    out, first = max(gemms), min(gemms)  # nodes compare by their position in the graph
     # The expert computation: nodes between the first GEMM and the last that depend on a GEMM.
     region: list[fx.Node] = []
     inside: set[fx.Node] = set()
-    for n in sorted(_ancestors_after(out, first, pos), key=pos.__getitem__):
+    for n in sorted(_ancestors_after(out, first)):
         if n in gemms or any(a in inside for a in n.all_input_nodes):
             region.append(n)
             inside.add(n)
@@ -116,22 +114,24 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
             lo, hi = waves[i]
             new: list[fx.Node] = []
 
-            def c(target, *args, **kw):
-                n = call(g, target, *args, **kw)
+            def c(target, *args, like=None, **kw):
+                # Values: copied from the node of the same shape where there is one; fake propagation
+                # of argsort/index with symbolic row counts is slow and no later pass needs these.
+                n = call(g, target, *args, like=like, infer=False, **kw)
                 new.append(n)
                 return n
 
             in_wave = c(aten.logical_and.default, c(aten.ge.Scalar, expert, lo), c(aten.lt.Scalar, expert, hi))
             perm = c(aten.argsort.stable, c(aten.logical_not.default, in_wave), stable=True, dim=0)
             env = {expert: c(aten.where.ScalarOther, c(aten.index.Tensor, in_wave, [perm]),
-                             c(aten.index.Tensor, expert, [perm]), -1)}
+                             c(aten.index.Tensor, expert, [perm], like=expert), -1, like=expert)}
             for r in row_inputs:
                 if r.target is aten.index.Tensor and len(r.args[1]) == 1 and isinstance(r.args[1][0], fx.Node) \
                         and shape_of(r.args[1][0]) is not None and len(shape_of(r.args[1][0])) == 1:
                     src, idx = r.args[0], r.args[1][0]  # a gather: gather straight from its source
-                    env[r] = c(aten.index.Tensor, src, [c(aten.index.Tensor, idx, [perm])])
+                    env[r] = c(aten.index.Tensor, src, [c(aten.index.Tensor, idx, [perm], like=idx)], like=r)
                 else:
-                    env[r] = c(aten.index.Tensor, r, [perm])
+                    env[r] = c(aten.index.Tensor, r, [perm], like=r)
             disp[i] = (in_wave, perm, env)
             tag(new, i, f"dispatch {i}")
 
@@ -141,9 +141,9 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
             for n in region:
                 args = fx.node.map_arg(n.args, lambda a: env.get(a, a))
                 kwargs = fx.node.map_arg(n.kwargs, lambda a: env.get(a, a))
-                env[n] = call(g, n.target, *args, like=n, **kwargs)  # same shape: rows are permuted, not dropped
+                env[n] = call(g, n.target, *args, like=n, infer=False, **kwargs)  # rows permuted, not dropped
                 new.append(env[n])
-            inv = call(g, aten.argsort.default, perm, 0)
+            inv = call(g, aten.argsort.default, perm, 0, infer=False)
             back = call(g, aten.index.Tensor, env[out], [inv], like=out)
             results.append(back)
             tag(new + [inv, back], i, f"experts {i}")
@@ -156,8 +156,8 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
         acc = results[0]
         comb: list[fx.Node] = []
         for i in range(1, len(waves)):
-            m = call(g, aten.unsqueeze.default, disp[i][0], 1)
-            acc = call(g, aten.where.self, m, results[i], acc)
+            m = call(g, aten.unsqueeze.default, disp[i][0], 1, infer=False)
+            acc = call(g, aten.where.self, m, results[i], acc, like=out)
             comb += [m, acc]
         stages["combine"] = comb
     replace(out, acc)
@@ -167,11 +167,11 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
     return None
 
 
-def _ancestors_after(out: fx.Node, first: int, pos: dict) -> set[fx.Node]:
+def _ancestors_after(out: fx.Node, first: fx.Node) -> set[fx.Node]:
     seen, todo = set(), [out]
     while todo:
         n = todo.pop()
-        if n in seen or pos[n] < first:
+        if n in seen or n < first:
             continue
         seen.add(n)
         todo.extend(n.all_input_nodes)
@@ -193,9 +193,8 @@ def _check_schedule(g: fx.Graph, stages: dict[str, list[fx.Node]], W: int) -> li
         dag.add_edge(f"experts {i}", f"experts {i + 1}")  # one compute stream
     if not nx.is_directed_acyclic_graph(dag):
         raise AssertionError(f"expert-wave schedule has a cycle: {nx.find_cycle(dag)}")
-    pos = {n: i for i, n in enumerate(g.nodes)}
-    span = {s: (min(pos[n] for n in v), max(pos[n] for n in v)) for s, v in stages.items() if v}
+    span = {s: (min(v), max(v)) for s, v in stages.items() if v}
     for a, b in dag.edges:
-        if a in span and b in span and span[a][1] >= span[b][0]:
+        if a in span and b in span and not span[a][1] < span[b][0]:
             raise AssertionError(f"graph order breaks the wave schedule: {a!r} does not precede {b!r}")
     return sorted(span, key=lambda s: span[s][0])
