@@ -1,0 +1,96 @@
+"""Test helper (run as a script by conftest.py): build the eager and the onnx artifact of one
+(variant, numerics) from ONE trace, then run the eager artifact through the comparison scenario and
+save what it produced.
+
+    python tests/lowering/build_pair.py OUT VARIANT NUMERICS [LAYERS]
+
+Writes OUT/eager and OUT/onnx (ordinary ``lowering.build.build`` artifacts, same spec, same seed) and
+OUT/eager_run.safetensors: the prompts, the greedy tokens the eager artifact chose and its logits for the
+prefill and every decode step. Tracing dominates a build, so the second build reuses the first one's
+traced programs (a fresh copy each time: passes rewrite programs in place).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MAX_SEQ_LEN = 256
+DECODE_STEPS = 32
+# Two ragged prompts per variant: long enough to wrap the sliding window and complete compressor
+# windows of every ratio during prefill and again during the decode steps.
+PROMPTS = {"tiny": (40, 23), "mini": (150, 61)}
+
+
+def copy_program(prog):
+    from dsv4c.program import Program
+
+    g = torch.fx.Graph()
+    g.output(g.graph_copy(prog.graph_module.graph, {}))
+    g._codegen = torch.fx.graph.CodeGen()
+    out = Program(prog.entry, torch.fx.GraphModule(torch.nn.Module(), g), list(prog.input_names), dict(prog.meta))
+    out.recompile()
+    return out
+
+
+def share_traces() -> None:
+    import dsv4c.lowering.build as build_mod
+
+    orig = getattr(build_mod, "trace_program", None)
+    if orig is None:  # the build traces some other way now: no sharing, just slower
+        return
+    memo = {}
+
+    def trace_program(ctx, entry, cfg, log=None):  # noqa: ANN001, ANN202
+        key = (ctx, entry, cfg)
+        if key not in memo:
+            memo[key] = orig(ctx, entry, cfg, log=log)
+        return copy_program(memo[key])
+
+    build_mod.trace_program = trace_program
+
+
+def eager_run(path: Path, variant: str) -> dict[str, torch.Tensor]:
+    from dsv4c.runtime import Engine
+
+    eng = Engine.load(path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, eng.vocab_size, (n,), generator=g) for n in PROMPTS[variant]]
+    logits = eng.prefill([p.tolist() for p in prompts])
+    out = {f"prompt{i}": p for i, p in enumerate(prompts)}
+    out["prefill_logits"] = logits
+    tokens, steps = [], []
+    for _ in range(DECODE_STEPS):
+        nxt = logits.argmax(-1)
+        tokens.append(nxt)
+        logits = eng.decode(nxt)
+        steps.append(logits)
+    out["decode_tokens"] = torch.stack(tokens)
+    out["decode_logits"] = torch.stack(steps)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from safetensors.torch import save_file
+
+    from dsv4c.lowering.build import BuildRequest, build
+
+    out, variant, numerics = Path(argv[0]), argv[1], argv[2]
+    layers = int(argv[3]) if len(argv) > 3 and argv[3] != "-" else None
+    share_traces()
+    t0 = time.perf_counter()
+    for backend in ("eager", "onnx"):
+        build(BuildRequest(output=out / backend, variant=variant, backend=backend, numerics=numerics, dtype="fp32",
+                           max_seq_len=MAX_SEQ_LEN, max_batch=4, layers=layers, seed=0), progress=print)
+    t1 = time.perf_counter()
+    save_file({k: v.contiguous() for k, v in eager_run(out / "eager", variant).items()},
+              str(out / "eager_run.safetensors"))
+    print(f"builds {t1 - t0:.1f} s, eager run {time.perf_counter() - t1:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
