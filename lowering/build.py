@@ -24,7 +24,7 @@ from dsv4c.errors import BackendUnavailableError, ConfigError
 from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
-from dsv4c.passes import dump_files, run_pipeline
+from dsv4c.passes import check_pass_names, dump_files, run_pipeline
 from dsv4c.plan import make_plan
 from dsv4c.spec import ModelSpec, get_variant, truncated
 
@@ -83,6 +83,7 @@ def validate_request(req: BuildRequest, spec: ModelSpec) -> None:
         raise ConfigError(f"--max-batch {req.max_batch} is outside 1..1024.", "pick a batch size between 1 and 1024.")
     if not req.dry_run and req.output is None:
         raise ConfigError("No output directory given.", "add -o ARTIFACT_DIR (or --dry-run).")
+    check_pass_names(req.disable_passes)  # before tracing: a typo must not cost minutes
 
 
 def _fake_weights(spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:

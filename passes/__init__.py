@@ -5,6 +5,7 @@ interface and ``passes/pipeline.py`` for which passes run for which target.
 """
 
 from .dump import dump_files
+from .manager import check_pass_names
 from .pipeline import run_pipeline
 
-__all__ = ["run_pipeline", "dump_files"]
+__all__ = ["run_pipeline", "dump_files", "check_pass_names"]

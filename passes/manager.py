@@ -135,6 +135,13 @@ class WeightPass(Pass):
         raise NotImplementedError
 
 
+def check_pass_names(names: Iterable[str], what: str = "--disable-pass") -> None:
+    """ConfigError naming the valid passes if ``names`` holds one that is not registered."""
+    unknown = sorted(set(names) - set(REGISTRY))
+    if unknown:
+        raise ConfigError(f"{what} names unknown pass(es) {unknown}.", f"use one of: {', '.join(sorted(REGISTRY))}.")
+
+
 def _as_dict(programs: Program | dict[str, Program]) -> dict[str, Program]:
     return {programs.entry: programs} if isinstance(programs, Program) else programs
 
@@ -147,10 +154,7 @@ class PassManager:
     def __init__(self, passes: list[Pass], disable: Iterable[str] = (), dump_dir: Path | str | None = None,
                  log: Log = print) -> None:
         disable = list(disable)
-        unknown = sorted(set(disable) - set(REGISTRY))
-        if unknown:
-            raise ConfigError(f"--disable-pass names unknown pass(es) {unknown}.",
-                              f"use one of: {', '.join(sorted(REGISTRY))}.")
+        check_pass_names(disable)
         self.passes = passes
         self.disable = set(disable)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None

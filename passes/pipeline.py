@@ -17,7 +17,7 @@ from dsv4c.program import Program
 
 # Importing the pass modules registers them.
 from . import cleanup, fuse_compress_indexer, pack_fp4_experts, rewrite_swiglu_clamp, schedule_expert_waves  # noqa: F401
-from .manager import REGISTRY, Pass, PassManager
+from .manager import REGISTRY, Pass, PassManager, check_pass_names
 
 _CPU_TILE = {"bn": 16, "bk": 64}  # small tiles: the CPU reference unpacks whole tensors anyway
 _HOPPER_TILE = {"bn": 128, "bk": 128}  # one 128x128 tile = 8 KiB of nibbles, a Triton program's K step
@@ -50,9 +50,7 @@ def make_passes(target: str, config: dict[str, dict[str, Any]] | None = None) ->
     if target not in PIPELINES:
         raise ConfigError(f"No pass pipeline for target {target!r}.", f"use one of: {', '.join(PIPELINES)}.")
     config = dict(config or {})
-    unknown = sorted(set(config) - set(REGISTRY))
-    if unknown:
-        raise ConfigError(f"pass config names unknown pass(es) {unknown}.", f"use one of: {', '.join(sorted(REGISTRY))}.")
+    check_pass_names(config, "the pass config")
     return [REGISTRY[name]({**opts, **config.get(name, {})}) for name, opts in PIPELINES[target]]
 
 
