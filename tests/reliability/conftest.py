@@ -3,7 +3,8 @@
 The session artifact doubles as the SIGKILL fault-injection test (issue 6): a first ``dsv4c build`` is
 stopped and SIGKILLed right after it starts writing its temporary directory; a second build of the same
 output, started while the first was still tracing, then has to succeed over the debris. Only one tiny
-build's worth of CPU time is spent on the kill, and the two traces overlap on CI's two cores.
+build's worth of CPU time is spent on the kill, the two traces overlap, and both run in the background
+from the end of collection while the tests that need no artifact run first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,8 @@ from dsv4c.checkpoint import synthesize_checkpoint
 from dsv4c.spec import get_variant
 
 sys.path.insert(0, str(Path(__file__).parent))  # rel_helpers.py, rel_fuzzing.py (tests/ has no packages)
-from rel_helpers import dsv4c_cmd  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 BUILD_ARGS = ("--variant", "tiny", "--max-seq-len", "256", "--max-batch", "2")
 BUILD_TIMEOUT_S = 600
@@ -64,8 +68,8 @@ def _holds_lock(pid: int, lock: Path) -> bool:
     return False
 
 
-def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, deadline: float) -> None:
-    while time.monotonic() < deadline:
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, deadline: float, stop: threading.Event) -> None:
+    while time.monotonic() < deadline and not stop.is_set():
         if text in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
@@ -74,27 +78,51 @@ def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, deadline: float
     raise AssertionError(f"timed out waiting for {text!r} in the build log:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory) -> BuiltArtifact:
-    root = tmp_path_factory.mktemp("build")
-    out = root / "tiny"
-    lock = root / ".tiny.lock"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    deadline = time.monotonic() + BUILD_TIMEOUT_S
-    vlog, rlog = root / "victim.log", root / "rebuild.log"
-    with open(vlog, "w") as vf:
-        victim = subprocess.Popen(dsv4c_cmd("build", *BUILD_ARGS, "-o", str(out)), stdout=vf, stderr=subprocess.STDOUT, env=env)
-    rebuild = None
-    report = KillReport()
-    try:
+class _KillAndRebuild(threading.Thread):
+    """Runs the killed build and the rebuild in the background, so that the tests that need no artifact
+    (fuzzers, checkpoint tests) run meanwhile: on CI's two cores the builds' tracing overlaps them."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(name="dsv4c-kill-and-rebuild", daemon=True)
+        self.root = root
+        self.result: BuiltArtifact | None = None
+        self.error: BaseException | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.stop = threading.Event()
+
+    def _spawn(self, log: Path) -> subprocess.Popen:
+        with open(log, "w") as f:
+            p = subprocess.Popen(_unlimited_cmd("build", *BUILD_ARGS, "-o", str(self.root / "tiny")), stdout=f,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs.append(p)
+        return p
+
+    def run(self) -> None:
+        try:
+            self.result = self._run()
+        except BaseException as e:  # noqa: BLE001 - handed to the fixture
+            self.error = e
+        finally:
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def _run(self) -> BuiltArtifact:
+        root, out, lock = self.root, self.root / "tiny", self.root / ".tiny.lock"
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        vlog, rlog = root / "victim.log", root / "rebuild.log"
+        victim = self._spawn(vlog)
+        report = KillReport()
         # Start the second build once the first is half-way (traced prefill): both trace in parallel and
         # the first reaches its writing phase well before the second does.
-        _wait_for_line(vlog, "traced prefill", victim, deadline)
-        with open(rlog, "w") as rf:
-            rebuild = subprocess.Popen(dsv4c_cmd("build", *BUILD_ARGS, "-o", str(out)), stdout=rf, stderr=subprocess.STDOUT,
-                                       env=env)
+        _wait_for_line(vlog, "traced prefill", victim, deadline, self.stop)
+        rebuild = self._spawn(rlog)
         # Freeze the first build as soon as it holds the lock and its temp directory exists.
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop.is_set():
             if victim.poll() is not None:
                 raise AssertionError(f"the build to be killed finished first ({victim.returncode}):\n{vlog.read_text()[-3000:]}")
             if list(root.glob(".tiny.tmp-*")) and _holds_lock(victim.pid, lock):
@@ -111,16 +139,69 @@ def built(tmp_path_factory) -> BuiltArtifact:
         victim.send_signal(signal.SIGKILL)
         report.victim_returncode = victim.wait(timeout=30)
         report.output_existed_after_kill = out.exists()
-        r_rc = rebuild.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        for p in (victim, rebuild):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
-    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".tiny"))
-    art = BuiltArtifact(out, report, r_rc, rlog.read_text(), leftovers)
-    assert r_rc == 0, f"the rebuild after the kill failed:\n{art.rebuild_stderr[-3000:]}"
-    return art
+        while rebuild.poll() is None:
+            if time.monotonic() > deadline or self.stop.is_set():
+                raise AssertionError(f"the rebuild did not finish in time:\n{rlog.read_text()[-3000:]}")
+            time.sleep(0.1)
+        leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".tiny"))
+        return BuiltArtifact(out, report, rebuild.returncode, rlog.read_text(), leftovers)
+
+
+def _unlimited_cmd(*args: str) -> list[str]:
+    """``dsv4c ARGS`` through a launcher that lifts the address-space cap a fuzz case may have set when the
+    process was spawned (rlimits are inherited), then execs the real command line."""
+    launcher = ("import os, resource, sys; h = resource.getrlimit(resource.RLIMIT_AS)[1]; "
+                "resource.setrlimit(resource.RLIMIT_AS, (h, h)); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'dsv4c.cli', *sys.argv[1:]])")
+    return [sys.executable, "-c", launcher, *args]
+
+
+_BUILDER: dict[str, _KillAndRebuild] = {}
+
+
+def _needs_build(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    return "built" in names or (not os.environ.get("DSV4C_TEST_ARTIFACT") and bool({"artifact", "artifact_copy"} & names))
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run this directory's artifact-free tests first and start the builds in the background now."""
+    mine = [k for k, it in enumerate(items) if HERE in Path(str(it.fspath)).resolve().parents]
+    if not mine:
+        return
+    chosen = [items[k] for k in mine]
+    ordered = [it for it in chosen if not _needs_build(it)] + [it for it in chosen if _needs_build(it)]
+    for k, it in zip(mine, ordered):
+        items[k] = it
+    if any(_needs_build(it) for it in chosen) and "thread" not in _BUILDER:
+        t = _KillAndRebuild(Path(tempfile.mkdtemp(prefix="dsv4c-reliability-build-")))
+        _BUILDER["thread"] = t
+        t.start()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    t = _BUILDER.pop("thread", None)
+    if t is not None:
+        t.stop.set()
+        t.join(timeout=60)
+        t.kill_all()
+        shutil.rmtree(t.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def built() -> BuiltArtifact:
+    """The killed build and its rebuild (started in the background at collection; waited for here)."""
+    t = _BUILDER.get("thread")
+    if t is None:  # collected some other way: run it now
+        t = _KillAndRebuild(Path(tempfile.mkdtemp(prefix="dsv4c-reliability-build-")))
+        _BUILDER["thread"] = t
+        t.start()
+    t.join(timeout=BUILD_TIMEOUT_S + 60)
+    if t.error is not None:
+        raise t.error
+    assert t.result is not None, "the background build did not finish"
+    assert t.result.rebuild_returncode == 0, f"the rebuild after the kill failed:\n{t.result.rebuild_stderr[-3000:]}"
+    return t.result
 
 
 @pytest.fixture(scope="session")
