@@ -23,7 +23,6 @@ class EliminateDeadCode(GraphPass):
     """Drop side-effect-free nodes whose results nobody uses (in-place cache writes are kept)."""
 
     name = "eliminate_dead_code"
-    prune_after = False
 
     def run(self, prog: Program, weights, ctx) -> PassResult:
         before = prog.num_nodes()

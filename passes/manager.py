@@ -19,8 +19,8 @@ A pass is a small class (see vLLM ``vllm/compilation`` passes and TensorRT-LLM A
   config, so the artifact manifest says exactly which rewrite produced a graph.
 
 The ``PassManager`` runs a pipeline: it times every pass, stamps ``node.meta["dsv4c_pass"]`` on the
-nodes a pass created (``Program.to_json`` keeps it), prunes what the pass left dead, logs one line per
-pass, can skip any pass by name and can dump every pass's before/after graphs (see ``dump.py``).
+nodes a pass created (``Program.to_json`` keeps it), lints every graph a pass changed, logs one line
+per pass, can skip any pass by name and can dump every pass's before/after graphs (see ``dump.py``).
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ class Pass:
     Config: ClassVar[type] = NoConfig
     # Modules whose source is part of the pass's identity besides its own (helpers, the ops it emits).
     uses_modules: ClassVar[tuple[str, ...]] = ("dsv4c.passes.fxutil",)
-    # Whether the manager prunes dead nodes after the pass (rewrites leave the matched chain behind).
-    prune_after: ClassVar[bool] = True
+    # Whether the manager runs dead-code elimination after the pass; the product passes prune what
+    # their own rewrites leave dead (``fxutil.replace``), so this is for passes that do not.
+    prune_after: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         if config is None:

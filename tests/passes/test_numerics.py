@@ -34,3 +34,4 @@ def test_pass_on_off_same_logits(combo, pass_name, traced, tiny_params, baseline
         assert rel_err(cache[k], ref_cache[k]) <= TOL[dtype], k
     if pass_name == "all":
         check_counts(records, tiny_spec, [entry])
+        assert not progs[entry].graph_module.graph.eliminate_dead_code()  # the rewrites left nothing dead
