@@ -33,7 +33,7 @@ import torch.fx as fx
 from dsv4c.ops import dtype_code
 from dsv4c.program import Program
 
-from .fxutil import (AnyOf, Cast, Named, Op, V, aten, call, calls, descendants, drop_replaced_params, dsv4, match,
+from .fxutil import (Cast, Named, Op, V, aten, call, calls, drop_replaced_params, dsv4, match,
                      params, placeholder_with_val, replace, strip_noop_casts)
 from .manager import PassResult, WeightPass, register
 
@@ -189,23 +189,29 @@ def _match_finish(pool: fx.Node, spec) -> tuple[fx.Node, int, dict] | None:
 def _fuse_finish(prog: Program, ctx, notes: list) -> tuple[int, int]:
     g = prog.graph_module.graph
     pnames = params(prog)
-    by_block: dict[str, dict[str, tuple]] = defaultdict(dict)
+    by_block: dict[str, dict[str, tuple]] = defaultdict(dict)  # "layers.N" -> main/indexer -> match
+    alone: list[tuple] = []  # compressors whose norm weight is not a named parameter
     for pool in calls(g, dsv4.compress_pool.default):
         m = _match_finish(pool, ctx.spec)
         if m is None:
             notes.append(f"a compress_pool ({pool.name}) had no recognizable finishing chain")
             continue
         name = pnames.get(m[2]["norm_w"], "")
-        role = "indexer" if name.endswith(".indexer.compressor.norm.weight") else "main"
-        by_block[name.split(".attn.")[0]][role] = m
+        if name.endswith(".attn.indexer.compressor.norm.weight"):
+            by_block[name.split(".attn.")[0]]["indexer"] = m
+        elif name.endswith(".attn.compressor.norm.weight"):
+            by_block[name.split(".attn.")[0]]["main"] = m
+        else:
+            alone.append(m)
     pairs = singles = 0
-    for blk, ms in by_block.items():
+    for ms in by_block.values():
         if "main" in ms and "indexer" in ms and _emit_pair(g, ms["main"], ms["indexer"], ctx):
             pairs += 1
-            continue
-        for m in ms.values():
-            _emit_single(g, m, ctx)
-            singles += 1
+        else:
+            alone.extend(ms.values())
+    for m in alone:
+        _emit_single(g, m, ctx)
+        singles += 1
     return pairs, singles
 
 

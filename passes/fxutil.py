@@ -168,18 +168,6 @@ class Named(Pat):
         return {**r, self.name: x} if r is not None else None
 
 
-class AnyOf(Pat):
-    def __init__(self, *alts: Any) -> None:
-        self.alts = alts
-
-    def match(self, x: Any, b: Bindings) -> Bindings | None:
-        for a in self.alts:
-            r = match(a, x, b)
-            if r is not None:
-                return r
-        return None
-
-
 # ---- values ----------------------------------------------------------------------------------------
 
 def val(n: Any) -> Any:
@@ -291,11 +279,16 @@ def calls(graph: fx.Graph, *targets: Any) -> list[fx.Node]:
 
 def prune(node: fx.Node) -> int:
     """Erase ``node`` if nothing uses it and it has no side effect, then its inputs the same way."""
-    if not alive(node) or node.users or node.op != "call_function" or node.is_impure():
-        return 0
-    inputs = [a for a in node.all_input_nodes]
-    node.graph.erase_node(node)
-    return 1 + sum(prune(a) for a in dict.fromkeys(inputs))
+    erased, todo = 0, [node]
+    while todo:
+        n = todo.pop()
+        if not alive(n) or n.users or n.op != "call_function" or n.is_impure():
+            continue
+        inputs = list(dict.fromkeys(n.all_input_nodes))
+        n.graph.erase_node(n)
+        erased += 1
+        todo.extend(inputs)
+    return erased
 
 
 def replace(old: fx.Node, new: fx.Node) -> None:
@@ -310,30 +303,6 @@ def params(prog: Program) -> dict[fx.Node, str]:
     """placeholder node -> parameter name (``params.`` stripped), for the parameter inputs."""
     phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
     return {n: name[len("params."):] for n, name in zip(phs, prog.input_names) if name.startswith("params.")}
-
-
-def ancestors(nodes: Iterable[fx.Node], stop: Callable[[fx.Node], bool] = lambda n: False) -> set[fx.Node]:
-    out: set[fx.Node] = set()
-    todo = list(nodes)
-    while todo:
-        n = todo.pop()
-        if n in out or stop(n):
-            continue
-        out.add(n)
-        todo.extend(n.all_input_nodes)
-    return out
-
-
-def descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    out: set[fx.Node] = set()
-    todo = list(nodes)
-    while todo:
-        n = todo.pop()
-        if n in out:
-            continue
-        out.add(n)
-        todo.extend(n.users)
-    return out
 
 
 def drop_replaced_params(programs: dict[str, Program], weights: dict[str, torch.Tensor], replaced: Iterable[str]) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
 from dsv4c.program import Program

@@ -3,7 +3,6 @@ waves, dispatch of wave i+1 ordered before the GEMMs of wave i, and the schedule
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dsv4c.program import Program
