@@ -37,20 +37,32 @@ def copy_program(prog):
 
 
 def share_traces() -> None:
+    """The second build reuses the first one's weights (the pipeline returns a new dict and leaves its
+    input alone) and traced programs (copied: passes rewrite programs in place)."""
     import dsv4c.lowering.build as build_mod
 
     orig = getattr(build_mod, "trace_program", None)
-    if orig is None:  # the build traces some other way now: no sharing, just slower
-        return
-    memo = {}
+    if orig is not None:  # else the build traces some other way now: no sharing, just slower
+        memo = {}
 
-    def trace_program(ctx, entry, cfg, log=None):  # noqa: ANN001, ANN202
-        key = (ctx, entry, cfg)
-        if key not in memo:
-            memo[key] = orig(ctx, entry, cfg, log=log)
-        return copy_program(memo[key])
+        def trace_program(ctx, entry, cfg, log=None):  # noqa: ANN001, ANN202
+            key = (ctx, entry, cfg)
+            if key not in memo:
+                memo[key] = orig(ctx, entry, cfg, log=log)
+            return copy_program(memo[key])
 
-    build_mod.trace_program = trace_program
+        build_mod.trace_program = trace_program
+    load = getattr(build_mod, "_load_weights", None)
+    if load is not None:
+        wmemo = {}
+
+        def _load_weights(req, spec, dtype, progress):  # noqa: ANN001, ANN202
+            key = (spec, dtype, req.seed, str(req.checkpoint))
+            if key not in wmemo:
+                wmemo[key] = load(req, spec, dtype, progress)
+            return dict(wmemo[key])
+
+        build_mod._load_weights = _load_weights
 
 
 def eager_run(path: Path, variant: str) -> dict[str, torch.Tensor]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dsv4c.artifact import open_artifact
 from dsv4c.testing import rel_err
+
+onnx = pytest.importorskip("onnx")
 
 TOL = {"exact": 1e-4, "reference": 1e-3}
 
