@@ -60,6 +60,9 @@ class PackFp4Experts(WeightPass):
             by_name = {name: node for node, name in pnames.items()}
             n = 0
             for node in calls(g, dsv4.fp4_grouped_linear.default):
+                if len(node.args) != 6 or node.kwargs:
+                    problems.append(f"{node.name}: unexpected call form")
+                    continue
                 x, expert, w, s, act_quant, ue8m0 = node.args
                 wn, sn = pnames.get(w), pnames.get(s)
                 if wn is None or sn is None or wn not in weights or sn not in weights:

@@ -94,9 +94,13 @@ def _schedule(g: fx.Graph, expert: fx.Node, gemms: list[fx.Node], waves: list[tu
     rows = shape_of(expert)
     if rows is None or len(rows) != 1:
         return "expert ids are not a 1-D row vector"
+    # Everything the expert computation reads is a parameter or indexed by row like the expert ids
+    # (dispatched rows, routing weights); anything else could not be permuted safely.
     ext = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
-    row_inputs = [a for a in ext if a is not expert and a.op != "placeholder" and shape_of(a)
-                  and same_size(shape_of(a)[0], rows[0])]
+    row_inputs = [a for a in ext if a is not expert and a.op != "placeholder"]
+    odd = [a.name for a in row_inputs if not shape_of(a) or not same_size(shape_of(a)[0], rows[0])]
+    if odd:
+        return f"inputs {odd} of the expert computation are not indexed by dispatched row"
 
     stages: dict[str, list[fx.Node]] = {}
 
