@@ -315,8 +315,8 @@ if HAVE_TRITON:
         if SPLIT == 1:
             tl.store(o_ptr + offs, _cast_out(acc, o_ptr.dtype.element_ty), mask=m2)
         else:
-            stride = MROWS.to(tl.int64) * N
-            tl.store(part_ptr + ks.to(tl.int64) * stride + offs, acc, mask=m2)
+            stride = (ks * 0).to(tl.int64) + MROWS * N  # int64 (MROWS may arrive as a constexpr 1)
+            tl.store(part_ptr + ks * stride + offs, acc, mask=m2)
             tl.debug_barrier()
             prev = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel", scope="gpu")
             if prev == SPLIT - 1:
@@ -460,6 +460,162 @@ if HAVE_TRITON:
         if ROWS_DIRECT or valid:
             _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, src, r_mask, rn, n_mask, ks,
                           t * tl.num_programs(1) + pid_n, A, N, SPLIT)
+
+
+    # ---- GEMV (decode, one activation row per program): plain FMAs, no tensor cores ---------------
+
+    @triton.jit
+    def _act_q_1d(x, UE8M0: tl.constexpr):
+        """Quantize one 128-element activation block (any shape) to e4m3 and return q * s (exact)."""
+        amax = tl.max(tl.abs(x))
+        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+        if UE8M0:
+            s, inv = _pow2_ceil(a)
+            v = x * inv
+        else:
+            s = a
+            v = tl.math.div_rn(x, s)
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        return _e4m3_rne(v) * s
+
+    @triton.jit
+    def _fp4_gemv_kernel(x_ptr, e_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES, NKB,
+                         KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, ACT_Q: tl.constexpr,
+                         UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+        """Row ``a`` (axis 0) times its expert's packed e2m1 weight, BN outputs (axis 1), a K range (axis 2).
+
+        Works in the byte domain as [BN, 4, 16] (a 128-wide K block: 4 scale groups of 16 bytes), so no
+        register reshuffles: low nibbles meet the even activations, high nibbles the odd ones; e2m1 -> e4m3
+        bit pattern -> fp32, times 2^(b - 121) (the ue8m0 scale and the 2^6 of the pattern), FMAs."""
+        a = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        e = tl.load(e_ptr + a).to(tl.int32)
+        valid = (e >= 0) & (e < E)
+        nb = (pid_n * BN) // PBN
+        r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
+        g = tl.arange(0, 4)
+        t = tl.arange(0, 16)
+        c = g[:, None] * 16 + t[None, :]  # byte column inside the 128-wide block [4, 16]
+        TILE: tl.constexpr = PBN * (PBK // 2)
+        ev = tl.maximum(e, 0).to(tl.int64)
+        w_rows = w_ptr + ((ev * NBLK + nb) * KTILES) * TILE + r_in[:, None, None] * (PBK // 2)
+        s_rows = sw_ptr + (ev * NBLK + nb) * (K // 32) * PBN + r_in[:, None]
+        x_row = x_ptr + a.to(tl.int64) * K
+        acc = tl.zeros((BN, 4, 16), dtype=tl.float32)
+        if valid:
+            for i in range(KB_PER_SPLIT):
+                kb = ks * KB_PER_SPLIT + i
+                kb_ok = kb < NKB
+                xe = tl.load(x_row + kb * 128 + 2 * c, mask=kb_ok, other=0.0).to(tl.float32)
+                xo = tl.load(x_row + kb * 128 + 2 * c + 1, mask=kb_ok, other=0.0).to(tl.float32)
+                if ACT_Q:
+                    amax = tl.maximum(tl.max(tl.abs(xe)), tl.max(tl.abs(xo)))
+                    sc = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+                    if UE8M0:
+                        s_a, inv = _pow2_ceil(sc)
+                        ve = xe * inv
+                        vo = xo * inv
+                    else:
+                        s_a = sc
+                        ve = tl.math.div_rn(xe, sc)
+                        vo = tl.math.div_rn(xo, sc)
+                    xe = _e4m3_rne(tl.minimum(tl.maximum(ve, -448.0), 448.0)) * s_a
+                    xo = _e4m3_rne(tl.minimum(tl.maximum(vo, -448.0), 448.0)) * s_a
+                if PBK % 128 == 0:
+                    off = ((kb * 128) // PBK) * TILE + ((kb * 128) % PBK) // 2 + c
+                else:
+                    kk = kb * 128 + 2 * c
+                    off = (kk // PBK) * TILE + (kk % PBK) // 2
+                p = tl.load(w_rows + off[None, :, :], mask=kb_ok, other=0)
+                sb = tl.load(s_rows + (kb * 4 + g)[None, :] * PBN, mask=kb_ok, other=0).to(tl.int32)
+                sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
+                lo = (((p & 7) << 2) | ((p & 8) << 4)).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                hi = (((p >> 2) & 0x1C) | (p & 0x80)).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * sf[:, :, None]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        rows = a + tl.arange(0, 1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        _splitk_store(out[None, :], o_ptr, part_ptr, cnt_ptr, rows, rows < A, rn, rn < N, ks,
+                      a * tl.num_programs(1) + pid_n, A, N, SPLIT)
+
+    @triton.jit
+    def _fp8_gemv_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
+                         ACT_Q: tl.constexpr, UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+        """Row ``m`` (axis 0) of x times the e4m3 weight, BN <= 128 outputs inside one 128-row scale block
+        (axis 1), a K range (axis 2); the activation block quantized here, both scales folded into it."""
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rk = tl.arange(0, 128)
+        x_row = x_ptr + m.to(tl.int64) * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BN, 128), dtype=tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = ks * KB_PER_SPLIT + i
+            k = kb * 128 + rk
+            k_mask = (k < K) & (kb < KB)
+            xa = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
+            if ACT_Q:
+                xa = _act_q_1d(xa, UE8M0)
+            sw = tl.load(sw_ptr + ((pid_n * BN) // 128) * SW_STRIDE + kb, mask=kb < KB, other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * (xa * sw)[None, :]
+        out = tl.sum(acc, axis=1)
+        rows = m + tl.arange(0, 1)
+        _splitk_store(out[None, :], o_ptr, part_ptr, cnt_ptr, rows, rows < M, rn, n_mask, ks,
+                      m * tl.num_programs(1) + pid_n, M, N, SPLIT)
+
+    @triton.jit
+    def _w16_gemv_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
+                         SPLIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """fp32 row ``m`` of x (bf16 or fp32) times a bf16 weight, fp32 FMAs (exact fp32 math)."""
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rk = tl.arange(0, BK)
+        x_row = x_ptr + m.to(tl.int64) * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for i in range(KB_PER_SPLIT):
+            kb = ks * KB_PER_SPLIT + i
+            k = kb * BK + rk
+            k_mask = (k < K) & (kb < NKB)
+            xa = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * xa[None, :]
+        out = tl.sum(acc, axis=1)
+        rows = m + tl.arange(0, 1)
+        _splitk_store(out[None, :], o_ptr, part_ptr, cnt_ptr, rows, rows < M, rn, n_mask, ks,
+                      m * tl.num_programs(1) + pid_n, M, N, SPLIT)
+
+    @triton.jit
+    def _fp4_dequant_kernel(w_ptr, sw_ptr, o_ptr, N, K, NBLK, KTILES, PBN: tl.constexpr, PBK: tl.constexpr,
+                            BR: tl.constexpr):
+        """Packed e2m1 tile (e, nb, kt), BR of its rows -> bf16 [E, N, K] (exact: e2m1 times a power of two)."""
+        pid = tl.program_id(0).to(tl.int64)
+        rb = tl.program_id(1)
+        e = pid // (NBLK * KTILES)
+        nb = (pid // KTILES) % NBLK
+        kt = pid % KTILES
+        G: tl.constexpr = PBK // 32
+        r = rb * BR + tl.arange(0, BR)
+        g = tl.arange(0, G)
+        t = tl.arange(0, 16)
+        p = tl.load(w_ptr + pid * (PBN * (PBK // 2)) + r[:, None, None] * (PBK // 2) + g[None, :, None] * 16
+                    + t[None, None, :])
+        sb = tl.load(sw_ptr + ((e * NBLK + nb) * (K // 32) + kt * G + g[None, :]) * PBN + r[:, None]).to(tl.int32)
+        sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)
+        lo = (((p & 7) << 2) | ((p & 8) << 4)).to(tl.float8e4nv, bitcast=True).to(tl.float32) * sf[:, :, None]
+        hi = (((p >> 2) & 0x1C) | (p & 0x80)).to(tl.float8e4nv, bitcast=True).to(tl.float32) * sf[:, :, None]
+        row = (e * N + nb * PBN + r).to(tl.int64)
+        col = kt * PBK + g[None, :, None] * 32 + 2 * t[None, None, :]
+        ptrs = (o_ptr + row[:, None, None] * K + col)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+        tl.store(ptrs, _cast_out(tl.join(lo, hi), tl.bfloat16))
 
     # ---- bf16-stored weights applied in fp32 (head, gate, compressor projections) ------------------
 
@@ -849,6 +1005,9 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
         # The reference rounds the dequantized activation q * s to x.dtype before the GEMM; with non-power-
         # of-two scales that rounding is visible, so run it that way (published checkpoints use ue8m0).
         x2, act_quant = fp8_qdq(x2, QBLOCK, False), False
+    if (M <= GEMV_MAX_ROWS and block_m is None and K % QBLOCK == 0 and (block_n or TUNE["gemv_bn"]) <= QBLOCK
+            and QBLOCK % (block_n or TUNE["gemv_bn"]) == 0):
+        return _fp8_gemv(x2, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k).view(*lead, N)
     if M <= SKINNY_MAX_ROWS and block_m is None and (K % QBLOCK == 0 or not act_quant):
         return _fp8_linear_skinny(x2, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k).view(*lead, N)
     if act_quant:
@@ -908,12 +1067,15 @@ def _expert_schedule(expert: Tensor, num_experts: int, bm: int) -> tuple[Tensor,
 
 # ---- split-K bookkeeping ---------------------------------------------------------------------------
 
+GEMV_MAX_ROWS = 4  # up to this many rows: one row per program, FMAs (decode at small batch)
 SKINNY_MAX_ROWS = 64  # fp8_linear with at most this many rows takes the fused-quantization split-K kernel
+GROUPED_MM_MIN_ROWS = 4096  # FP4 expert rows from which prefill dequantizes to bf16 and calls torch._grouped_mm
 DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (no sort; decode)
 COUNTER_SLOTS = 1 << 20
 _COUNTERS: dict[tuple[str, int | None], Tensor] = {}
 # Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
-TUNE = {"skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
+TUNE = {"gemv_bn": 64, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 4, "grouped_mm": True,
+        "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
         "attn_split_target": 2}
 
@@ -978,6 +1140,89 @@ def _fp8_linear_skinny(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: boo
     return out
 
 
+
+def _fp8_gemv(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
+              block_n: int | None = None, split_k: int | None = None) -> Tensor:
+    """fp8_linear for a few rows (x2 [M, K] contiguous, K % 128 == 0): :func:`_fp8_gemv_kernel`."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    kb = K // QBLOCK
+    bn = block_n or TUNE["gemv_bn"]
+    nt = triton.cdiv(N, bn)
+    split, per = _pick_split(M * nt, kb, x2.device, split_k)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    part, cnt = _split_buffers(split, M, N, x2.device)
+    _fp8_gemv_kernel[(M, nt, split)](x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb,
+                                     ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), SPLIT=split, BN=bn,
+                                     num_warps=TUNE["gemv_warps"], num_stages=1)
+    return out
+
+
+def _fp4_gemv(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool,
+              block_n: int | None, split_k: int | None) -> Tensor:
+    A, K = x.shape
+    E, NBLK, KT, PBN, PBK2 = weight.shape
+    N = NBLK * PBN
+    bn = min(block_n or TUNE["fp4_gemv_bn"], PBN)
+    nt = triton.cdiv(N, bn)
+    nkb = K // QBLOCK
+    split, per = _pick_split(A * nt, nkb, x.device, split_k)
+    out = torch.empty((A, N), dtype=x.dtype, device=x.device)
+    part, cnt = _split_buffers(split, A, N, x.device)
+    _fp4_gemv_kernel[(A, nt, split)](x, expert, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per,
+                                     PBN=PBN, PBK=2 * PBK2, ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), SPLIT=split,
+                                     BN=bn, num_warps=TUNE["fp4_gemv_warps"], num_stages=1)
+    return out
+
+
+def fp4_dequant_packed(weight: Tensor, scale: Tensor) -> Tensor:
+    """Packed experts -> bf16 [E, N, K] (exact)."""
+    _require(weight, scale)
+    E, NBLK, KT, PBN, PBK2 = weight.shape
+    PBK = 2 * PBK2
+    N, K = NBLK * PBN, KT * PBK
+    out = torch.empty((E, N, K), dtype=torch.bfloat16, device=weight.device)
+    br = min(PBN, 32)
+    _fp4_dequant_kernel[(E * NBLK * KT, triton.cdiv(PBN, br))](weight, scale, out, N, K, NBLK, KT, PBN=PBN, PBK=PBK,
+                                                              BR=br, num_warps=4)
+    return out
+
+
+def _fp4_grouped_mm(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool
+                    ) -> Tensor:
+    """Many rows (prefill): the activation quant-dequantized (exact in bf16), rows sorted by expert, the
+    experts dequantized to a transient bf16 copy (exact), and one ``torch._grouped_mm`` (bf16 tensor cores,
+    fp32 accumulation): the reference's x_qdq @ W^T rounded once to bf16."""
+    A, K = x.shape
+    E = weight.shape[0]
+    xq = fp8_qdq(x, QBLOCK, ue8m0) if act_quant else x
+    e = expert.to(torch.int64)
+    ok = (e >= 0) & (e < E)
+    key = torch.where(ok, e, torch.full_like(e, E))
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
+    offs = torch.cumsum(counts[:E], 0).to(torch.int32)
+    w = fp4_dequant_packed(weight, scale)
+    ys = torch._grouped_mm(xq[order], w.transpose(-2, -1), offs=offs)
+    out = torch.empty((A, ys.shape[1]), dtype=x.dtype, device=x.device)
+    out[order] = ys
+    return torch.where(ok[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _w16_gemv(x2: Tensor, weight: Tensor, block_n: int | None, split_k: int | None) -> Tensor:
+    M, K = x2.shape
+    N = weight.shape[0]
+    bk = 128
+    nkb = triton.cdiv(K, bk)
+    bn = block_n or TUNE["gemv_bn"]
+    nt = triton.cdiv(N, bn)
+    split, per = _pick_split(M * nt, nkb, x2.device, split_k)
+    out = torch.empty((M, N), dtype=torch.float32, device=x2.device)
+    part, cnt = _split_buffers(split, M, N, x2.device)
+    _w16_gemv_kernel[(M, nt, split)](x2, weight, out, part, cnt, M, N, K, nkb, per, SPLIT=split, BN=bn, BK=bk,
+                                     num_warps=TUNE["gemv_warps"], num_stages=1)
+    return out
+
 def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool,
                               *, block_m: int | None = None, block_n: int | None = None, split_k: int | None = None,
                               direct: bool | None = None) -> Tensor:
@@ -1013,6 +1258,11 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     ieee = _is_fp32(x) and not act_quant
     if direct is None:
         direct = A <= DIRECT_MAX_ROWS
+    if direct and (block_m is None or block_m == 1):
+        return _fp4_gemv(x, expert, weight, scale, act_quant, ue8m0, block_n, split_k)
+    if (not direct and A >= GROUPED_MM_MIN_ROWS and TUNE["grouped_mm"] and x.dtype == torch.bfloat16
+            and x.device.type == "cuda" and hasattr(torch, "_grouped_mm") and not INTERPRET):
+        return _fp4_grouped_mm(x, expert, weight, scale, act_quant, ue8m0)
     if direct:
         bn = min(block_n or TUNE["fp4_bn"], PBN)
         nt = triton.cdiv(N, bn)
@@ -1062,6 +1312,8 @@ def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n
     M = x2.shape[0]
     if M == 0 or N == 0:
         return x.new_zeros((*lead, N), dtype=torch.float32)
+    if M <= GEMV_MAX_ROWS and block_m is None:
+        return _w16_gemv(x2, weight, block_n, split_k).view(*lead, N)
     bk = 64
     nkb = triton.cdiv(K, bk)
     bm = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
@@ -1295,5 +1547,5 @@ def register_cuda_kernels() -> bool:
 __all__ = [
     "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
     "fp4_grouped_linear", "sparse_attn", "hc_split", "swiglu_clamp", "indexer_score", "compress_pool",
-    "fp4_grouped_linear_packed", "linear_w16", "prepare_device", "TUNE",
+    "fp4_grouped_linear_packed", "linear_w16", "prepare_device", "TUNE", "fp4_dequant_packed",
 ]

@@ -73,15 +73,16 @@ def _packed_experts(E, N, K, bn, bk, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("direct", [True, False])
-def test_fp4_packed(dtype, act_quant, ue8m0, direct):
+@pytest.mark.parametrize("path", ["gemv", "direct_dot", "sorted"])
+def test_fp4_packed(dtype, act_quant, ue8m0, path):
     E, N, K, A = 3, 64, 256, 9
     pw, ps = _packed_experts(E, N, K, 32, 64, 20)
     x = _act((A, K), 21, dtype)
     expert = torch.tensor([2, 0, -1, 2, 1, 3, 0, 0, 2])  # -1 and 3 are outside [0, E): zero rows
     ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
-    out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=direct, block_n=16,
-                                       split_k=2 if direct else None)
+    out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=path != "sorted", block_n=16,
+                                       block_m=16 if path == "direct_dot" else None,
+                                       split_k=2 if path != "sorted" else None)
     _check(out, ref)
     assert not out[[2, 5]].float().any()
 
@@ -94,8 +95,9 @@ def test_fp4_packed_tiles_and_splits(bn, bk):
     expert = torch.tensor([1, 0, 1, 1, 0])
     ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, True, True)
     for split in (1, 3):
-        _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=True, block_n=32, split_k=split),
-               ref)
+        for bm in (None, 16):
+            _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=True, block_n=32,
+                                                split_k=split, block_m=bm), ref)
     _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16), ref)
 
 
@@ -107,22 +109,32 @@ def test_fp4_packed_tiles_and_splits(bn, bk):
 def test_fp8_skinny(dtype, act_quant, ue8m0, split):
     N, K = 192, 384  # N not a multiple of the 128 weight block
     w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(24)) * 0.05, ue8m0=ue8m0)
-    x = _act((1, 5, K), 25, dtype)
+    x = _act((2, 5, K), 25, dtype)  # 10 rows: the tensor-core kernel
     ref = ops.fp8_linear(x, w, s, act_quant, ue8m0)
     _check(tk.fp8_linear(x, w, s, act_quant, ue8m0, block_n=64, split_k=split), ref)
 
 
-def test_fp8_skinny_one_row():
-    N, K = 256, 256
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(26)) * 0.05)
-    x = _act((1, K), 27, torch.bfloat16, spread=False)
-    _check(tk.fp8_linear(x, w, s, True, True, split_k=2), ops.fp8_linear(x, w, s, True, True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("M,split", [(1, 1), (1, 2), (3, 3)])
+def test_fp8_gemv(dtype, act_quant, ue8m0, M, split):
+    N, K = 200, 384
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(26)) * 0.05, ue8m0=ue8m0)
+    x = _act((M, K), 27, dtype, spread=M > 1)
+    _check(tk.fp8_linear(x, w, s, act_quant, ue8m0, split_k=split, block_n=32),
+           ops.fp8_linear(x, w, s, act_quant, ue8m0))
+
+
+def test_fp4_dequant_packed():
+    pw, ps = _packed_experts(2, 64, 256, 32, 64, 33)
+    w, sc = fused.unpack_fp4_tiled(pw, ps)
+    assert torch.equal(tk.fp4_dequant_packed(pw, ps), quant.dequantize_fp4_weight(w, sc).bfloat16())
 
 
 # ---- bf16 weight applied in fp32 ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,split", [(1, 2), (3, 1), (40, 3)])
+@pytest.mark.parametrize("M,split", [(1, 2), (3, 1), (7, 2), (40, 3)])
 def test_linear_w16(dtype, M, split):
     N, K = 100, 200
     w = (torch.randn(N, K, generator=_gen(28)) * 0.05).bfloat16()

@@ -1,0 +1,504 @@
+"""Runtime of ``--backend inductor``: compile the artifact's programs with torch.compile / Inductor at load.
+
+What happens where (the artifact's ``manifest["inductor"]`` records the same):
+
+- Build (``lowering/inductor.py``): the passed programs are stored as JSON graphs, as for ``eager``. When
+  the build machine has the target device, each entry point is also compiled once there (below), which
+  fills the keyed compile cache; otherwise that happens at the first load.
+- Load (:func:`make_executor`): the graphs are read back, a few load-time rewrites adapt them to the
+  device (:func:`prepare_graph`), and each entry point is compiled by Inductor on first use. Inductor's
+  FX-graph / AOTAutograd caches and Triton's kernel cache are pointed at a directory keyed by the
+  artifact's pass-pipeline uuid, the program hash, the dsv4c / torch / triton versions and the device
+  name (:func:`compile_cache_dir`; root ``$DSV4C_CACHE`` or ``~/.cache/dsv4c``), so a second load only
+  re-traces the graphs (dynamo) and reloads compiled code.
+- ``dsv4`` ops stay extern calls: on CUDA the Triton kernels of ``dsv4c.ops.triton_kernels`` (registered
+  here), on CPU the reference impls. Fused ops that have no kernel of their own (compressor finish,
+  indexer top-k) are decomposed for Inductor into their pieces so their element-wise parts fuse.
+- Prefill is compiled with a dynamic sequence length. Decode is compiled per batch-size bucket (static
+  shapes) and, on CUDA, captured in a CUDA graph per bucket: the graph reads and writes the very cache
+  tensors it was captured with (static buffers); each step copies the token ids and positions into the
+  graph's input buffers and replays. Batches are padded up to the next bucket when the cache tensors
+  are views into a larger cache (the Engine's always are: padding rows are free slots).
+
+The cache holds files written by torch's own compiler caches (which use pickle); they are this
+machine's own compile products, never part of an artifact, and ``DSV4C_CACHE`` can point them anywhere.
+Set ``DSV4C_CUDA_GRAPHS=0`` to run decode without graph capture (debugging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
+from dsv4c.artifact import Artifact
+from dsv4c.errors import ArtifactError, BackendUnavailableError
+from dsv4c.program import Program
+
+FORMAT = "dsv4c.inductor/1"
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+aten = torch.ops.aten
+dsv4 = torch.ops.dsv4
+
+
+# ---- the keyed compile cache ----------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}"
+
+
+def _triton_version() -> str:
+    try:
+        import triton  # noqa: PLC0415
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def cache_key_parts(manifest: Mapping[str, Any], program_texts: Mapping[str, str], device: torch.device) -> dict:
+    progs = hashlib.sha256("".join(program_texts[k] for k in sorted(program_texts)).encode()).hexdigest()[:16]
+    return {"pipeline_uuid": manifest.get("pipeline_uuid"), "programs_sha256": progs,
+            "dsv4c": manifest.get("dsv4c_version"), "torch": torch.__version__, "triton": _triton_version(),
+            "device": device_name(device), "format": FORMAT, "runtime_sha256": _runtime_hash()}
+
+
+def _runtime_hash() -> str:
+    """Hash of the code that shapes the compiled graphs (rewrites, decompositions, the Triton launchers):
+    Inductor's AOT cache keys on the traced graph, which does not see a changed decomposition."""
+    import dsv4c.ops.triton_kernels as tk  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    for mod in (__file__, tk.__file__):
+        h.update(Path(mod).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DSV4C_CACHE") or Path.home() / ".cache" / "dsv4c")
+
+
+def compile_cache_dir(manifest: Mapping[str, Any], program_texts: Mapping[str, str], device: torch.device) -> Path:
+    parts = cache_key_parts(manifest, program_texts, device)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / f"inductor-{key}"
+
+
+def use_compile_cache(path: Path, parts: dict | None = None) -> None:
+    """Point Inductor's and Triton's on-disk caches at ``path`` (process-wide)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if parts is not None and not (path / "key.json").exists():
+        (path / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    import torch._inductor.config as icfg  # noqa: PLC0415
+
+    icfg.fx_graph_cache = True
+    try:
+        import torch._functorch.config as fcfg  # noqa: PLC0415
+
+        fcfg.enable_autograd_cache = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+
+
+# ---- load-time graph rewrites -----------------------------------------------------------------------------
+
+@torch.library.custom_op("dsv4c_rt::linear_w16", mutates_args=())
+def linear_w16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x.float() @ weight.float().t()`` (fp32 out) without an fp32 copy of a bf16 weight on the GPU."""
+    return x.float() @ weight.float().t()
+
+
+@linear_w16.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+def _linear_w16_cuda(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    return tk.linear_w16(x, weight)
+
+
+_CUDA_READY = False
+
+
+def _register_cuda() -> None:
+    global _CUDA_READY
+    if _CUDA_READY:
+        return
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    if not tk.register_cuda_kernels():
+        raise BackendUnavailableError("The inductor backend on CUDA needs triton, which is not importable.",
+                                      "install triton (it ships with CUDA builds of torch).")
+    torch.library.register_kernel("dsv4c_rt::linear_w16", "cuda", _linear_w16_cuda)
+    _CUDA_READY = True
+
+
+def _is_call(n: Any, target: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
+
+
+def rewrite_w16_linears(gm: fx.GraphModule) -> int:
+    """``matmul(x.float(), W.float().t())`` -> ``dsv4c_rt.linear_w16(x, W)``: bf16-stored weights applied in
+    fp32 (head, MoE gate, compressor and indexer projections). Without it every step would write and
+    read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
+    g = gm.graph
+    n_done = 0
+    for n in list(g.nodes):
+        if not _is_call(n, aten.matmul.default) or len(n.args) != 2:
+            continue
+        a, t = n.args
+        if not _is_call(t, aten.t.default) or not _is_call(t.args[0], aten.to.dtype):
+            continue
+        conv = t.args[0]
+        if conv.args[1:] != (torch.float32,) or conv.kwargs:
+            continue
+        w = conv.args[0]
+        x = a.args[0] if _is_call(a, aten.to.dtype) and a.args[1:] == (torch.float32,) and not a.kwargs else a
+        with g.inserting_before(n):
+            new = g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        n_done += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    return n_done
+
+
+def prepare_graph(prog: Program, device: torch.device) -> dict:
+    """Device-specific load-time rewrites of one program (in place); returns what was done."""
+    done = {}
+    if device.type == "cuda":
+        done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
+    return done
+
+
+# ---- Inductor decompositions of fused ops without a kernel of their own -------------------------------------
+
+def _compress_finish(a, z, a_prev, z_prev, norm_w, pos, freqs, hadamard, overlap, eps, act_dtype_code, quant_mode,
+                     ue8m0):
+    """``dsv4::compress_finish`` as its pieces (the library's reference, with the quantizers kept as
+    ``dsv4`` ops so they stay bit-exact kernels)."""
+    from dsv4c.ops.library import _DTYPE_CODES  # noqa: PLC0415
+    from dsv4c.rope import apply_rope  # noqa: PLC0415
+
+    dtype = _DTYPE_CODES[act_dtype_code]
+    e = dsv4.compress_pool(a, z, a_prev, z_prev, overlap).to(dtype)
+    ef = e.float()
+    e = (ef * torch.rsqrt(ef.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()).to(dtype)
+    e = apply_rope(e, pos, freqs)
+    r = freqs.shape[0] * 2
+    if quant_mode == 1:
+        e = torch.cat((dsv4.fp8_qdq(e[..., :-r], 64, ue8m0), e[..., -r:]), dim=-1)
+    elif quant_mode in (2, 3):
+        e = (e.float() @ hadamard.float()).to(dtype)
+        if quant_mode == 2:
+            e = dsv4.fp4_qdq(e, 32)
+    return e
+
+
+def _compress_finish_pair(a, z, a_prev, z_prev, norm_w, pos, ia, iz, ia_prev, iz_prev, inorm_w, ipos, freqs, hadamard,
+                          overlap, eps, act_dtype_code, quant_mode, iquant_mode, ue8m0):
+    return (_compress_finish(a, z, a_prev, z_prev, norm_w, pos, freqs, hadamard, overlap, eps, act_dtype_code,
+                             quant_mode, ue8m0),
+            _compress_finish(ia, iz, ia_prev, iz_prev, inorm_w, ipos, freqs, hadamard, overlap, eps, act_dtype_code,
+                             iquant_mode, ue8m0))
+
+
+def _indexer_topk(q, k, w, visible, topk):
+    scores = dsv4.indexer_score(q, k, w)
+    ent = torch.arange(k.shape[1], device=q.device)
+    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
+    vals, idx = torch.topk(scores, topk, dim=-1)
+    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+
+
+_DECOMPS = {"compress_finish": _compress_finish, "compress_finish_pair": _compress_finish_pair,
+            "indexer_topk": _indexer_topk}
+
+
+def register_decompositions() -> None:
+    """Add the decompositions to Inductor's table (process-wide; only ``dsv4`` ops are affected). Passing a
+    table to ``compile_fx`` instead would make Inductor's FX-graph cache bypass every compile."""
+    from torch._inductor import decomposition as idec  # noqa: PLC0415
+
+    for name, fn in _DECOMPS.items():
+        idec.decompositions[getattr(dsv4, name).default] = fn
+
+
+def compile_program(prog: Program, device: torch.device, dynamic: bool) -> Callable:
+    import torch._dynamo  # noqa: PLC0415
+
+    register_decompositions()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options = {"cpp_wrapper": True} if device.type == "cpu" else {}  # CPU: one C++ file, far faster to build
+    import torch._inductor.config as icfg  # noqa: PLC0415
+
+    if hasattr(icfg, "emulate_precision_casts"):  # round intermediates to bf16 where eager does
+        options["emulate_precision_casts"] = True
+    return torch.compile(prog.graph_module, backend="inductor", options=options,
+                         dynamic=None if dynamic else False, fullgraph=True)
+
+
+# ---- decode in CUDA graphs ---------------------------------------------------------------------------------
+
+def _bucket_for(b: int, room: int) -> int:
+    for k in DECODE_BUCKETS:
+        if b <= k <= room:
+            return k
+    return b
+
+
+def _room(t: torch.Tensor) -> int:
+    """How many rows along dim 0 the storage behind view ``t`` holds from its first row on."""
+    if t.dim() == 0 or not t.is_contiguous() or t.shape[0] == 0:
+        return t.shape[0] if t.dim() else 0
+    row = t.stride(0)
+    avail = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    return max(t.shape[0], avail // row) if row else t.shape[0]
+
+
+def _widen(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if rows == t.shape[0]:
+        return t
+    return t.as_strided((rows, *t.shape[1:]), t.stride(), t.storage_offset())
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, static: list, out: torch.Tensor, sig: tuple) -> None:
+        self.graph, self.static, self.out, self.sig = graph, static, out, sig
+
+
+class CudaGraphDecode:
+    """Decode through CUDA graphs, one per batch-size bucket (see the module docstring)."""
+
+    def __init__(self, fn: Callable, names: list[str], device: torch.device) -> None:
+        self.fn = fn
+        self.names = names
+        self.device = device
+        self.i_ids = names.index("input_ids")
+        self.i_start = names.index("start_pos")
+        self.cache_idx = [i for i, n in enumerate(names) if n.startswith("cache.")]
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = None
+        self.captures = 0
+        self.failed: str | None = None
+
+    def _inputs_for(self, flat: list[torch.Tensor], bucket: int) -> list[torch.Tensor]:
+        out = list(flat)
+        for i in self.cache_idx:
+            out[i] = _widen(flat[i], bucket)
+        return out
+
+    def run(self, flat: list[torch.Tensor]) -> torch.Tensor:
+        ids, start = flat[self.i_ids], flat[self.i_start]
+        b = ids.shape[0]
+        room = min([_room(flat[i]) for i in self.cache_idx] or [b])
+        bucket = _bucket_for(b, room)
+        wide = self._inputs_for(flat, bucket)
+        sig = tuple(t.data_ptr() for i, t in enumerate(wide) if i not in (self.i_ids, self.i_start))
+        g = self.graphs.get(bucket)
+        if g is None or g.sig != sig:
+            if self.failed is not None:
+                return self.fn(*flat)
+            try:
+                g = self._capture(wide, sig, bucket, ids, start)
+            except Exception as e:  # noqa: BLE001 - run uncaptured rather than not at all, and say why
+                self.failed = f"{type(e).__name__}: {str(e)[:300]}"
+                import warnings  # noqa: PLC0415
+
+                warnings.warn(f"dsv4c: CUDA graph capture failed, decoding without graphs ({self.failed})")
+                torch.cuda.synchronize(self.device)
+                return self.fn(*flat)
+        g.static[self.i_ids][:b].copy_(ids)
+        g.static[self.i_start][:b].copy_(start)
+        if bucket > b:
+            g.static[self.i_ids][b:].zero_()
+            g.static[self.i_start][b:].zero_()
+        g.graph.replay()
+        return g.out[:b].clone()
+
+    def _capture(self, wide: list[torch.Tensor], sig: tuple, bucket: int, ids: torch.Tensor,
+                 start: torch.Tensor) -> _Graph:
+        from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+        tk.prepare_device(self.device)
+        b = ids.shape[0]
+        static = list(wide)
+        static[self.i_ids] = torch.zeros((bucket, *ids.shape[1:]), dtype=ids.dtype, device=self.device)
+        static[self.i_start] = torch.zeros((bucket,), dtype=start.dtype, device=self.device)
+        static[self.i_ids][:b].copy_(ids)
+        static[self.i_start][:b].copy_(start)
+        # Warm-up runs compile this bucket and every kernel; they mutate the cache, which a decode step
+        # does not tolerate twice at a window boundary, so the cache is restored afterwards.
+        saved = [static[i].clone() for i in self.cache_idx]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for i, s in zip(self.cache_idx, saved):
+            static[i].copy_(s)
+        del saved
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(*static)
+        self.captures += 1
+        g = _Graph(graph, static, out, sig)
+        old = self.graphs.pop(bucket, None)
+        del old
+        self.graphs[bucket] = g
+        return g
+
+
+# ---- the executor ----------------------------------------------------------------------------------------
+
+class InductorExecutor:
+    """Runs an inductor artifact's entry points compiled by Inductor (see the module docstring)."""
+
+    def __init__(self, art: Artifact, device: torch.device) -> None:
+        m = art.manifest
+        info = m.get("inductor")
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ArtifactError(f"{art.path}: the manifest has no `inductor` section of format {FORMAT}.",
+                                "rebuild the artifact with `dsv4c build ... --backend inductor`.")
+        if device.type == "cuda":
+            _register_cuda()
+        self.device = device
+        self.texts = {entry: art.read_text(ent["file"]) for entry, ent in m["programs"].items()}
+        self.programs: dict[str, Program] = {}
+        self.rewrites: dict[str, dict] = {}
+        for entry, text in self.texts.items():
+            prog = Program.from_json(text, where=f"{art.path}/{m['programs'][entry]['file']}", device=device)
+            self.rewrites[entry] = prepare_graph(prog, device)
+            prog.recompile()
+            self.programs[entry] = prog
+        parts = cache_key_parts(m, self.texts, device)
+        self.cache_dir = compile_cache_dir(m, self.texts, device)
+        use_compile_cache(self.cache_dir, parts)
+        self.use_graphs = device.type == "cuda" and os.environ.get("DSV4C_CUDA_GRAPHS", "1") != "0"
+        self._fns: dict[str, Callable] = {}
+        self._decode: CudaGraphDecode | None = None
+        self.compile_seconds: dict[str, float] = {}
+
+    def _fn(self, entry: str) -> Callable:
+        fn = self._fns.get(entry)
+        if fn is None:
+            fn = compile_program(self.programs[entry], self.device, dynamic=entry == "prefill")
+            self._fns[entry] = fn
+        return fn
+
+    def run(self, entry: str, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        prog = self.programs[entry]
+        flat = [inputs[n] for n in prog.input_names]
+        fn = self._fn(entry)
+        if entry == "decode" and self.use_graphs:
+            if self._decode is None:
+                self._decode = CudaGraphDecode(fn, prog.input_names, self.device)
+            t0 = time.perf_counter()
+            n0 = self._decode.captures
+            out = self._decode.run(flat)
+            if self._decode.captures != n0:
+                self.compile_seconds[f"decode:{flat[prog.input_names.index('input_ids')].shape[0]}"] = \
+                    time.perf_counter() - t0
+            return out
+        if entry == "prefill":
+            ids = flat[prog.input_names.index("input_ids")]
+            if ids.shape[1] > 1:
+                torch._dynamo.maybe_mark_dynamic(ids, 1)
+        t0 = time.perf_counter()
+        first = entry not in self.compile_seconds
+        out = fn(*flat)
+        if first:
+            self.compile_seconds[entry] = time.perf_counter() - t0
+        return out
+
+
+def make_executor(art: Artifact, device: torch.device) -> InductorExecutor:
+    return InductorExecutor(art, device)
+
+
+# ---- compile at build time (used by lowering/inductor.py when the target device is present) ----------------
+
+def example_inputs(prog: Program, manifest: Mapping[str, Any], entry: str, device: torch.device, batch: int = 1,
+                   seq: int = 16) -> list[torch.Tensor]:
+    """Zero-valued inputs with the shapes the runtime will pass (from the graph's placeholder metadata
+    for parameters and constants, the manifest's cache layout for the cache)."""
+    phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
+    out = []
+    dtypes = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float32, torch.float16,
+                                                          torch.float8_e4m3fn, torch.uint8, torch.int8, torch.int32,
+                                                          torch.int64, torch.bool)}
+    for name, node in zip(prog.input_names, phs):
+        if name == "input_ids":
+            out.append(torch.zeros((1, seq) if entry == "prefill" else (batch, 1), dtype=torch.long, device=device))
+        elif name == "start_pos":
+            out.append(torch.zeros((1 if entry == "prefill" else batch,), dtype=torch.long, device=device))
+        elif name.startswith("cache."):
+            # views of the first rows of a full-size cache, as the engine passes them (Inductor's cache key
+            # includes the storage behind each input)
+            ent = manifest["cache_layout"][name[len("cache."):]]
+            rows = 1 if entry == "prefill" else batch
+            full = torch.zeros((max(rows, int(manifest["max_batch"])), *ent["shape"]), dtype=dtypes[ent["dtype"]],
+                               device=device)
+            out.append(full[:rows])
+        else:
+            val = node.meta.get("val")
+            if val is None:
+                raise ValueError(f"placeholder {name} has no shape metadata")
+            out.append(torch.zeros(tuple(int(s) for s in val.shape), dtype=val.dtype, device=device))
+    return out
+
+
+def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any], device: torch.device,
+                     decode_batches: Sequence[int] = (1,), progress: Callable[[str], None] = print) -> dict:
+    """Compile each entry point once on ``device`` into the keyed cache (what a first load would do)."""
+    if device.type == "cuda":
+        _register_cuda()
+    texts = {entry: prog.to_json() for entry, prog in programs.items()}
+    cdir = compile_cache_dir(manifest, texts, device)
+    use_compile_cache(cdir, cache_key_parts(manifest, texts, device))
+    seconds = {}
+    for entry, text in texts.items():
+        meta_src = programs[entry]
+        prog = Program.from_json(text, device=device)
+        # JSON drops node metadata; the example inputs take shapes from the live program's placeholders.
+        prepare_graph(prog, device)
+        prog.recompile()
+        fn = compile_program(prog, device, dynamic=entry == "prefill")
+        for b in (decode_batches if entry == "decode" else (1,)):
+            inputs = example_inputs(meta_src, manifest, entry, device, batch=b)
+            if entry == "prefill":
+                torch._dynamo.maybe_mark_dynamic(inputs[prog.input_names.index("input_ids")], 1)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            key = entry if entry == "prefill" else f"decode:{b}"
+            seconds[key] = round(time.perf_counter() - t0, 2)
+            progress(f"compiled {key} for {device_name(device)} in {seconds[key]:.1f} s")
+            del inputs
+    return {"cache_dir_key": cdir.name, "seconds": seconds}
+
+
+__all__ = ["InductorExecutor", "make_executor", "compile_at_build", "compile_cache_dir", "cache_key_parts",
+           "prepare_graph", "rewrite_w16_linears", "CudaGraphDecode", "DECODE_BUCKETS", "FORMAT"]
