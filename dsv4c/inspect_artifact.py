@@ -18,13 +18,23 @@ import json
 import math
 from typing import Any
 
+import torch
+
 from .artifact import Artifact, open_artifact
 from .errors import ArtifactError, InputError
+from .plan import _human
 from .spec import ModelSpec
 
 _DEBUG = "debug/passes"
-_ITEMSIZE = {"float64": 8, "float32": 4, "int64": 8, "int32": 4, "bfloat16": 2, "float16": 2, "int16": 2,
-             "float8_e4m3fn": 1, "float8_e8m0fnu": 1, "uint8": 1, "int8": 1, "bool": 1}
+
+
+def _nbytes(ent: dict) -> int:
+    """Bytes of a manifest tensor entry ({shape, dtype})."""
+    dtype = getattr(torch, str(ent["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"the manifest names an unknown tensor dtype {str(ent['dtype'])[:40]!r}.",
+                            "rebuild the artifact with this dsv4c.")
+    return math.prod(ent["shape"]) * dtype.itemsize
 
 
 def inspect_artifact(path, graph: str | None = None, stage: str | None = None, diff: list[str] | None = None,
@@ -73,10 +83,10 @@ def memory_plan(m: dict) -> dict[str, Any]:
     for ent in m.get("params", {}).values():
         d = by_dtype.setdefault(ent["dtype"], {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
-        d["bytes"] += math.prod(ent["shape"]) * _ITEMSIZE.get(ent["dtype"], 4)
+        d["bytes"] += _nbytes(ent)
     pack = next((r for r in m.get("pipeline", []) if r.get("name") == "pack_fp4_experts" and "bytes_before" in r), None)
     batch, seq = m["max_batch"], m["max_seq_len"]
-    cache = sum(math.prod(e["shape"]) * _ITEMSIZE.get(e["dtype"], 4) for e in m.get("cache_layout", {}).values()) * batch
+    cache = sum(_nbytes(e) for e in m.get("cache_layout", {}).values()) * batch
     kv = float(m.get("kv_bytes_per_token", 0.0))
     spec = ModelSpec.from_dict(m["spec"])
     act_bytes = 2 if m["dtype"] == "bf16" else 4
@@ -119,28 +129,20 @@ def activation_estimate(spec: ModelSpec, batch: int, tokens: int, max_seq_len: i
 
 
 def render_memory(mp: dict) -> str:
-    lines = [f"  weights ({_h(mp['weights_total'])}):"]
+    lines = [f"  weights ({_human(mp['weights_total'])}):"]
     for dt, d in sorted(mp["weights_by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
-        lines.append(f"    {dt:<16} {d['tensors']:>6} tensors  {_h(d['bytes']):>12}")
+        lines.append(f"    {dt:<16} {d['tensors']:>6} tensors  {_human(d['bytes']):>12}")
     fp4 = mp["fp4_experts"]
     if fp4:
-        lines.append(f"  routed experts (FP4): {_h(fp4['bytes_before'])} in checkpoint layout -> {_h(fp4['bytes_after'])} "
+        lines.append(f"  routed experts (FP4): {_human(fp4['bytes_before'])} in checkpoint layout -> {_human(fp4['bytes_after'])} "
                      f"packed ({fp4['layout']}, tile {fp4['tile'][0]}x{fp4['tile'][1]}; scales as ue8m0 bytes)")
     lines.append(f"  KV cache: {mp['kv_bytes_per_token']:,.1f} bytes/token in storage format "
-                 f"({_h(mp['kv_storage_format_bytes'])} at max_seq_len x max_batch); the runtime allocates "
-                 f"{_h(mp['cache_allocation_bytes'])} (unpacked cache layout, window buffers and compressor state)")
+                 f"({_human(mp['kv_storage_format_bytes'])} at max_seq_len x max_batch); the runtime allocates "
+                 f"{_human(mp['cache_allocation_bytes'])} (unpacked cache layout, window buffers and compressor state)")
     for entry, est in mp["peak_activation_estimate"].items():
-        parts = ", ".join(f"{k} {_h(v)}" for k, v in est.items() if k != "peak")
-        lines.append(f"  peak activations, {entry} (estimate): {_h(est['peak'])}  [{parts}]")
+        parts = ", ".join(f"{k} {_human(v)}" for k, v in est.items() if k != "peak")
+        lines.append(f"  peak activations, {entry} (estimate): {_human(est['peak'])}  [{parts}]")
     return "\n".join(lines)
-
-
-def _h(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 # ---- graphs ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ For pass number NN and entry point ENTRY the dumper writes::
 
 Lines of the code are annotated with the block the node belongs to (``# [block 3]``, from the frontend's
 ``meta["dsv4c_block"]``), the pass that created it (``<- pass``) and its expert wave, so
-``grep "block 3]"`` on a dump or a diff shows what every pass did to block 3. (TVM's ``DumpIR`` instrument
+``grep -F "[block 3]"`` on a dump or a diff shows what every pass did to block 3. (TVM's ``DumpIR`` instrument
 and PyTorch's ``TORCH_COMPILE_DEBUG`` dumps do the same job.)
 """
 

@@ -4,18 +4,14 @@ fp32 and bf16, for prefill and decode, on fresh random inputs; and matches exact
 from __future__ import annotations
 
 import pytest
-import torch
 
+from dsv4c.testing import rel_err
 from passes_helpers import COMBOS, PRODUCT_PASSES, check_counts, combo_id, passes_only, run
 
 # fp32: the bound; bf16: one unit in the last place of bf16 (2^-8 relative). Both are upper bounds:
 # on this machine every fused op reproduces the chain it replaces bit for bit.
 TOL = {"fp32": 1e-5, "bf16": 2.0**-8}
 CASES = [(c, p) for c in COMBOS for p in (*PRODUCT_PASSES, "all")]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
 @pytest.mark.parametrize("combo,pass_name", CASES, ids=[f"{combo_id(c)}-{p}" for c, p in CASES])
