@@ -9,10 +9,11 @@ the strict loader against the tiny spec.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import struct
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def _join(header: object, data: bytes, length: int | None = None) -> bytes:
 @st.composite
 def entry_edit(draw, header: dict) -> dict:
     """Change one tensor entry (or the metadata) of a parsed header."""
-    h = copy.deepcopy(header)
+    h = json.loads(json.dumps(header))  # a deep copy, several times faster than copy.deepcopy
     names = sorted(k for k in h if k != "__metadata__")
     if not names:
         return h
@@ -84,7 +85,7 @@ def entry_edit(draw, header: dict) -> dict:
     elif what == "rename":
         h[draw(st.text(max_size=12))] = h.pop(name)
     else:  # a second entry over the same bytes
-        h[name + ".copy"] = copy.deepcopy(e)
+        h[name + ".copy"] = json.loads(json.dumps(e))
     return h
 
 
@@ -172,19 +173,29 @@ def test_fuzzed_safetensors_file_ends_in_checkpoint_error_or_loads(small_file, d
 
 # ---- target 2: one shard of a real checkpoint, through the strict loader ---------------------------
 
+@dataclass
+class ShardCase:
+    dir: Path
+    shard: Path
+    raw: bytes = field(repr=False)
+    header: dict = field(repr=False)
+    body: bytes = field(repr=False)
+
+
 @pytest.fixture(scope="module")
 def ckpt_case(tiny_ckpt_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("ckfuzz") / "ckpt"
     shutil.copytree(tiny_ckpt_dir, d)
     (shard,) = sorted(d.glob("*.safetensors"))
-    return d, shard, shard.read_bytes()
+    raw = shard.read_bytes()
+    header, body = _split(raw)
+    return ShardCase(d, shard, raw, header, body)
 
 
 @settings(FUZZ, max_examples=max(EXAMPLES * 3 // 10, 1))
 @given(data=st.data())
 def test_fuzzed_checkpoint_shard_header_ends_in_checkpoint_error_or_loads(ckpt_case, data):
-    d, shard, raw = ckpt_case
-    header, body = _split(raw)
+    d, shard, raw, header, body = ckpt_case.dir, ckpt_case.shard, ckpt_case.raw, ckpt_case.header, ckpt_case.body
     kind = data.draw(st.sampled_from(["entry", "entry", "truncate", "length"]))
     if kind == "entry":
         blob = _join(data.draw(entry_edit(header)), body)
