@@ -268,7 +268,7 @@ def bench_prefill(eng, tokens: int, reps: int = 3) -> dict:
 
 def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS,
         prefill_tokens: int = PREFILL_TOKENS, steps: int = 20, extra: dict | None = None, log=print,
-        deadline: float | None = None) -> dict:
+        deadline: float | None = None, engine=None, profile: bool = False) -> dict:
     """Benchmark ``artifact`` (see the module docstring). ``deadline`` (a ``time.perf_counter()`` value):
     configurations not started by then are skipped and listed under ``skipped``."""
     from dsv4c.artifact import open_artifact  # noqa: PLC0415
@@ -291,24 +291,11 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
 
         texts = {e: art.read_text(ent["file"]) for e, ent in m["programs"].items()}
         cache_warm = compile_cache_dir(m, texts, dev).exists()
-    t0 = time.perf_counter()
-    eng = Engine.load(artifact, device=str(dev))
-    _sync(dev)
-    load_s = time.perf_counter() - t0
-    log(f"bench: loaded in {load_s:.1f} s")
-    t0 = time.perf_counter()
-    eng.prefill(torch.randint(0, eng.vocab_size, (1, 16)))
-    _sync(dev)
-    first_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    eng.decode(torch.zeros(1, dtype=torch.long))
-    _sync(dev)
-    first_decode = time.perf_counter() - t0
-    res["load"] = {"engine_load_s": round(load_s, 2), "first_prefill_s": round(first_prefill, 2),
-                   "first_decode_s": round(first_decode, 2),
-                   "load_to_first_token_s": round(load_s + first_prefill + first_decode, 2),
-                   "compile_cache_warm": cache_warm}
-    log(f"bench: first prefill {first_prefill:.1f} s, first decode {first_decode:.1f} s (cache warm: {cache_warm})")
+    if engine is None:
+        eng, res["load"] = load_engine(artifact, dev, log)
+        res["load"]["compile_cache_warm"] = cache_warm
+    else:
+        eng = engine
     res["kv_bytes_per_token"] = kv_bytes_report(m)
     used = set()
     prog = eng._executor.programs.get("decode") if hasattr(eng._executor, "programs") else None
@@ -345,6 +332,16 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             if "graph_replay_ms" in r:
                 r["hbm_fraction_replay"] = round((w["total"] + kv) / (r["graph_replay_ms"] / 1e3)
                                                  / res["hbm"]["bytes_per_s"], 3)
+        if profile and b == min(batches) and ctx == contexts[0] and dev.type == "cuda":
+            graphs = getattr(eng._executor, "_decode", None)
+            g = graphs.graphs.get(r.get("bucket", b)) if graphs is not None else None
+            if g is not None:
+                try:
+                    res["profile_decode"] = profile_kernels(g.graph.replay, dev, reps=5)
+                    log(f"bench: decode step = {res['profile_decode']['kernels_per_call']:.0f} kernels, "
+                        f"{res['profile_decode']['device_us_per_call']:.0f} us of kernel time")
+                except Exception as e:  # noqa: BLE001 - profiling is best effort
+                    res["profile_decode"] = {"error": f"{type(e).__name__}: {e}"}
         res["decode"].append(r)
         log(f"bench: decode batch {b} context {ctx}: {r['step_ms']:.3f} ms/step"
             + (f", {100 * r['hbm_fraction']:.0f}% of HBM bandwidth" if "hbm_fraction" in r else ""))
@@ -359,6 +356,12 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             res["prefill"] = bench_prefill(eng, prefill_tokens)
             log(f"bench: prefill {prefill_tokens} tokens: {res['prefill']['ms']} ms, "
                 f"{res['prefill']['tflop_per_s']} TFLOP/s")
+            if profile and dev.type == "cuda":
+                ids = torch.randint(0, eng.vocab_size, (1, prefill_tokens))
+                try:
+                    res["profile_prefill"] = profile_kernels(lambda: eng.prefill(ids), dev, reps=1)
+                except Exception as e:  # noqa: BLE001
+                    res["profile_prefill"] = {"error": f"{type(e).__name__}: {e}"}
     ex = eng._executor
     res["executor"] = {"type": type(ex).__name__, "compile_seconds": getattr(ex, "compile_seconds", None),
                        "rewrites": getattr(ex, "rewrites", None),
@@ -372,6 +375,53 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
     if extra:
         res.update(extra)
     return res
+
+
+def load_engine(artifact: str | Path, dev: torch.device, log=print):
+    """Engine.load, then a first prefill and a first decode (compiling, or loading from the keyed cache)."""
+    from dsv4c.runtime import Engine  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    eng = Engine.load(artifact, device=str(dev))
+    _sync(dev)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng.prefill(torch.randint(0, eng.vocab_size, (1, 16)))
+    _sync(dev)
+    first_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng.decode(torch.zeros(1, dtype=torch.long))
+    _sync(dev)
+    first_decode = time.perf_counter() - t0
+    log(f"bench: load {load_s:.1f} s, first prefill {first_prefill:.1f} s, first decode {first_decode:.1f} s")
+    return eng, {"engine_load_s": round(load_s, 2), "first_prefill_s": round(first_prefill, 2),
+                 "first_decode_s": round(first_decode, 2),
+                 "load_to_first_token_s": round(load_s + first_prefill + first_decode, 2)}
+
+
+def profile_kernels(fn, dev: torch.device, reps: int = 1, top: int = 30) -> dict:
+    """CUDA kernels launched by ``fn`` (run ``reps`` times): count per call and the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        _sync(dev)
+    agg: dict[str, list] = {}
+    n = 0
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) is not None and str(ev.device_type).endswith("CUDA"):
+            d = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            a = agg.setdefault(ev.name[:90], [0, 0.0])
+            a[0] += 1
+            a[1] += d
+            n += 1
+    total = sum(v[1] for v in agg.values())
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels_per_call": n / reps, "device_us_per_call": round(total / reps, 1),
+            "top": [{"name": k, "calls": v[0] / reps, "us_per_call": round(v[1] / reps, 1)} for k, v in rows]}
 
 
 def run_bench(args) -> str:  # noqa: ANN001 - the CLI's argparse namespace

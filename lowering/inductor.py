@@ -88,14 +88,14 @@ def lower(target: str, programs: dict[str, Program], w: ArtifactWriter, manifest
         "at_build": None,
     }
     if dev is not None:
-        _compile_when_weights_are_written(programs, w, manifest, dev, progress)
+        _compile_when_weights_are_written(programs, texts, w, manifest, dev, progress)
     else:
         progress(f"inductor: no {target} device here; entry points compile at the first load into the keyed cache")
     return out
 
 
-def _compile_when_weights_are_written(programs: dict[str, Program], w: ArtifactWriter, manifest: dict,
-                                      dev: torch.device, progress: Progress) -> None:
+def _compile_when_weights_are_written(programs: dict[str, Program], texts: dict[str, str], w: ArtifactWriter,
+                                      manifest: dict, dev: torch.device, progress: Progress) -> None:
     """The build writes parameters, then constants; once both exist, compile on ``dev``."""
     orig = w.write_tensors
     seen: dict[str, Mapping[str, torch.Tensor]] = {}
@@ -106,19 +106,19 @@ def _compile_when_weights_are_written(programs: dict[str, Program], w: ArtifactW
         if "params" in seen and "consts" in seen and manifest["inductor"]["at_build"] is None:
             shapes = {**{f"params.{k}": v for k, v in seen["params"].items()},
                       **{f"consts.{k}": v for k, v in seen["consts"].items()}}
-            _compile(programs, shapes, manifest, dev, progress)
+            _compile(programs, texts, shapes, manifest, dev, progress)
         return where
 
     w.write_tensors = write_tensors
 
 
-def _compile(programs: dict[str, Program], shapes: Mapping[str, torch.Tensor], manifest: dict, dev: torch.device,
-             progress: Progress) -> None:
+def _compile(programs: dict[str, Program], texts: dict[str, str], shapes: Mapping[str, torch.Tensor], manifest: dict,
+             dev: torch.device, progress: Progress) -> None:
     from dsv4c.runtime.inductor_executor import compile_at_build  # noqa: PLC0415
 
     t0 = time.perf_counter()
     _with_shapes(programs, shapes)
-    done = compile_at_build(programs, manifest, dev, progress=progress)
+    done = compile_at_build(programs, manifest, dev, progress=progress, texts=texts)
     done["seconds_total"] = round(time.perf_counter() - t0, 2)
     manifest["inductor"]["compiled_at"] = "build"
     manifest["inductor"]["at_build"] = {**done, "entries": ["prefill", "decode:1"],

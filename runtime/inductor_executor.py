@@ -469,11 +469,13 @@ def example_inputs(prog: Program, manifest: Mapping[str, Any], entry: str, devic
 
 
 def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any], device: torch.device,
-                     decode_batches: Sequence[int] = (1,), progress: Callable[[str], None] = print) -> dict:
-    """Compile each entry point once on ``device`` into the keyed cache (what a first load would do)."""
+                     decode_batches: Sequence[int] = (1,), progress: Callable[[str], None] = print,
+                     texts: Mapping[str, str] | None = None) -> dict:
+    """Compile each entry point once on ``device`` into the keyed cache (what a first load would do).
+    ``texts``: the JSON graphs exactly as written into the artifact (they key the cache)."""
     if device.type == "cuda":
         _register_cuda()
-    texts = {entry: prog.to_json() for entry, prog in programs.items()}
+    texts = dict(texts) if texts is not None else {entry: prog.to_json() for entry, prog in programs.items()}
     cdir = compile_cache_dir(manifest, texts, device)
     use_compile_cache(cdir, cache_key_parts(manifest, texts, device))
     seconds = {}

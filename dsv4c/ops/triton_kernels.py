@@ -321,7 +321,7 @@ if HAVE_TRITON:
             prev = tl.atomic_add(cnt_ptr + cnt_idx, 1, sem="acq_rel", scope="gpu")
             if prev == SPLIT - 1:
                 tot = tl.zeros(acc.shape, dtype=tl.float32)
-                for j in range(SPLIT):
+                for j in tl.static_range(SPLIT):  # unrolled: all partial loads in flight at once
                     tot += tl.load(part_ptr + j * stride + offs, mask=m2, other=0.0, cache_modifier=".cg")
                 tl.store(o_ptr + offs, _cast_out(tot, o_ptr.dtype.element_ty), mask=m2)
                 tl.atomic_xchg(cnt_ptr + cnt_idx, 0)
@@ -479,17 +479,21 @@ if HAVE_TRITON:
         return _e4m3_rne(v) * s
 
     @triton.jit
-    def _fp4_gemv_kernel(x_ptr, e_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES, NKB,
-                         KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, ACT_Q: tl.constexpr,
-                         UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr):
+    def _fp4_gemv_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES,
+                         NKB, KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, ACT_Q: tl.constexpr,
+                         UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ORDERED: tl.constexpr):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight, BN outputs (axis 1), a K range (axis 2).
 
         Works in the byte domain as [BN, 4, 16] (a 128-wide K block: 4 scale groups of 16 bytes), so no
         register reshuffles: low nibbles meet the even activations, high nibbles the odd ones; e2m1 -> e4m3
         bit pattern -> fp32, times 2^(b - 121) (the ue8m0 scale and the 2^6 of the pattern), FMAs."""
-        a = tl.program_id(0)
+        pid_a = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
+        if ORDERED:  # rows sorted by expert: programs that read the same expert run together (L2 hits)
+            a = tl.load(order_ptr + pid_a).to(tl.int32)
+        else:
+            a = pid_a
         e = tl.load(e_ptr + a).to(tl.int32)
         valid = (e >= 0) & (e < E)
         nb = (pid_n * BN) // PBN
@@ -504,9 +508,24 @@ if HAVE_TRITON:
         x_row = x_ptr + a.to(tl.int64) * K
         acc = tl.zeros((BN, 4, 16), dtype=tl.float32)
         if valid:
+            kb0 = ks * KB_PER_SPLIT
+            if PBK % 128 == 0:
+                off0 = ((kb0 * 128) // PBK) * TILE + ((kb0 * 128) % PBK) // 2 + c
+            else:
+                kk0 = kb0 * 128 + 2 * c
+                off0 = (kk0 // PBK) * TILE + (kk0 % PBK) // 2
+            p_next = tl.load(w_rows + off0[None, :, :], mask=kb0 < NKB, other=0)
             for i in range(KB_PER_SPLIT):
                 kb = ks * KB_PER_SPLIT + i
                 kb_ok = kb < NKB
+                p = p_next
+                kbn = kb + 1  # prefetch the next block's bytes while this one is decoded
+                if PBK % 128 == 0:
+                    offn = ((kbn * 128) // PBK) * TILE + ((kbn * 128) % PBK) // 2 + c
+                else:
+                    kkn = kbn * 128 + 2 * c
+                    offn = (kkn // PBK) * TILE + (kkn % PBK) // 2
+                p_next = tl.load(w_rows + offn[None, :, :], mask=(i + 1 < KB_PER_SPLIT) & (kbn < NKB), other=0)
                 xe = tl.load(x_row + kb * 128 + 2 * c, mask=kb_ok, other=0.0).to(tl.float32)
                 xo = tl.load(x_row + kb * 128 + 2 * c + 1, mask=kb_ok, other=0.0).to(tl.float32)
                 if ACT_Q:
@@ -522,12 +541,6 @@ if HAVE_TRITON:
                         vo = tl.math.div_rn(xo, sc)
                     xe = _e4m3_rne(tl.minimum(tl.maximum(ve, -448.0), 448.0)) * s_a
                     xo = _e4m3_rne(tl.minimum(tl.maximum(vo, -448.0), 448.0)) * s_a
-                if PBK % 128 == 0:
-                    off = ((kb * 128) // PBK) * TILE + ((kb * 128) % PBK) // 2 + c
-                else:
-                    kk = kb * 128 + 2 * c
-                    off = (kk // PBK) * TILE + (kk % PBK) // 2
-                p = tl.load(w_rows + off[None, :, :], mask=kb_ok, other=0)
                 sb = tl.load(s_rows + (kb * 4 + g)[None, :] * PBN, mask=kb_ok, other=0).to(tl.int32)
                 sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
                 lo = (((p & 7) << 2) | ((p & 8) << 4)).to(tl.float8e4nv, bitcast=True).to(tl.float32)
@@ -553,15 +566,21 @@ if HAVE_TRITON:
         x_row = x_ptr + m.to(tl.int64) * K
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
         acc = tl.zeros((BN, 128), dtype=tl.float32)
+        k0 = ks * KB_PER_SPLIT * 128 + rk
+        w_next = tl.load(w_rows + k0[None, :], mask=n_mask[:, None] & ((k0 < K) & (ks * KB_PER_SPLIT < KB))[None, :],
+                         other=0.0)
         for i in range(KB_PER_SPLIT):
             kb = ks * KB_PER_SPLIT + i
             k = kb * 128 + rk
             k_mask = (k < K) & (kb < KB)
+            w = w_next
+            kn = k + 128  # prefetch the next block of weights
+            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & ((kn < K) & (i + 1 < KB_PER_SPLIT)
+                                                                           & (kb + 1 < KB))[None, :], other=0.0)
             xa = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
             if ACT_Q:
                 xa = _act_q_1d(xa, UE8M0)
             sw = tl.load(sw_ptr + ((pid_n * BN) // 128) * SW_STRIDE + kb, mask=kb < KB, other=0.0)
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * (xa * sw)[None, :]
         out = tl.sum(acc, axis=1)
         rows = m + tl.arange(0, 1)
@@ -581,12 +600,18 @@ if HAVE_TRITON:
         x_row = x_ptr + m.to(tl.int64) * K
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
         acc = tl.zeros((BN, BK), dtype=tl.float32)
+        k0 = ks * KB_PER_SPLIT * BK + rk
+        w_next = tl.load(w_rows + k0[None, :], mask=n_mask[:, None] & ((k0 < K) & (ks * KB_PER_SPLIT < NKB))[None, :],
+                         other=0.0)
         for i in range(KB_PER_SPLIT):
             kb = ks * KB_PER_SPLIT + i
             k = kb * BK + rk
             k_mask = (k < K) & (kb < NKB)
+            w = w_next
+            kn = k + BK  # prefetch the next block of weights
+            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & ((kn < K) & (i + 1 < KB_PER_SPLIT)
+                                                                           & (kb + 1 < NKB))[None, :], other=0.0)
             xa = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * xa[None, :]
         out = tl.sum(acc, axis=1)
         rows = m + tl.arange(0, 1)
@@ -751,12 +776,12 @@ if HAVE_TRITON:
             prev = tl.atomic_add(cnt_ptr + bs * tl.num_programs(1) + hb, 1, sem="acq_rel", scope="gpu")
             if prev == SPLIT - 1:
                 mx = tl.full((BH,), -1e30, dtype=tl.float32)
-                for j in range(SPLIT):
+                for j in tl.static_range(SPLIT):
                     mx = tl.maximum(mx, tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30,
                                                 cache_modifier=".cg"))
                 tot_l = tl.exp(sk - mx)
                 tot = tl.zeros((BH, BC), dtype=tl.float32)
-                for j in range(SPLIT):
+                for j in tl.static_range(SPLIT):
                     mj = tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30, cache_modifier=".cg")
                     lj = tl.load(pl_ptr + j * BSH + bs * H + rh, mask=h_mask, other=0.0, cache_modifier=".cg")
                     aj = tl.load(pacc_ptr + j * BSH * C + o_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
@@ -1074,7 +1099,9 @@ DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (
 COUNTER_SLOTS = 1 << 20
 _COUNTERS: dict[tuple[str, int | None], Tensor] = {}
 # Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
-TUNE = {"gemv_bn": 64, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 4, "grouped_mm": True,
+# (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K)
+TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 64, "fp4_gemv_warps": 2, "grouped_mm": False,
+        "gemv_prequant": True, "fp4_order_rows": 16, "max_split": 16,
         "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
         "attn_split_target": 2}
@@ -1106,7 +1133,7 @@ def _pick_split(tiles: int, kb: int, device: torch.device, split_k: int | None, 
     """(split, K blocks per split) so that about TUNE['split_target'] programs per SM run."""
     if split_k is None:
         want = triton.cdiv(TUNE["split_target"] * _num_sms(device), max(1, tiles))
-        split_k = max(1, min(want, kb // max(1, min_per)))
+        split_k = max(1, min(want, kb // max(1, min_per), TUNE["max_split"]))
         if tiles * split_k > COUNTER_SLOTS:
             split_k = 1
     per = triton.cdiv(kb, max(1, int(split_k)))
@@ -1152,6 +1179,8 @@ def _fp8_gemv(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
     split, per = _pick_split(M * nt, kb, x2.device, split_k)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     part, cnt = _split_buffers(split, M, N, x2.device)
+    if act_quant and TUNE["gemv_prequant"]:  # q * s once (exact in x's dtype), not once per program
+        x2, act_quant = fp8_qdq(x2, QBLOCK, ue8m0), False
     _fp8_gemv_kernel[(M, nt, split)](x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb,
                                      ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), SPLIT=split, BN=bn,
                                      num_warps=TUNE["gemv_warps"], num_stages=1)
@@ -1169,9 +1198,13 @@ def _fp4_gemv(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quan
     split, per = _pick_split(A * nt, nkb, x.device, split_k)
     out = torch.empty((A, N), dtype=x.dtype, device=x.device)
     part, cnt = _split_buffers(split, A, N, x.device)
-    _fp4_gemv_kernel[(A, nt, split)](x, expert, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per,
+    if act_quant and TUNE["gemv_prequant"]:
+        x, act_quant = fp8_qdq(x, QBLOCK, ue8m0), False
+    ordered = A > TUNE["fp4_order_rows"]
+    order = torch.sort(expert).indices if ordered else expert
+    _fp4_gemv_kernel[(A, nt, split)](x, expert, order, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per,
                                      PBN=PBN, PBK=2 * PBK2, ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), SPLIT=split,
-                                     BN=bn, num_warps=TUNE["fp4_gemv_warps"], num_stages=1)
+                                     BN=bn, ORDERED=ordered, num_warps=TUNE["fp4_gemv_warps"], num_stages=1)
     return out
 
 
@@ -1402,7 +1435,7 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
     nw_keys, nc_keys = max(NW, 1), max(KC, 1)
     if kv_split is None:  # decode: few (token, head block) programs; split the keys (flash decoding)
         want = triton.cdiv(TUNE["attn_split_target"] * _num_sms(q.device), B * S * hbk)
-        kv_split = max(1, min(want, triton.cdiv(nw_keys + nc_keys, 2 * bn)))
+        kv_split = max(1, min(want, triton.cdiv(nw_keys + nc_keys, 2 * bn), TUNE["max_split"]))
         if B * S * hbk > COUNTER_SLOTS:
             kv_split = 1
     kv_split = max(1, int(kv_split))

@@ -89,10 +89,10 @@ def test_fp4_packed(dtype, act_quant, ue8m0, path):
 
 @pytest.mark.parametrize("bn,bk", [(128, 128), (16, 256)])
 def test_fp4_packed_tiles_and_splits(bn, bk):
-    E, N, K, A = 2, 128, 512, 5
+    E, N, K, A = 3, 128, 512, 20  # 20 rows: the GEMV runs them in expert order
     pw, ps = _packed_experts(E, N, K, bn, bk, 22)
     x = _act((A, K), 23, torch.bfloat16, spread=False)
-    expert = torch.tensor([1, 0, 1, 1, 0])
+    expert = torch.tensor([1, 0, 1, 1, 0, 2, -1, 2, 0, 1] * 2)
     ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, True, True)
     for split in (1, 3):
         for bm in (None, 16):
