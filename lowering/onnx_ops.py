@@ -4,26 +4,46 @@ Each function is a *traced* onnxscript translation: the exporter calls it with `
 Python attributes (block sizes, flags) and records the standard ONNX ops it emits, so the model holds
 nothing but the default ONNX domain. The math follows the CPU reference impls in
 ``dsv4c/ops/library.py`` op for op (same fp32 intermediates, same order of casts), so exact numerics
-agree to float rounding and the quant-dequant simulations agree bit for bit except where summation
-order differs.
+agree to float rounding and the quant-dequant simulations agree bit for bit on the same inputs, with
+one known exception: when a block's amax/qmax lies a few ulps above a power of two, ``torch.log2``
+rounds down to the integer and the reference picks the smaller scale (the block's largest element then
+clips); this translation computes the exact ``2^ceil(log2(a))``.
 
-How each op is expressed:
+How each op is expressed (opset 18 ops, converted to the model's opset afterwards):
 
-- FP8 e4m3 rounding: ``Cast(FLOAT8E4M3FN)`` then ``Cast(FLOAT)`` (round to nearest even; onnxruntime's CPU
-  provider implements it, and inputs are clamped to +-448 first). ue8m0 block scales
-  ``2^ceil(log2(a))`` are computed with ``Log``/``Ceil``/``Pow`` and corrected by one step both ways, so
-  they are exact powers of two even where ``Log`` rounds.
-- FP4 e2m1 rounding: seven comparisons against the rounding boundaries (ties to the even code),
-  exactly as ``dsv4c.quant.e2m1_round``.
-- FP8 weights: ``Cast`` of the e4m3 initializer times the 128x128 block scales (a reshape when the
-  weight is a whole number of blocks, else a gather of the scale rows/columns).
-- FP4 grouped expert GEMM: every expert is dequantized (nibbles via integer ``Mod``/``Div``, a 16-entry
-  ``Gather`` table, times the 1x32 scales), all rows are multiplied by all experts (``[E, T, N]``) and
-  each row picks its expert with ``GatherND``; rows whose expert id is outside [0, E) give zeros.
-  Correct and cheap at tiny/mini sizes; large models want a real grouped kernel instead.
-- mHC split: slices, ``Sigmoid``/``Softmax`` and the Sinkhorn iterations unrolled.
-- Compressor pooling, indexer scores, sparse attention with a sink: ``MatMul`` with broadcast batch
-  dims, ``GatherND`` (batch_dims=1) for the selected compressed entries, ``Where`` masks, ``TopK``.
+- ``fp8_qdq``: per-block ``ReduceMax(Abs)``, the ue8m0 scale ``2^ceil(log2(amax/448))`` from
+  ``Log``/``Ceil``/``Pow`` corrected by one step either way (exact powers of two even where ``Log``
+  rounds), ``Clip`` to +-448, then ``Cast(FLOAT8E4M3FN)`` + ``Cast(FLOAT)``: round to nearest even,
+  which onnxruntime's CPU provider implements (this is why the model opset is >= 19).
+- ``fp4_qdq``: the same scale rule (max 6); e2m1 rounding is seven comparisons against the rounding
+  boundaries with ties to the even code, summed as in ``dsv4c.quant.e2m1_round``.
+- ``fp8_linear``: ``Cast`` of the e4m3 weight times its 128x128 block scales (``Reshape`` when the weight
+  is whole blocks, else ``Gather`` of scale rows/columns), optional 1x128 activation quant-dequant,
+  ``MatMul`` in fp32, ``Cast`` back.
+- ``fp4_grouped_linear`` / ``fp4_grouped_linear_packed``: every expert is dequantized (nibbles via
+  integer ``Mod``/``Div``, a 16-entry ``Gather`` table, times the 1x32 scales; the packed tiled layout
+  is untiled with ``Transpose``/``Reshape`` and its ue8m0 bytes decoded as ``2^(b-127)``), all rows are
+  multiplied by all experts (``[E, T, N]``) and each row picks its own with ``GatherND``; rows whose
+  expert id is outside [0, E) give zeros. Correct and cheap at tiny/mini sizes; big models want a
+  grouped kernel instead.
+- ``hc_split``: ``Slice``, ``Sigmoid``, ``Softmax`` and the Sinkhorn iterations unrolled
+  (``ReduceSum``/``Div``).
+- ``compress_pool``: ``Softmax`` over the window axis times the projections, ``ReduceSum``; the overlap
+  variant ``Concat``s the previous window's first halves (-inf where absent).
+- ``compress_finish`` / ``compress_finish_pair``: the pooling, RMSNorm, interleaved RoPE
+  (``Reshape`` to pairs, ``Cos``/``Sin``), Hadamard ``MatMul`` and the FP8/FP4 quant-dequant above.
+- ``indexer_score`` / ``indexer_topk``: broadcast ``MatMul``, ``Relu``, weighted ``ReduceSum``;
+  ``Where`` masks the invisible entries, ``TopK``, -1 where the score is -inf. (ONNX ``TopK`` breaks
+  ties by the lower index; ``torch.topk`` leaves tie order unspecified. Only exact score ties at the
+  top-k boundary could choose a different set.)
+- ``sparse_attn``: window logits by broadcast ``MatMul`` masked with ``Where``; the chosen compressed
+  entries gathered with ``GatherND`` (batch_dims=1); one max-subtracted softmax whose denominator also
+  holds ``exp(sink - max)``; two ``MatMul``s for the output.
+- ``swiglu_clamp``: ``Min``, ``x * Sigmoid(x)``, ``Clip``, optional routing weight.
+- aten ops that torch.onnx only handles by decomposing them (the fast path translates the traced graph
+  as is): ``to.dtype`` -> ``Cast``; ``__and__`` -> ``And``/``BitwiseAnd``; ``index_add`` ->
+  ``ScatterND(reduction="add")``; ``argsort`` (stable) -> ``TopK`` over the whole axis, which breaks ties
+  by index, i.e. stably.
 """
 
 from __future__ import annotations

@@ -51,6 +51,18 @@ def import_tensorrt():
     return trt
 
 
+def check(target: str) -> None:
+    """Everything a tensorrt build needs, checked in milliseconds (before the minutes of tracing)."""
+    import_tensorrt()
+    if target == "cpu":
+        raise ConfigError("TensorRT engines run on NVIDIA GPUs; --target cpu cannot use them.",
+                          "build with --target h100 (or h200) on a machine with that GPU, or use --backend onnx.")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("Building a TensorRT engine needs a CUDA GPU on the build machine; none is visible.",
+                                      "build on the GPU the engine is for, or use --backend onnx.")
+    onnx_backend.require()
+
+
 def _profile_shapes(entry: dict, manifest: dict, prog_entry: str) -> dict[str, tuple[tuple, tuple, tuple]]:
     """input name -> (min, opt, max) shapes for the entry's one optimization profile."""
     layout = manifest["cache_layout"]
@@ -102,13 +114,8 @@ def build_engine(trt, onnx_path: str, shapes: dict, progress: Progress) -> bytes
 def lower(target: str, programs: dict[str, Program], writer, manifest: dict, progress: Progress,
           weights: Mapping[str, torch.Tensor] | None = None, consts: Mapping[str, torch.Tensor] | None = None
           ) -> dict[str, dict]:
+    check(target)
     trt = import_tensorrt()
-    if target == "cpu":
-        raise ConfigError("TensorRT engines run on NVIDIA GPUs; --target cpu cannot use them.",
-                          "build with --target h100 (or h200) on a machine with that GPU, or use --backend onnx.")
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("Building a TensorRT engine needs a CUDA GPU on the build machine; none is visible.",
-                                      "build on the GPU the engine is for, or use --backend onnx.")
     job = onnx_backend.start(target, programs, writer, manifest, progress, weights, consts)
     entries = {e: {"file": f"programs/{e}.engine", "format": FORMAT, "onnx": ent["file"], "weights": ent["weights"],
                    "state": ent["state"], "tensorrt_version": trt.__version__,

@@ -88,12 +88,16 @@ def test_onnx_model_is_checker_clean_and_shape_inferred(pairs, name, entry):
     untyped = [o for n in m.graph.node for o in n.output if o and o not in typed]
     assert not untyped, f"{len(untyped)} values without inferred type/shape, e.g. {untyped[:5]}"
     assert all(v.type.tensor_type.HasField("shape") for v in typed.values())
-    # Weights: external data in the one shared file, FP8 / packed FP4 kept in their storage types.
+    # Weights: every parameter and constant is external data in the one shared file, FP8 / packed FP4
+    # kept in their storage types; what stays inline is the exporter's few small folded constants.
     assert not [n for n in ins if n.startswith(("params.", "consts."))]
-    locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    weights = [t for t in m.graph.initializer if t.name.startswith(("params.", "consts."))]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    locs = {e.value for t in weights for e in t.external_data if e.key == "location"}
     assert locs == {"weights.data"}
-    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
-    types = {t.data_type for t in m.graph.initializer}
+    inline = [t for t in m.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert sum(len(t.raw_data) for t in inline) < 1 << 20, "large tensors inline in the model"
+    types = {t.data_type for t in weights}
     assert {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT} <= types
 
 
