@@ -73,6 +73,15 @@ def require() -> None:
                                       f"{INSTALL}; or build with --backend eager.")
 
 
+def check(target: str, dtype: str) -> None:
+    """What an onnx build needs, checked in milliseconds (the build may call it before tracing)."""
+    require()
+    if dtype != "fp32":
+        raise ConfigError(f"The onnx backend exports fp32 programs; --dtype {dtype} is not supported yet "
+                          "(ONNX Einsum and most of onnxruntime's CPU kernels have no bfloat16).",
+                          "build with --dtype fp32 (the ONNX graph still stores FP8/FP4 weights as such).")
+
+
 class ExportUnsupported(Exception):
     """The fast path cannot take this graph; the public ``torch.onnx.export`` path will."""
 
@@ -744,7 +753,7 @@ def start(target: str, programs: dict[str, Program], writer, manifest: dict, pro
           method: str = "auto") -> "_Job":
     """Set up the export of ``programs`` into ``writer`` (``job.go()`` starts it; ``job.entries`` is the
     manifest's programs table, completed when the models are written)."""
-    require()
+    check(target, manifest.get("dtype", "fp32"))
     if consts is None:
         from dsv4c.frontend.model import constants
         from dsv4c.spec import ModelSpec

@@ -51,7 +51,7 @@ def import_tensorrt():
     return trt
 
 
-def check(target: str) -> None:
+def check(target: str, dtype: str = "fp32") -> None:
     """Everything a tensorrt build needs, checked in milliseconds (before the minutes of tracing)."""
     import_tensorrt()
     if target == "cpu":
@@ -60,7 +60,7 @@ def check(target: str) -> None:
     if not torch.cuda.is_available():
         raise BackendUnavailableError("Building a TensorRT engine needs a CUDA GPU on the build machine; none is visible.",
                                       "build on the GPU the engine is for, or use --backend onnx.")
-    onnx_backend.require()
+    onnx_backend.check(target, dtype)
 
 
 def _profile_shapes(entry: dict, manifest: dict, prog_entry: str) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -114,7 +114,7 @@ def build_engine(trt, onnx_path: str, shapes: dict, progress: Progress) -> bytes
 def lower(target: str, programs: dict[str, Program], writer, manifest: dict, progress: Progress,
           weights: Mapping[str, torch.Tensor] | None = None, consts: Mapping[str, torch.Tensor] | None = None
           ) -> dict[str, dict]:
-    check(target)
+    check(target, manifest.get("dtype", "fp32"))
     trt = import_tensorrt()
     job = onnx_backend.start(target, programs, writer, manifest, progress, weights, consts)
     entries = {e: {"file": f"programs/{e}.engine", "format": FORMAT, "onnx": ent["file"], "weights": ent["weights"],

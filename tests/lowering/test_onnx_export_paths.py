@@ -127,3 +127,11 @@ def test_functionalize_refuses_mutating_a_non_cache_input():
     g.output(cache)
     with pytest.raises(ob.ExportUnsupported, match="not a cache input"):
         ob.functionalize(g, [cache])
+
+
+def test_onnx_backend_refuses_bf16_with_a_fix():
+    from dsv4c.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dtype fp32"):
+        ob.check("cpu", "bf16")
+    ob.check("cpu", "fp32")
