@@ -421,7 +421,11 @@ def phase_flash(args) -> dict:
 
     res["inductor_counters_after_load"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     log(f"flash: warm load {res['warm_load']} counters {res['inductor_counters_after_load']}")
+    if args.skip_check:
+        log("flash: comparison with eager skipped (--skip-check)")
     try:
+        if args.skip_check:
+            raise RuntimeError("skipped")
         res["vs_eager"] = compare_with_eager(eng, args.check_prompt, 64)
         res["vs_eager"]["ok"] = res["vs_eager"]["max_rel_err"] <= 2e-2 and res["vs_eager"]["finite"]
         log(f"flash: vs eager max rel err {res['vs_eager']['max_rel_err']:.2e} -> "
@@ -430,6 +434,8 @@ def phase_flash(args) -> dict:
         res["vs_eager"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         log(f"flash: vs eager failed: {e}")
     try:
+        if args.skip_check:
+            raise RuntimeError("skipped")
         res["eager_spread"] = perturbation_spread(eng, args.check_prompt, 16)
         log(f"flash: eager vs eager with 1-ulp embedding perturbations: {res['eager_spread']}")
     except Exception as e:  # noqa: BLE001
@@ -441,7 +447,8 @@ def phase_flash(args) -> dict:
     batches = tuple(int(b) for b in args.batches.split(","))
     res["bench"] = bench.run(out, "cuda", batches=batches, contexts=contexts, prefill_tokens=args.prefill_tokens,
                              steps=16, log=lambda s: log(s), extra={"cold_build_s": res["cold_build_s"]},
-                             deadline=T0 + args.deadline - args.b32_seconds, engine=eng, profile=True)
+                             deadline=T0 + args.deadline, engine=eng, profile=True,
+                             new_bucket_seconds=args.b32_seconds)
     res["bench"]["load"] = res["warm_load"]
     res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     del eng
@@ -543,6 +550,7 @@ def main() -> int:
     ap.add_argument("--target", default="h100")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--exact-layers", type=int, default=3)
+    ap.add_argument("--skip-check", action="store_true", help="flash: skip the eager comparisons")
     ap.add_argument("--max-seq-len", type=int, default=65536 + 512)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--contexts", default="8192,65536")
@@ -567,7 +575,7 @@ def main() -> int:
                     "python": platform.python_version(), "layers": args.layers, "args": vars(args), "errors": {}})
     path = Path(args.out) / "gpu_suite.json"
     phases = {"kernels": phase_kernels, "exact": phase_exact, "flash": phase_flash, "hf": phase_hf}
-    need = {"kernels": 30, "flash": 330, "hf": 40, "exact": 120}
+    need = {"kernels": 30, "flash": 240, "hf": 40, "exact": 120}
     for name in args.phases.split(","):
         left = args.deadline - (time.perf_counter() - T0)
         if left < need.get(name, 0):

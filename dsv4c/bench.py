@@ -268,7 +268,8 @@ def bench_prefill(eng, tokens: int, reps: int = 3) -> dict:
 
 def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS,
         prefill_tokens: int = PREFILL_TOKENS, steps: int = 20, extra: dict | None = None, log=print,
-        deadline: float | None = None, engine=None, profile: bool = False) -> dict:
+        deadline: float | None = None, engine=None, profile: bool = False,
+        new_bucket_seconds: float = 0.0) -> dict:
     """Benchmark ``artifact`` (see the module docstring). ``deadline`` (a ``time.perf_counter()`` value):
     configurations not started by then are skipped and listed under ``skipped``."""
     from dsv4c.artifact import open_artifact  # noqa: PLC0415
@@ -319,6 +320,13 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             log(f"bench: skip batch {b} (artifact max batch {m['max_batch']})")
             return
         if late(f"decode batch {b} context {ctx}"):
+            return
+        graphs = getattr(eng._executor, "_decode", None)
+        fresh = graphs is None or b not in graphs.graphs
+        if (fresh and b > 1 and deadline is not None
+                and time.perf_counter() + new_bucket_seconds > deadline):  # compiling a new bucket takes minutes
+            res["skipped"].append(f"decode batch {b} context {ctx} (no time to compile a new bucket)")
+            log(f"bench: skipping batch {b}: compiling its bucket needs ~{new_bucket_seconds:.0f} s")
             return
         r = bench_decode(eng, b, ctx, steps)
         w = decode_weight_bytes(m, used, b)

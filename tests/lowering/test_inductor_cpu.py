@@ -46,7 +46,7 @@ def test_manifest_records_the_compile_plan(inductor_artifact):
         assert m["programs"][entry]["format"] == "dsv4c.fx-json/1"
 
 
-@pytest.mark.skip(reason="issue 4 open: the inductor CPU artifact does not yet match eager (failed at the end of session 1); fix before resolving issue 4")
+
 def test_inductor_matches_eager_prefill_and_decode(inductor_artifact):
     from torch._dynamo.utils import counters
 
