@@ -715,15 +715,22 @@ if HAVE_TRITON:
     def _sparse_attn_kernel(q_ptr, wkv_ptr, wmask_ptr, ckv_ptr, cidx_ptr, sink_ptr, o_ptr,
                             pm_ptr, pl_ptr, pacc_ptr, cnt_ptr,
                             S, H, C, NW, NE, KC, scale, W_CHUNK, C_CHUNK, BSH,
+                            cn_ptr, cs_ptr, cr_ptr, NOPE, CN_SB, CN_SE, CS_SB, CS_SE, CR_SB, CR_SE,
                             BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            SPLIT: tl.constexpr, PACKED: tl.constexpr = False):
         """One query token (b, s) and BH heads; keys = values; online softmax with a sink.
 
         With SPLIT > 1 (decode: few query tokens) program ``k`` of axis 2 takes the ``k``-th chunk of the
         window keys and of the selected entries, parks its (max, sum, unnormalized output) in the
         workspace, and the last of the SPLIT programs of this (token, head block) merges them (split-KV
-        "flash decoding", one launch: the merge is done by whoever finishes last, counted on ``cnt``)."""
+        "flash decoding", one launch: the merge is done by whoever finishes last, counted on ``cnt``).
+
+        PACKED: the compressed entries are read in their storage format instead of ``ckv``: e4m3 bytes of
+        the first NOPE dims (``cn`` [B, E, NOPE] as uint8), one ue8m0 byte per 64 of them (``cs``
+        [B, E, S8]) and the bf16 rope dims (``cr`` [B, E, C - NOPE]); batch / entry strides in elements.
+        A selected entry is dequantized in registers (e4m3 * 2^(byte - 127), exact in bf16 and fp32)
+        into the same [BN, BC] tile the dense path loads."""
         bs = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         ks = tl.program_id(2)
@@ -754,11 +761,30 @@ if HAVE_TRITON:
         i_base = cidx_ptr + bs * KC
         c_lo = ks * C_CHUNK
         c_hi = tl.minimum(c_lo + C_CHUNK, KC)
+        if PACKED:
+            nope_m = rc < NOPE
+            rope_m = (rc >= NOPE) & c_mask
+            rc_r = tl.where(rope_m, rc - NOPE, 0)
+            n_base = cn_ptr + b * CN_SB
+            s_base = cs_ptr + b * CS_SB
+            r_base = cr_ptr + b * CR_SB
         for k0 in range(c_lo, c_hi, BN):
             rk = k0 + tl.arange(0, BN)
             idx = tl.load(i_base + rk, mask=rk < c_hi, other=-1)
             vis = (idx >= 0) & (idx < NE)
-            kv = tl.load(c_base + idx[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :], other=0.0)
+            if PACKED:
+                ent = tl.where(vis, idx, 0)
+                nm = vis[:, None] & nope_m[None, :]
+                nb = tl.load(n_base + ent[:, None] * CN_SE + rc[None, :], mask=nm, other=0)
+                sb = tl.load(s_base + ent[:, None] * CS_SE + (rc // 64)[None, :], mask=nm, other=127)
+                rp = tl.load(r_base + ent[:, None] * CR_SE + rc_r[None, :], mask=vis[:, None] & rope_m[None, :],
+                             other=0.0)
+                sf = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
+                nv = nb.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sf
+                kv = tl.where(nope_m[None, :], nv, rp.to(tl.float32)).to(q_ptr.dtype.element_ty)
+            else:
+                kv = tl.load(c_base + idx[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :],
+                             other=0.0)
             m_i, l_i, acc = _attn_update(q, kv, vis, m_i, l_i, acc, scale, IEEE, UPCAST, PV_SPLIT)
         sk = tl.load(sink_ptr + rh, mask=h_mask, other=0.0)
         o_offs = (bs * H + rh)[:, None] * C + rc[None, :]
@@ -884,6 +910,72 @@ if HAVE_TRITON:
             w = tl.load(w_ptr + tok * NH + rh, mask=h_mask & s_ok, other=0.0).to(tl.float32)
             sc = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
             tl.store(o_ptr + tok * NE + re, sc, mask=e_mask & s_ok)
+
+    @triton.jit
+    def _indexer_score_packed_kernel(q_ptr, kc_ptr, ks_ptr, w_ptr, vis_ptr, o_ptr, S, NH, NE,
+                                     KC_SB, KC_SE, KS_SB, KS_SE,
+                                     D: tl.constexpr, BS: tl.constexpr, BHI: tl.constexpr, BE: tl.constexpr,
+                                     HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """BS query tokens x BE keys stored as FP4: ``kc`` [B, E, D/2] bytes (two e2m1 codes, low nibble =
+        even element), ``ks`` [B, E, D/32] ue8m0 bytes; batch / entry strides in bytes. The tile is decoded
+        once in registers (e2m1 * 2^(byte - 127), exact in bf16) as its even (low nibble) and odd (high
+        nibble) halves, which meet the even and odd query dims in two dots; reused for every token.
+
+        HAS_VIS: entry j is visible to token (b, s) when j < vis[b, s]; others score -inf, and a tile that no
+        token of the block can see is not read at all (decode reads only the live part of the cache)."""
+        nsb = tl.cdiv(S, BS)
+        pid = tl.program_id(0)
+        b = (pid // nsb).to(tl.int64)
+        s0 = (pid % nsb) * BS
+        e0 = tl.program_id(1) * BE
+        re = e0 + tl.arange(0, BE)
+        e_mask = re < NE
+        D2: tl.constexpr = D // 2
+        j = tl.arange(0, D2)  # byte columns: elements 2j (low nibble) and 2j + 1 (high nibble)
+        rh = tl.arange(0, BHI)
+        h_mask = rh < NH
+        if HAS_VIS:
+            rs = s0 + tl.arange(0, BS)
+            vis_blk = tl.load(vis_ptr + b * S + rs, mask=rs < S, other=0)
+            live = e0 < tl.max(vis_blk)
+        else:
+            live = e0 < NE
+        if live:
+            p = tl.load(kc_ptr + b * KC_SB + re.to(tl.int64)[:, None] * KC_SE + j[None, :],
+                        mask=e_mask[:, None], other=0).to(tl.int32)
+            sb = tl.load(ks_ptr + b * KS_SB + re.to(tl.int64)[:, None] * KS_SE + (j // 16)[None, :],
+                         mask=e_mask[:, None], other=127).to(tl.int32)
+            sf = (sb << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
+            k_lo = _e2m1_decode(p & 0xF) * sf
+            k_hi = _e2m1_decode((p >> 4) & 0xF) * sf
+            if not (UPCAST or IEEE):
+                k_lo = k_lo.to(tl.bfloat16)
+                k_hi = k_hi.to(tl.bfloat16)
+            for i in range(BS):
+                s = s0 + i
+                s_ok = s < S
+                tok = b * S + s
+                q_rows = q_ptr + (tok * NH + rh)[:, None] * D + 2 * j[None, :]
+                qm = h_mask[:, None] & s_ok
+                q_e = tl.load(q_rows, mask=qm, other=0.0)
+                q_o = tl.load(q_rows + 1, mask=qm, other=0.0)
+                if UPCAST or IEEE:
+                    dots = tl.dot(q_e.to(tl.float32), tl.trans(k_lo), input_precision="ieee")
+                    dots = tl.dot(q_o.to(tl.float32), tl.trans(k_hi), dots, input_precision="ieee")
+                else:
+                    dots = tl.dot(q_e, tl.trans(k_lo))
+                    dots = tl.dot(q_o, tl.trans(k_hi), dots)
+                w = tl.load(w_ptr + tok * NH + rh, mask=h_mask & s_ok, other=0.0).to(tl.float32)
+                sc = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
+                if HAS_VIS:
+                    v = tl.load(vis_ptr + tok, mask=s_ok, other=0)
+                    sc = tl.where(re < v, sc, float("-inf"))
+                tl.store(o_ptr + tok * NE + re, sc, mask=e_mask & s_ok)
+        else:
+            ninf = tl.full((BE,), float("-inf"), dtype=tl.float32)
+            for i in range(BS):
+                s = s0 + i
+                tl.store(o_ptr + (b * S + s) * NE + re, ninf, mask=e_mask & (s < S))
 
     # ---- compressor softmax pooling -------------------------------------------------------------
 
@@ -1402,9 +1494,48 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
                 num_warps: int | None = None, pv_split: bool = True, kv_split: int | None = None) -> Tensor:
     """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator."""
     _require(q, win_kv, win_mask, comp_kv, comp_idx, sink)
+    return _sparse_attn_launch(q, win_kv, win_mask, comp_idx, sink, scale, comp_kv, None, block_h=block_h,
+                               block_n=block_n, num_warps=num_warps, pv_split=pv_split, kv_split=kv_split)
+
+
+def _rows_view(t: Tensor) -> Tensor:
+    """``t`` [B, E, X] with a unit last-dim stride (a copy only when the last dim itself is strided), so the
+    cache can be passed as a slice of a larger buffer without copying it."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def sparse_attn_packed(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_nope: Tensor, comp_scale: Tensor,
+                       comp_rope: Tensor, comp_idx: Tensor, sink: Tensor, scale: float, *,
+                       block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                       pv_split: bool = True, kv_split: int | None = None) -> Tensor:
+    """``dsv4::sparse_attn_packed``: :func:`sparse_attn` with the compressed entries in their storage format
+    (``comp_nope`` [B, E, c - r] float8_e4m3fn, ``comp_scale`` [B, E, S8] ue8m0 bytes, one per 64 nope dims,
+    ``comp_rope`` [B, E, r] bf16), dequantized in registers: only the selected entries' bytes are read.
+    The three cache tensors may be slices of larger buffers (any batch / entry strides, unit last stride)."""
+    _require(q, win_kv, win_mask, comp_nope, comp_scale, comp_rope, comp_idx, sink)
+    C = q.shape[-1]
+    nope_d, rope_d = comp_nope.shape[-1], comp_rope.shape[-1]
+    if nope_d + rope_d != C:
+        raise ValueError(f"comp_nope {tuple(comp_nope.shape)} + comp_rope {tuple(comp_rope.shape)} do not make c = {C}")
+    if comp_scale.shape[-1] * 64 < nope_d:
+        raise ValueError(f"comp_scale {tuple(comp_scale.shape)} has fewer than one byte per 64 of {nope_d} nope dims")
+    if not (comp_nope.shape[:2] == comp_scale.shape[:2] == comp_rope.shape[:2]):
+        raise ValueError(f"cache parts disagree on [B, E]: {tuple(comp_nope.shape)}, {tuple(comp_scale.shape)}, "
+                         f"{tuple(comp_rope.shape)}")
+    if comp_nope.element_size() != 1 or comp_scale.element_size() != 1:
+        raise TypeError(f"comp_nope / comp_scale must be 1-byte tensors, got {comp_nope.dtype} / {comp_scale.dtype}")
+    return _sparse_attn_launch(q, win_kv, win_mask, comp_idx, sink, scale, None, (comp_nope, comp_scale, comp_rope),
+                               block_h=block_h, block_n=block_n, num_warps=num_warps, pv_split=pv_split,
+                               kv_split=kv_split)
+
+
+def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: Tensor, sink: Tensor, scale: float,
+                        comp_kv: Tensor | None, packed: tuple[Tensor, Tensor, Tensor] | None, *,
+                        block_h: int | None, block_n: int | None, num_warps: int | None, pv_split: bool,
+                        kv_split: int | None) -> Tensor:
     B, S, H, C = q.shape
     NW = win_kv.shape[1]
-    NE = comp_kv.shape[1]
+    NE = (comp_kv if packed is None else packed[0]).shape[1]
     KC = comp_idx.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -1412,11 +1543,22 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
     kv_dtype = q.dtype
     q = q.contiguous()
     win_kv = win_kv.to(kv_dtype).contiguous()
-    comp_kv = comp_kv.to(kv_dtype).contiguous()
     if NW == 0:  # keep a valid pointer; the loop does not run
         win_kv = q.new_zeros((B, 1, C))
-    if NE == 0:
-        comp_kv = q.new_zeros((B, 1, C))
+    if packed is None:
+        comp_kv = comp_kv.to(kv_dtype).contiguous()
+        if NE == 0:
+            comp_kv = q.new_zeros((B, 1, C))
+        pk_args = (q, q, q, 0, 0, 0, 0, 0, 0, 0)
+    else:
+        nope, sc, rope = (_rows_view(t) for t in packed)
+        if NE == 0:
+            nope, sc, rope = (t.new_zeros((B, 1, t.shape[-1])) for t in (nope, sc, rope))
+        nope = nope.view(torch.uint8)
+        sc = sc.view(torch.uint8)
+        comp_kv = q  # unused
+        pk_args = (nope, sc, rope, nope.shape[-1], nope.stride(0), nope.stride(1), sc.stride(0), sc.stride(1),
+                   rope.stride(0), rope.stride(1))
     wm = win_mask.contiguous()
     wm = wm.view(torch.uint8) if wm.dtype == torch.bool else (wm != 0).view(torch.uint8)
     if NW == 0:
@@ -1450,9 +1592,9 @@ def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, co
     else:
         pm = pl = pacc = cnt = sink
     _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, pm, pl, pacc, cnt,
-                              S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H,
+                              S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H, *pk_args,
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
-                              SPLIT=kv_split, num_warps=nw, num_stages=2)
+                              SPLIT=kv_split, PACKED=packed is not None, num_warps=nw, num_stages=2)
     return out
 
 
@@ -1515,6 +1657,68 @@ def indexer_score(q: Tensor, k: Tensor, w: Tensor, *, block_s: int | None = None
     return out
 
 
+def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, visible: Tensor | None,
+                                 block_s: int | None, block_e: int | None, num_warps: int | None) -> Tensor:
+    B, S, NH, D = q.shape
+    NE = k_codes.shape[1]
+    if k_codes.shape[-1] * 2 != D or D % 32 or D & (D - 1):
+        raise ValueError(f"k_codes {tuple(k_codes.shape)} do not pack dI = {D} (a power of two >= 32)")
+    if tuple(k_scale.shape[:2]) != tuple(k_codes.shape[:2]) or k_scale.shape[-1] != D // 32:
+        raise ValueError(f"k_scale {tuple(k_scale.shape)} does not match k_codes {tuple(k_codes.shape)} (block 32)")
+    if k_codes.element_size() != 1 or k_scale.element_size() != 1:
+        raise TypeError(f"k_codes / k_scale must be 1-byte tensors, got {k_codes.dtype} / {k_scale.dtype}")
+    out = torch.empty((B, S, NE), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if q.dtype not in (torch.bfloat16, torch.float32):
+        q = q.float()  # e.g. fp16: keep the reference's fp32 products
+    q = q.contiguous()
+    w = w.contiguous()
+    kc = _rows_view(k_codes).view(torch.uint8)
+    ks = _rows_view(k_scale).view(torch.uint8)
+    vis = visible.to(torch.int64).contiguous() if visible is not None else q
+    if S == 1:  # decode: bigger key tiles amortize the query rows (re-read by every tile)
+        bs, be = 1, block_e or (32 if INTERPRET else 128)
+    else:
+        bs, be = block_s or (4 if INTERPRET else 16), block_e or (32 if INTERPRET else 64)
+    bs = block_s or bs
+    grid = (B * triton.cdiv(S, bs), triton.cdiv(NE, be))
+    _indexer_score_packed_kernel[grid](q, kc, ks, w, vis, out, S, NH, NE, kc.stride(0), kc.stride(1), ks.stride(0),
+                                       ks.stride(1), D=D, BS=bs, BHI=_np2(NH, 16), BE=be,
+                                       HAS_VIS=visible is not None, IEEE=_is_fp32(q), UPCAST=INTERPRET,
+                                       num_warps=num_warps or (8 if be >= 128 else 4), num_stages=2)
+    return out
+
+
+def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, *, block_s: int | None = None,
+                         block_e: int | None = None, num_warps: int | None = None) -> Tensor:
+    """``dsv4::indexer_score_packed``: :func:`indexer_score` with the keys in their storage format (``k_codes``
+    [B, E, dI/2] uint8, two e2m1 codes per byte, ``k_scale`` [B, E, dI/32] ue8m0 bytes), decoded in registers.
+    Both may be slices of larger buffers (any batch / entry strides, unit last stride). fp32 [B, S, E]."""
+    _require(q, k_codes, k_scale, w)
+    return _indexer_score_packed_launch(q, k_codes, k_scale, w, None, block_s, block_e, num_warps)
+
+
+def indexer_topk_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, visible: Tensor, topk: int, *,
+                        block_s: int | None = None, block_e: int | None = None,
+                        num_warps: int | None = None) -> Tensor:
+    """``dsv4::indexer_topk_packed``: ids [B, S, topk] of the best visible entries (j < visible[b, s]), -1 where
+    fewer are visible. The packed score kernel writes -inf for invisible entries and skips key tiles no
+    token of its block can see; the selection is ``torch.topk``."""
+    _require(q, k_codes, k_scale, w, visible)
+    scores = _indexer_score_packed_launch(q, k_codes, k_scale, w, visible, block_s, block_e, num_warps)
+    NE = scores.shape[-1]
+    kk = min(int(topk), NE)
+    if kk > 0:
+        vals, idx = torch.topk(scores, kk, dim=-1)
+        idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    else:
+        idx = scores.new_empty((*scores.shape[:2], 0), dtype=torch.int64)
+    if kk < topk:
+        idx = torch.cat((idx, idx.new_full((*idx.shape[:2], topk - kk), -1)), dim=-1)
+    return idx
+
+
 def compress_pool(a: Tensor, z: Tensor, a_prev: Tensor, z_prev: Tensor, overlap: bool) -> Tensor:
     """``dsv4::compress_pool``: softmax pooling over each window's m (overlap: 2m) slots, fp32 [B, W, d]."""
     _require(a, z, a_prev, z_prev)
@@ -1555,7 +1759,24 @@ def _cuda_impls() -> dict:
         "compress_pool": lambda a, z, a_prev, z_prev, overlap: compress_pool(a, z, a_prev, z_prev, overlap),
         "fp4_grouped_linear_packed": lambda x, expert, weight, scale, act_quant, ue8m0: fp4_grouped_linear_packed(
             x, expert, weight, scale, act_quant, ue8m0),
+        # ops of dsv4c.ops.kv_storage (the KV cache in its storage format); registered only where defined
+        "sparse_attn_packed": lambda q, win_kv, win_mask, comp_nope, comp_scale, comp_rope, comp_idx, sink, scale:
+            sparse_attn_packed(q, win_kv, win_mask, comp_nope, comp_scale, comp_rope, comp_idx, sink, scale),
+        "indexer_score_packed": lambda q, k_codes, k_scale, w: indexer_score_packed(q, k_codes, k_scale, w),
+        "indexer_topk_packed": lambda q, k_codes, k_scale, w, visible, topk: indexer_topk_packed(
+            q, k_codes, k_scale, w, visible, topk),
     }
+
+
+_OPTIONAL_OPS = ("sparse_attn_packed", "indexer_score_packed", "indexer_topk_packed")
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"dsv4::{name}", "")
+    except RuntimeError:
+        return False
+    return True
 
 
 _REGISTERED = False
@@ -1571,7 +1792,14 @@ def register_cuda_kernels() -> bool:
         return True
     from . import library  # noqa: F401  (defines the ops)
 
+    try:  # the storage-format KV ops (optional until that module exists)
+        from . import kv_storage  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.kv_storage":
+            raise
     for name, fn in _cuda_impls().items():
+        if name in _OPTIONAL_OPS and not _op_defined(name):
+            continue
         torch.library.register_kernel(f"dsv4::{name}", "cuda", fn)
     _REGISTERED = True
     return True
@@ -1581,4 +1809,5 @@ __all__ = [
     "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
     "fp4_grouped_linear", "sparse_attn", "hc_split", "swiglu_clamp", "indexer_score", "compress_pool",
     "fp4_grouped_linear_packed", "linear_w16", "prepare_device", "TUNE", "fp4_dequant_packed",
+    "sparse_attn_packed", "indexer_score_packed", "indexer_topk_packed",
 ]
