@@ -351,6 +351,13 @@ def _schema_problems(m: dict[str, Any]) -> list[str]:
     if not isinstance(cl, dict) or not all(
             isinstance(e, dict) and is_shape(e.get("shape")) and e.get("dtype") in CACHE_DTYPES for e in cl.values()):
         problems.append("`cache_layout` must map names to {shape: [ints], dtype: " + "|".join(CACHE_DTYPES) + "}")
+    ks = m.get("kv_storage", "dense")
+    if ks not in ("dense", "packed"):
+        problems.append(f"`kv_storage` must be 'dense' or 'packed', got {_short(ks)}")
+    elif isinstance(cl, dict):
+        packed_names = any(k.endswith(("_nope", "_codes")) for k in cl)
+        if packed_names != (ks == "packed"):
+            problems.append(f"`cache_layout` does not match `kv_storage` {ks!r}")
     for key in ("params", "consts"):
         t = m.get(key)
         if not isinstance(t, dict) or not all(

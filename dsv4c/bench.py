@@ -5,7 +5,8 @@ Measured in one run (all GPU times with CUDA events, medians over repeats):
 - ``hbm``: device-to-device copy bandwidth of a large buffer (bytes read + bytes written), the yardstick
   for the decode fractions below.
 - ``decode``: step time at each (batch, context). The KV cache is filled directly with random values
-  (N(0, 1) entries, plausible compressor state) and the positions set to the context length, instead of
+  (N(0, 1) entries, or for a packed cache random e4m3 codes, ue8m0 scale bytes near 2^0 and random
+  e2m1 pairs; plausible compressor state) and the positions set to the context length, instead of
   prefilling 8k/64k tokens: the step does the same work either way (same visible entries, same top-k
   sizes), only the selected entries differ. Steps run back to back on the device (the next token is the
   previous step's argmax, never copied to the host), as a serving loop would; ``graph_replay_ms`` is the
@@ -121,18 +122,18 @@ def decode_kv_bytes(manifest: dict, batch: int, ctx: int) -> float:
     """KV bytes one decode step at position ``ctx`` reads per batch, allocated layout."""
     spec = manifest["spec"]
     lay = manifest["cache_layout"]
-    c, nw, dI, topk = spec["head_dim"], spec["sliding_window"], spec["index_head_dim"], spec["index_topk"]
+    nw, topk = spec["sliding_window"], spec["index_topk"]
+    ent = _entry_bytes(lay)  # bytes of one entry per b{i}.win / ckv / ikv, all storage parts summed
     total = 0.0
     for i, (kind, m) in enumerate(_blocks(spec)):
-        esz = _dtype_size(lay[f"b{i}.win"]["dtype"])
-        total += min(ctx, nw) * c * esz
+        total += min(ctx, nw) * ent[f"b{i}.win"]
         if kind == "window":
             continue
         vis = (ctx + 1) // m
         if kind == "hca":
-            total += vis * c * esz
+            total += vis * ent[f"b{i}.ckv"]
         else:
-            total += vis * dI * _dtype_size(lay[f"b{i}.ikv"]["dtype"]) + min(topk, vis) * c * esz
+            total += vis * ent[f"b{i}.ikv"] + min(topk, vis) * ent[f"b{i}.ckv"]
         for key, ent in lay.items():  # compressor state (a/z of the open window, previous halves)
             if key.startswith(f"b{i}.") and key.split(".")[1] in ("c_a", "c_z", "c_pa", "c_pz", "i_a", "i_z",
                                                                    "i_pa", "i_pz"):
@@ -140,29 +141,57 @@ def decode_kv_bytes(manifest: dict, batch: int, ctx: int) -> float:
     return total * batch
 
 
+def _entry_bytes(lay: dict) -> dict[str, float]:
+    """Bytes of one cache entry per ``b{i}.win`` / ``b{i}.ckv`` / ``b{i}.ikv`` of a manifest cache layout
+    (either storage: the dense tensor, or the packed parts summed)."""
+    from dsv4c.layout import entry_group  # noqa: PLC0415
+
+    out: dict[str, float] = {}
+    for key, ent in lay.items():
+        g = entry_group(key)
+        if g is not None:
+            k = f"{key.split('.', 1)[0]}.{g}"
+            out[k] = out.get(k, 0) + ent["shape"][-1] * _dtype_size(ent["dtype"])
+    return out
+
+
 def kv_bytes_report(manifest: dict) -> dict:
-    from dsv4c.layout import kv_bytes_per_token, main_entry_bytes, window_bytes  # noqa: PLC0415
+    from dsv4c.layout import (entry_group, indexer_entry_bytes, kv_bytes_per_token, main_entry_bytes,  # noqa: PLC0415
+                              window_bytes)
     from dsv4c.spec import ModelSpec  # noqa: PLC0415
 
     spec = ModelSpec.from_dict(manifest["spec"])
     lay = manifest["cache_layout"]
+    storage = manifest.get("kv_storage", "dense")
     per_tok = 0.0
     fixed = 0
+    win = 0
     for key, ent in lay.items():
         nbytes = math.prod(ent["shape"]) * _dtype_size(ent["dtype"])
-        i, leaf = key.split(".", 1)
-        if leaf in ("ckv", "ikv"):
+        i, _ = key.split(".", 1)
+        g = entry_group(key)
+        if g in ("ckv", "ikv"):
             m = spec.compress_ratios[int(i[1:])]
             per_tok += ent["shape"][-1] * _dtype_size(ent["dtype"]) / m
         else:
             fixed += nbytes
+            win += nbytes if g == "win" else 0
+    ent = _entry_bytes(lay)
     formula = kv_bytes_per_token(spec)
-    return {"allocated_per_token": round(per_tok, 2), "formula_per_token": round(formula, 2),
-            "allocated_over_formula": round(per_tok / formula, 3) if formula else None,
-            "allocated_fixed_per_sequence": fixed, "formula_window_per_sequence": window_bytes(spec),
+    return {"kv_storage": storage,
+            "allocated_per_token": round(per_tok, 4), "formula_per_token": round(formula, 4),
+            "allocated_over_formula": round(per_tok / formula, 4) if formula else None,
+            "allocated_equals_formula": abs(per_tok - formula) < 1e-9 * max(formula, 1.0),
+            "allocated_main_entry_bytes": next((v for k, v in ent.items() if k.endswith(".ckv")), None),
+            "allocated_indexer_entry_bytes": next((v for k, v in ent.items() if k.endswith(".ikv")), None),
             "formula_main_entry_bytes": main_entry_bytes(spec),
-            "note": "allocated = the cache tensors the engine holds (entries in the activation dtype); formula = "
-                    "storage format (FP8 nope + ue8m0 scales + bf16 rope; FP4 indexer keys)"}
+            "formula_indexer_entry_bytes": indexer_entry_bytes(spec),
+            "allocated_fixed_per_sequence": fixed, "allocated_window_per_sequence": win,
+            "formula_window_per_sequence": window_bytes(spec),
+            "note": "allocated = the cache tensors the engine holds (" + (
+                "packed: entries in storage format" if storage == "packed" else
+                "dense: entries in the activation dtype") + "); formula = storage format (FP8 nope + ue8m0 "
+                    "scales + bf16 rope; FP4 indexer keys); fixed = window buffers + compressor state"}
 
 
 def prefill_flops(spec: dict, S: int) -> float:
@@ -200,7 +229,10 @@ def _fill_cache(eng, rows: int, ctx: int, seed: int = 0) -> None:
     g = torch.Generator(device=eng.device).manual_seed(seed)
     for name, t in eng.cache.items():
         v = t[:rows]
-        if v.dtype.is_floating_point:
+        if v.dtype == torch.uint8:  # packed storage: ue8m0 scale bytes near 2^0, random e2m1 code pairs
+            lo, hi = (120, 128) if name.endswith("_scale") else (0, 256)
+            v.copy_(torch.randint(lo, hi, v.shape, generator=g, device=eng.device, dtype=torch.uint8))
+        elif v.dtype.is_floating_point:
             x = torch.randn(v.shape, generator=g, device=eng.device)
             if name.endswith(("_z", "_pz")):
                 x = x * 0.5
@@ -463,5 +495,6 @@ def summarize(res: dict) -> str:
         p = res["prefill"]
         lines.append(f"  prefill {p['tokens']} tokens   {p['ms']} ms  {p['tokens_per_s']} tok/s  {p['tflop_per_s']} TFLOP/s")
     kv = res["kv_bytes_per_token"]
-    lines.append(f"  KV bytes/token allocated {kv['allocated_per_token']} vs formula {kv['formula_per_token']}")
+    lines.append(f"  KV bytes/token allocated {kv['allocated_per_token']} vs formula {kv['formula_per_token']} "
+                 f"({kv.get('kv_storage', 'dense')} cache)")
     return "\n".join(lines)

@@ -97,12 +97,26 @@ def memory_plan(m: dict) -> dict[str, Any]:
                                                  "tile": [pack.get("layout", {}).get("bn"), pack.get("layout", {}).get("bk")],
                                                  "bytes_before": pack["bytes_before"], "bytes_after": pack["bytes_after"]},
         "kv_bytes_per_token": kv,
+        "kv_storage": m.get("kv_storage", "dense"),
+        "kv_allocated_bytes_per_token": _allocated_per_token(m),
         "kv_storage_format_bytes": kv * seq * batch,
         "cache_allocation_bytes": cache,
         "peak_activation_estimate": {
             "prefill": activation_estimate(spec, batch=1, tokens=seq, max_seq_len=seq, act_bytes=act_bytes),
             "decode": activation_estimate(spec, batch=batch, tokens=1, max_seq_len=seq, act_bytes=act_bytes)},
     }
+
+
+def _allocated_per_token(m: dict) -> float:
+    """Bytes per token of context the allocated cache spends on compressed entries (all their parts)."""
+    from .layout import entry_group  # noqa: PLC0415
+
+    ratios = m["spec"]["compress_ratios"]
+    total = 0.0
+    for name, ent in m.get("cache_layout", {}).items():
+        if entry_group(name) in ("ckv", "ikv"):
+            total += _nbytes({"shape": ent["shape"][-1:], "dtype": ent["dtype"]}) / ratios[int(name.split(".")[0][1:])]
+    return total
 
 
 def activation_estimate(spec: ModelSpec, batch: int, tokens: int, max_seq_len: int, act_bytes: int) -> dict[str, int]:
@@ -136,9 +150,12 @@ def render_memory(mp: dict) -> str:
     if fp4:
         lines.append(f"  routed experts (FP4): {_human(fp4['bytes_before'])} in checkpoint layout -> {_human(fp4['bytes_after'])} "
                      f"packed ({fp4['layout']}, tile {fp4['tile'][0]}x{fp4['tile'][1]}; scales as ue8m0 bytes)")
+    layout = ("packed: entries in storage format" if mp.get("kv_storage") == "packed"
+              else "dense: entries in the activation dtype")
     lines.append(f"  KV cache: {mp['kv_bytes_per_token']:,.1f} bytes/token in storage format "
                  f"({_human(mp['kv_storage_format_bytes'])} at max_seq_len x max_batch); the runtime allocates "
-                 f"{_human(mp['cache_allocation_bytes'])} (unpacked cache layout, window buffers and compressor state)")
+                 f"{mp.get('kv_allocated_bytes_per_token', 0.0):,.1f} bytes/token, "
+                 f"{_human(mp['cache_allocation_bytes'])} in all ({layout}; with window buffers and compressor state)")
     for entry, est in mp["peak_activation_estimate"].items():
         parts = ", ".join(f"{k} {_human(v)}" for k, v in est.items() if k != "peak")
         lines.append(f"  peak activations, {entry} (estimate): {_human(est['peak'])}  [{parts}]")

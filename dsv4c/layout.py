@@ -158,17 +158,69 @@ def entry_capacity(max_seq_len: int, ratio: int) -> int:
     return -(-max_seq_len // ratio) + 1
 
 
+KV_STORAGES = ("dense", "packed")
+
+
+def default_kv_storage(spec: ModelSpec, numerics: str, act_dtype: torch.dtype) -> str:
+    """``packed`` (entries in their storage format, lossless) where every cached entry is already
+    quant-dequantized with ue8m0 scales: reference numerics, bf16 activations, ue8m0 scale_fmt. Else
+    ``dense`` (entries in the activation dtype: exact numerics, fp32, the ONNX/TensorRT backends)."""
+    ok = numerics == "reference" and act_dtype == BF16 and spec.scale_fmt == "ue8m0"
+    return "packed" if ok else "dense"
+
+
+def kv_storage_problem(spec: ModelSpec, numerics: str, act_dtype: torch.dtype, storage: str) -> str | None:
+    """Why ``storage`` cannot hold this model's cache losslessly (None when it can)."""
+    if storage not in KV_STORAGES:
+        return f"unknown KV storage {storage!r} (use one of {', '.join(KV_STORAGES)})"
+    if storage == "packed" and default_kv_storage(spec, numerics, act_dtype) != "packed":
+        return (f"packed KV storage needs reference numerics, bf16 activations and ue8m0 scales "
+                f"(have {numerics}, {str(act_dtype).removeprefix('torch.')}, {spec.scale_fmt})")
+    return None
+
+
+def _main_entry(prefix: str, lead: tuple[int, ...], spec: ModelSpec, act_dtype: torch.dtype,
+                storage: str) -> dict[str, TensorSpec]:
+    c = spec.head_dim
+    if storage == "dense":
+        return {prefix: TensorSpec((*lead, c), act_dtype)}
+    nope = spec.nope_dim
+    return {f"{prefix}_nope": TensorSpec((*lead, nope), F8),
+            f"{prefix}_scale": TensorSpec((*lead, _kv_scale_bytes(nope)), U8),
+            f"{prefix}_rope": TensorSpec((*lead, spec.rope_dim), BF16)}
+
+
+def _indexer_entry(prefix: str, lead: tuple[int, ...], spec: ModelSpec, act_dtype: torch.dtype,
+                   storage: str) -> dict[str, TensorSpec]:
+    d = spec.index_head_dim
+    if storage == "dense":
+        return {prefix: TensorSpec((*lead, d), act_dtype)}
+    return {f"{prefix}_codes": TensorSpec((*lead, d // 2), U8), f"{prefix}_scale": TensorSpec((*lead, d // 32), U8)}
+
+
+def _kv_scale_bytes(nope: int) -> int:
+    return -(-(nope // 64) // 8) * 8
+
+
 def cache_tensors(spec: ModelSpec, batch: int, max_seq_len: int, act_dtype: torch.dtype,
-                  blocks: range | None = None) -> dict[str, TensorSpec]:
+                  blocks: range | None = None, storage: str = "dense") -> dict[str, TensorSpec]:
     """The KV cache of ``batch`` sequences of up to ``max_seq_len`` tokens, block by block:
     ``b{i}.win`` window ring buffer; ``b{i}.ckv`` compressed entries; ``b{i}.c_a/c_z`` the compressor's
     projections of the open window (+ ``c_pa/c_pz``: the previous window's first halves for CSA);
-    ``b{i}.ikv`` indexer keys and ``b{i}.i_*`` the indexer compressor's state (CSA only)."""
+    ``b{i}.ikv`` indexer keys and ``b{i}.i_*`` the indexer compressor's state (CSA only).
+
+    ``storage="dense"``: entries in the activation dtype. ``storage="packed"``: entries in their storage
+    format (``dsv4c.ops.kv_storage``): ``win`` and ``ckv`` become ``<name>_nope`` (e4m3 [c - r]),
+    ``<name>_scale`` (ue8m0 bytes, one per 64, padded to 8) and ``<name>_rope`` (bf16 [r]); ``ikv``
+    becomes ``ikv_codes`` (e2m1 pairs [d/2]) and ``ikv_scale`` (ue8m0 bytes [d/32]). The open-window
+    state of the compressors stays fp32 either way."""
+    if storage not in KV_STORAGES:
+        raise ValueError(f"unknown KV storage {storage!r} (use one of {', '.join(KV_STORAGES)})")
     B, c = batch, spec.head_dim
     out: dict[str, TensorSpec] = {}
     for i in blocks if blocks is not None else range(spec.num_layers):
         p = f"b{i}."
-        out[p + "win"] = TensorSpec((B, spec.sliding_window, c), act_dtype)
+        out.update(_main_entry(p + "win", (B, spec.sliding_window), spec, act_dtype, storage))
         kind = spec.attn_kind(i)
         if kind == "window":
             continue
@@ -177,12 +229,37 @@ def cache_tensors(spec: ModelSpec, batch: int, max_seq_len: int, act_dtype: torc
         comps = [("c", c)] + ([("i", spec.index_head_dim)] if kind == "csa" else [])
         for tag, d in comps:
             kd = 2 * d if kind == "csa" else d
-            out[f"{p}{'ckv' if tag == 'c' else 'ikv'}"] = TensorSpec((B, cap, d), act_dtype)
+            entry = _main_entry if tag == "c" else _indexer_entry
+            out.update(entry(f"{p}{'ckv' if tag == 'c' else 'ikv'}", (B, cap), spec, act_dtype, storage))
             out[f"{p}{tag}_a"] = TensorSpec((B, m, kd), F32)
             out[f"{p}{tag}_z"] = TensorSpec((B, m, kd), F32)
             if kind == "csa":
                 out[f"{p}{tag}_pa"] = TensorSpec((B, m, d), F32)
                 out[f"{p}{tag}_pz"] = TensorSpec((B, m, d), F32)
+    return out
+
+
+ENTRY_TENSORS = ("win", "ckv", "ikv")
+
+
+def entry_group(name: str) -> str | None:
+    """``win`` / ``ckv`` / ``ikv`` for a cache tensor that holds entries (either storage), else None:
+    ``b3.ckv_scale`` -> ``ckv``; ``b3.c_a`` -> None."""
+    leaf = name.split(".", 1)[-1]
+    for g in ENTRY_TENSORS:
+        if leaf == g or leaf.startswith(g + "_"):
+            return g
+    return None
+
+
+def allocated_entry_bytes(layout: dict[str, TensorSpec]) -> dict[str, int]:
+    """Bytes one entry takes in an allocated cache layout, per ``b{i}.<group>`` (all parts summed)."""
+    out: dict[str, int] = {}
+    for name, t in layout.items():
+        g = entry_group(name)
+        if g is not None:
+            key = f"{name.split('.', 1)[0]}.{g}"
+            out[key] = out.get(key, 0) + t.shape[-1] * t.dtype.itemsize
     return out
 
 
@@ -204,8 +281,7 @@ def kv_bytes_per_token(spec: ModelSpec, blocks: range | None = None) -> float:
 
 def main_entry_bytes(spec: ModelSpec) -> int:
     nope = spec.nope_dim
-    scales = -(-(nope // 64) // 8) * 8
-    return nope + scales + 2 * spec.rope_dim
+    return nope + _kv_scale_bytes(nope) + 2 * spec.rope_dim
 
 
 def indexer_entry_bytes(spec: ModelSpec) -> int:
@@ -219,4 +295,5 @@ def window_bytes(spec: ModelSpec, blocks: range | None = None) -> int:
 
 
 __all__ = ["TensorSpec", "checkpoint_tensors", "model_tensors", "cache_tensors", "kv_bytes_per_token",
-           "block_prefix", "entry_capacity", "CSA_RATIO"]
+           "block_prefix", "entry_capacity", "CSA_RATIO", "KV_STORAGES", "default_kv_storage", "kv_storage_problem",
+           "entry_group", "allocated_entry_bytes"]

@@ -27,6 +27,7 @@ class Plan:
     active_params: int = 0
     kv_bytes_per_token: float = 0.0
     window_bytes_per_seq: int = 0
+    kv_storage: str | None = None  # the built cache's layout ("packed" / "dense"); None = not decided (spec only)
 
     def as_dict(self) -> dict:
         return {
@@ -39,6 +40,7 @@ class Plan:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_entry_bytes": {"main": main_entry_bytes(self.spec), "indexer": indexer_entry_bytes(self.spec)},
             "window_bytes_per_sequence": self.window_bytes_per_seq,
+            "kv_storage": self.kv_storage,
         }
 
     def render(self) -> str:
@@ -54,7 +56,12 @@ class Plan:
         lines.append(f"  {'total':<20} {self.total_params:>18,} {_human(sum(self.bytes_by_dtype.values())):>12}")
         lines += ["", f"  active parameters per token: {self.active_params:,} ({self.active_params / 1e9:.1f} B)",
                   f"  KV cache: {self.kv_bytes_per_token:,.1f} bytes/token ({self.kv_bytes_per_token / 1024:.2f} KiB) "
-                  f"+ {_human(self.window_bytes_per_seq)} of window buffers per sequence"]
+                  f"+ {_human(self.window_bytes_per_seq)} of window buffers per sequence (storage format)"]
+        if self.kv_storage is not None:
+            lines.append(f"  KV cache layout: {self.kv_storage} ("
+                         + ("entries stored as FP8 e4m3 + ue8m0 scales + bf16 rope, indexer keys as FP4 e2m1 + "
+                            "ue8m0: allocated = the formula above" if self.kv_storage == "packed" else
+                            "entries stored in the activation dtype: allocated exceeds the formula above") + ")")
         return "\n".join(lines)
 
 
@@ -97,7 +104,7 @@ def _block_rows(spec: ModelSpec) -> list[tuple[str, str, str]]:
     return rows
 
 
-def make_plan(spec: ModelSpec) -> Plan:
+def make_plan(spec: ModelSpec, kv_storage: str | None = None) -> Plan:
     rows = _block_rows(spec)
     params, nbytes = Counter(), Counter()
     active = 0
@@ -119,5 +126,5 @@ def make_plan(spec: ModelSpec) -> Plan:
         else:
             active += n
     plan = Plan(spec, rows, dict(params), dict(nbytes), sum(params.values()), active,
-                kv_bytes_per_token(spec), window_bytes(spec))
+                kv_bytes_per_token(spec), window_bytes(spec), kv_storage)
     return plan

@@ -8,9 +8,12 @@ from .layout import cache_tensors
 from .spec import ModelSpec
 
 
-def new_cache(spec: ModelSpec, batch: int, max_seq_len: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A zeroed KV cache for ``batch`` sequences (the layout the step function and the runtime use)."""
-    return {k: torch.zeros(t.shape, dtype=t.dtype) for k, t in cache_tensors(spec, batch, max_seq_len, dtype).items()}
+def new_cache(spec: ModelSpec, batch: int, max_seq_len: int, dtype: torch.dtype,
+              storage: str = "dense") -> dict[str, torch.Tensor]:
+    """A zeroed KV cache for ``batch`` sequences (the layout the step function and the runtime use);
+    ``storage`` as in ``dsv4c.layout.cache_tensors`` (pass the StepContext's ``kv_storage``)."""
+    return {k: torch.zeros(t.shape, dtype=t.dtype)
+            for k, t in cache_tensors(spec, batch, max_seq_len, dtype, storage=storage).items()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -54,7 +54,7 @@ def example_inputs(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, fake_m
     def make():
         params = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in model_tensors(spec, ctx.dtype).items()}
         cache = {k: torch.empty(t.shape, dtype=t.dtype)
-                 for k, t in cache_tensors(spec, batch, cfg.max_seq_len, ctx.dtype).items()}
+                 for k, t in cache_tensors(spec, batch, cfg.max_seq_len, ctx.dtype, storage=ctx.kv_storage).items()}
         consts = {k: v.clone() for k, v in real_consts.items()}
         ids = torch.zeros(batch, seq, dtype=torch.long)
         start = torch.zeros(batch, dtype=torch.long)
@@ -236,6 +236,7 @@ def trace_program(ctx: StepContext, entry: EntryPoint, cfg: TraceConfig, log=Non
     g.output(logits)
     g._codegen = torch.fx.graph.CodeGen()
     prog = Program(entry, torch.fx.GraphModule(torch.nn.Module(), g), names,
-                   {"numerics": ctx.numerics, "dtype": str(ctx.dtype).removeprefix("torch.")})
+                   {"numerics": ctx.numerics, "dtype": str(ctx.dtype).removeprefix("torch."),
+                    "kv_storage": ctx.kv_storage})
     prog.recompile()
     return prog

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
-from dsv4c.layout import block_prefix
+from dsv4c.layout import block_prefix, default_kv_storage, kv_storage_problem
 from dsv4c.rope import apply_rope
 from dsv4c.spec import ModelSpec
 
@@ -38,6 +38,21 @@ class StepContext:
     spec: ModelSpec
     numerics: str = "reference"
     dtype: torch.dtype = torch.bfloat16
+    # How the KV cache holds its entries: "packed" (storage format, see dsv4c.ops.kv_storage) or "dense"
+    # (activation dtype). None = derived: packed exactly when it is lossless (dsv4c.layout.default_kv_storage).
+    kv_storage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_storage is None:
+            object.__setattr__(self, "kv_storage", default_kv_storage(self.spec, self.numerics, self.dtype))
+        problem = kv_storage_problem(self.spec, self.numerics, self.dtype, self.kv_storage)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def packed_kv(self) -> bool:
+        """Whether the cache holds entries in their storage format (FP8/FP4 codes + ue8m0 scale bytes)."""
+        return self.kv_storage == "packed"
 
     @property
     def simulate(self) -> bool:
@@ -105,13 +120,29 @@ def hc_head(ctx: StepContext, x: Tensor, params: P, p: str) -> Tensor:
     return (pre[..., None] * x.float()).sum(dim=2).to(x.dtype)
 
 
+# ---- the cache in storage format ----------------------------------------------------------------------
+
+def _bytes(t: Tensor) -> Tensor:
+    """FP8 tensors are moved as their bytes (gather / scatter / where have no float8 kernels on CPU)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _write_rows(dst: Tensor, rows: Tensor, ok: Tensor, val: Tensor) -> None:
+    """dst[b, rows[b, w]] = val[b, w] where ok[b, w]; elsewhere the row keeps what it holds.
+    dst [B, N, k], rows / ok [B, W], val [B, W, k]."""
+    d, v = _bytes(dst), _bytes(val)
+    idx = rows[..., None].expand(*rows.shape, d.shape[-1])
+    d.scatter_(1, idx, torch.where(ok[..., None], v, d.gather(1, idx)))
+
+
 # ---- compressor ------------------------------------------------------------------------------------
 
 def compressor(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: P, cp: str, cache: dict[str, Tensor],
                cache_prefix: str, entries_name: str, ratio: int, overlap: bool, quant_mode: int,
-               freqs: Tensor, hadamard: Tensor | None) -> Tensor:
+               freqs: Tensor, hadamard: Tensor | None) -> Tensor | tuple[Tensor, ...]:
     """Run one compressor over this call's tokens; write the completed entries and the open-window
-    state into the cache; return the block's entry cache [B, cap, d].
+    state into the cache; return the block's entry cache [B, cap, d] (packed storage: its parts, see
+    ``dsv4c.layout.cache_tensors``).
 
     Windows are aligned to multiples of ``ratio``. The tokens of window w (relative to the window that
     holds ``start``) come either from the cached open-window state or from this call."""
@@ -150,6 +181,10 @@ def compressor(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: 
         z_prev = torch.where((j == 0)[:, :, None, None], torch.full_like(z_prev, float("-inf")), z_prev)
     else:
         a_prev = z_prev = a_win.new_zeros((B, n_win, 0, 0))
+    # Packed storage: the quantization is the pack itself (kv_pack / fp4_pack), not a quant-dequant.
+    pack = ctx.packed_kv and quant_mode in (1, 2)
+    if pack:
+        quant_mode = 0 if quant_mode == 1 else 3
     # Pooling, then the per-entry finish: cast, RMSNorm, RoPE at the window's first position, quantization.
     e = dsv4.compress_pool(a_win, z_win, a_prev, z_prev, overlap).to(ctx.dtype)
     e = rms_norm(e, params[f"{cp}.norm.weight"], s.rms_norm_eps)
@@ -162,9 +197,18 @@ def compressor(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: 
         if quant_mode == 2:
             e = dsv4.fp4_qdq(e, 32)
     # Write completed entries at their index; open windows write back what is there.
-    ent = cache[cache_prefix[:-1] + entries_name]
-    jc = j.clamp(max=ent.shape[1] - 1)[..., None].expand(B, n_win, d)
-    ent.scatter_(1, jc, torch.where(complete[..., None], e, ent.gather(1, jc)))
+    base = cache_prefix[:-1] + entries_name
+    if pack:
+        names = ("_nope", "_scale", "_rope") if entries_name == "ckv" else ("_codes", "_scale")
+        parts = dsv4.kv_pack(e, r) if entries_name == "ckv" else dsv4.fp4_pack(e, 32)
+        ent = tuple(cache[base + nm] for nm in names)
+        jcl = j.clamp(max=ent[0].shape[1] - 1)
+        for t, v in zip(ent, parts):
+            _write_rows(t, jcl, complete, v)
+    else:
+        ent = cache[base]
+        jc = j.clamp(max=ent.shape[1] - 1)[..., None].expand(B, n_win, d)
+        ent.scatter_(1, jc, torch.where(complete[..., None], e, ent.gather(1, jc)))
     # The open window after this call, and (overlap) the first halves of the window before it.
     w_open = (start % m + S) // m  # [B]
     bsel = torch.arange(B, device=dev)
@@ -193,11 +237,16 @@ def attention(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: P
     q = apply_rope(rms_norm(q, None, s.rms_norm_eps), pos, freqs)
     kv = rms_norm(fp8_linear(ctx, u, params, f"{a}.wkv"), params[f"{a}.kv_norm.weight"], s.rms_norm_eps)
     kv = apply_rope(kv, pos, freqs)
+    kv_raw = kv
     if ctx.simulate:
         kv = torch.cat((dsv4.fp8_qdq(kv[..., :-r], 64, ctx.ue8m0), kv[..., -r:]), dim=-1)
 
     # Window keys: the ring buffer (positions before start) followed by this call's tokens.
-    ring = cache[f"b{i}.win"]
+    if ctx.packed_kv:
+        win = tuple(cache[f"b{i}.win{nm}"] for nm in ("_nope", "_scale", "_rope"))
+        ring = dsv4.kv_unpack(*win)
+    else:
+        ring = cache[f"b{i}.win"]
     slot = torch.arange(nw, device=dev)
     last = start[:, None] - 1
     ring_pos = last - torch.remainder(last - slot, nw)  # [B, nw]; negative = empty slot
@@ -210,7 +259,14 @@ def attention(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: P
     newest = end_last - torch.remainder(end_last - slot, nw)
     take_new = (newest >= start[:, None])[..., None]
     src = (newest - start[:, None]).clamp(0, S - 1)[..., None].expand(B, nw, c)
-    ring.copy_(torch.where(take_new, kv.gather(1, src), ring))
+    if ctx.packed_kv:
+        # The ring takes the storage format of this call's keys (kv_pack of the pre-quantization values:
+        # kv_unpack of it is bitwise the quant-dequantized kv the attention below uses).
+        for t, v in zip(win, dsv4.kv_pack(kv_raw.gather(1, src), r)):
+            tb = _bytes(t)
+            tb.copy_(torch.where(take_new, _bytes(v), tb))
+    else:
+        ring.copy_(torch.where(take_new, kv.gather(1, src), ring))
 
     if kind == "window":
         comp = kv.new_zeros((B, 0, c))
@@ -224,9 +280,13 @@ def attention(ctx: StepContext, u: Tensor, pos: Tensor, start: Tensor, params: P
         if kind == "csa":
             idx = indexer(ctx, u, qr, pos, start, params, a, i, cache, consts, visible)
         else:
-            ent = torch.arange(comp.shape[1], device=dev)
+            n_ent = comp[0].shape[1] if isinstance(comp, tuple) else comp.shape[1]
+            ent = torch.arange(n_ent, device=dev)
             idx = torch.where(ent < visible[..., None], ent, torch.full_like(ent, -1))
-    o = dsv4.sparse_attn(q, keys, win_mask, comp, idx, params[f"{a}.attn_sink"], c ** -0.5)
+    if isinstance(comp, tuple):  # packed storage
+        o = dsv4.sparse_attn_packed(q, keys, win_mask, *comp, idx, params[f"{a}.attn_sink"], c ** -0.5)
+    else:
+        o = dsv4.sparse_attn(q, keys, win_mask, comp, idx, params[f"{a}.attn_sink"], c ** -0.5)
     o = apply_rope(o, pos, freqs, inverse=True)
     g = s.o_groups
     wo_a = params[f"{a}.wo_a.weight"].to(ctx.dtype).view(g, s.o_lora_rank, s.o_group_in)
@@ -249,10 +309,15 @@ def indexer(ctx: StepContext, u: Tensor, qr: Tensor, pos: Tensor, start: Tensor,
     if ctx.simulate:
         q = dsv4.fp4_qdq(q, 32)
     w = dense_f32(u, params[f"{a}.indexer.weights_proj.weight"]) * (dI ** -0.5 * nI ** -0.5)
-    scores = dsv4.indexer_score(q, keys, w)
-    ent = torch.arange(keys.shape[1], device=u.device)
+    if isinstance(keys, tuple):  # packed storage: e2m1 codes + ue8m0 bytes
+        scores = dsv4.indexer_score_packed(q, *keys, w)
+        n_ent = keys[0].shape[1]
+    else:
+        scores = dsv4.indexer_score(q, keys, w)
+        n_ent = keys.shape[1]
+    ent = torch.arange(n_ent, device=u.device)
     scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, min(s.index_topk, keys.shape[1]), dim=-1)
+    vals, idx = torch.topk(scores, min(s.index_topk, n_ent), dim=-1)
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 

@@ -24,6 +24,7 @@ from dsv4c.errors import BackendUnavailableError, ConfigError
 from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
+from dsv4c.ops.kv_storage import KV_STORAGE_FORMAT
 from dsv4c.passes import check_pass_names, dump_files, run_pipeline
 from dsv4c.plan import make_plan
 from dsv4c.spec import ModelSpec, get_variant, truncated
@@ -94,9 +95,9 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
     t_start = time.perf_counter()
     spec = resolve_spec(req)
     validate_request(req, spec)
-    plan = make_plan(spec)
     dtype = DTYPES[req.dtype]
     ctx = StepContext(spec, req.numerics, dtype)
+    plan = make_plan(spec, kv_storage=ctx.kv_storage)
     cfg = TraceConfig(req.max_seq_len)
 
     def step(msg: str, t0: float) -> float:
@@ -105,7 +106,7 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
 
     t = time.perf_counter()
     progress(f"spec {spec.name}: {spec.num_layers} blocks + {spec.num_mtp_layers} MTP, target {req.target}, "
-             f"backend {req.backend}, numerics {req.numerics}, dtype {req.dtype}")
+             f"backend {req.backend}, numerics {req.numerics}, dtype {req.dtype}, KV cache {ctx.kv_storage}")
     if req.dry_run:
         weights = _fake_weights(spec, dtype)
     else:
@@ -133,8 +134,10 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
         "max_batch": req.max_batch,
         "pipeline": records,
         "pipeline_uuid": pipeline_uuid,
+        "kv_storage": ctx.kv_storage,
+        "kv_storage_format": KV_STORAGE_FORMAT if ctx.packed_kv else None,
         "cache_layout": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-                         for k, v in cache_tensors(spec, 1, req.max_seq_len, dtype).items()},
+                         for k, v in cache_tensors(spec, 1, req.max_seq_len, dtype, storage=ctx.kv_storage).items()},
         "kv_bytes_per_token": kv_bytes_per_token(spec),
         "plan": plan.as_dict(),
     }

@@ -80,7 +80,8 @@ def lower(target: str, programs: dict[str, Program], w: ArtifactWriter, manifest
         },
         "load_time_rewrites": (["linear_w16: matmul(x.float(), W_bf16.float().t()) -> dsv4c_rt::linear_w16"]
                                if gpu else []),
-        "decompositions": ["dsv4::compress_finish", "dsv4::compress_finish_pair", "dsv4::indexer_topk"],
+        "decompositions": ["dsv4::compress_finish", "dsv4::compress_finish_pair", "dsv4::indexer_topk",
+                           "dsv4::indexer_topk_packed"],
         "kernels": KERNELS["cuda" if gpu else "cpu"],
         "compile_cache": {"root": "$DSV4C_CACHE or ~/.cache/dsv4c",
                           "key": ["pipeline_uuid", "programs_sha256", "dsv4c", "torch", "triton", "device"]},

@@ -82,6 +82,15 @@ def check(target: str, dtype: str) -> None:
                           "build with --dtype fp32 (the ONNX graph still stores FP8/FP4 weights as such).")
 
 
+def check_kv_storage(kv_storage: str) -> None:
+    """The ONNX models carry the cache as dense fp32 inputs/outputs; a packed (storage-format) cache has no
+    ONNX lowering of its codecs (kv_pack / fp4_pack / the packed attention and indexer ops)."""
+    if kv_storage != "dense":
+        raise ConfigError(f"The onnx backend takes a dense KV cache; this build's cache is {kv_storage!r} "
+                          "(entries in FP8/FP4 storage format).",
+                          "build with --dtype fp32 (which uses the dense cache), or use --backend eager/inductor.")
+
+
 class ExportUnsupported(Exception):
     """The fast path cannot take this graph; the public ``torch.onnx.export`` path will."""
 
@@ -754,6 +763,7 @@ def start(target: str, programs: dict[str, Program], writer, manifest: dict, pro
     """Set up the export of ``programs`` into ``writer`` (``job.go()`` starts it; ``job.entries`` is the
     manifest's programs table, completed when the models are written)."""
     check(target, manifest.get("dtype", "fp32"))
+    check_kv_storage(manifest.get("kv_storage", "dense"))
     if consts is None:
         from dsv4c.frontend.model import constants
         from dsv4c.spec import ModelSpec

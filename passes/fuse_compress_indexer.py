@@ -15,7 +15,13 @@ pass rewrites, per CSA block:
    gathers are hoisted above the main compressor's cache write for that (pure nodes only, and only
    if no cache they read is written in between).
 3. **indexer_topk**: ``indexer_score -> masked_fill(entry >= visible) -> topk -> where(isinf, -1)``
-   becomes ``dsv4::indexer_topk``.
+   becomes ``dsv4::indexer_topk`` (packed KV storage: ``indexer_score_packed`` -> ... becomes
+   ``dsv4::indexer_topk_packed``, reading the keys' e2m1 codes and ue8m0 bytes).
+
+Packed KV storage (``StepContext.kv_storage == "packed"``): the frontend finishes the main entries
+without the FP8 quant-dequant (quant mode 0) and the indexer keys with the Hadamard only (mode 3), and
+quantizes by packing (``dsv4::kv_pack`` / ``dsv4::fp4_pack``) into the cache; the chains fused here are
+the same up to that mode, so the pack ops simply follow the fused op.
 
 HCA blocks have a single compressor: its chain becomes ``dsv4::compress_finish`` (**finish**).
 Every fused op computes exactly the chain it replaces (same ops, same order), so logits are unchanged.
@@ -80,12 +86,17 @@ _FINISH_DEPTH = 40  # the longest chain (quant mode 2) is ~25 nodes deep
 
 _PROJ_MM = Op(aten.matmul.default, Cast(V("u"), F32), Op(aten.t.default, Cast(V("w"), F32)), name="mm")
 
-_SCORES = Op(aten.masked_fill.Scalar, Op(dsv4.indexer_score.default, V("q"), V("k"), V("w")),
-             Op(aten.ge.Tensor, Op(aten.arange.default, V("n_ent")), Op(aten.unsqueeze.default, V("visible"), V("vd"))),
-             -math.inf)
-_TK = Named("tk", Op(aten.topk.default, _SCORES, V("topk")))
-_TOPK = Op(aten.where.self, Op(aten.isinf.default, Op(operator.getitem, _TK, 0)),
-           Op(aten.full_like.default, Named("idx", Op(operator.getitem, _TK, 1)), -1), V("idx"))
+def _topk_pattern(score):
+    scores = Op(aten.masked_fill.Scalar, score, Op(aten.ge.Tensor, Op(aten.arange.default, V("n_ent")),
+                                                   Op(aten.unsqueeze.default, V("visible"), V("vd"))), -math.inf)
+    tk = Named("tk", Op(aten.topk.default, scores, V("topk")))
+    return Op(aten.where.self, Op(aten.isinf.default, Op(operator.getitem, tk, 0)),
+              Op(aten.full_like.default, Named("idx", Op(operator.getitem, tk, 1)), -1), V("idx"))
+
+
+_TOPK = _topk_pattern(Op(dsv4.indexer_score.default, V("q"), V("k"), V("w")))
+# packed KV storage: the keys are e2m1 codes + ue8m0 bytes (dsv4c.ops.kv_storage)
+_TOPK_PACKED = _topk_pattern(Op(dsv4.indexer_score_packed.default, V("q"), V("k"), V("k_scale"), V("w")))
 
 
 @register
@@ -252,7 +263,7 @@ def _emit_pair(g: fx.Graph, main: tuple, idx: tuple, ctx) -> bool:
     return True
 
 
-_VIEW_LIKE = {aten.slice.Tensor, aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.expand.default,
+_VIEW_LIKE = {aten.slice.Tensor, aten.view.default, aten.view.dtype, aten.reshape.default, aten.unsqueeze.default, aten.expand.default,
               aten.t.default, aten.permute.default, aten.select.int, aten.alias.default, aten.squeeze.dim,
               aten.flatten.using_ints}
 
@@ -303,13 +314,20 @@ def _fuse_topk(prog: Program) -> int:
     n = 0
     for w in calls(g, aten.where.self):
         b = match(_TOPK, w)
+        packed = b is None
+        if packed:
+            b = match(_TOPK_PACKED, w)
         if b is None:
             continue
         k_shape = b["k"].meta["val"].shape if "val" in b["k"].meta else None
         if k_shape is None or b["n_ent"] != k_shape[1] or b["vd"] not in (-1, 2) or not isinstance(b["topk"], int):
             continue
         with g.inserting_before(w):
-            new = call(g, dsv4.indexer_topk.default, b["q"], b["k"], b["w"], b["visible"], b["topk"], like=w)
+            if packed:
+                new = call(g, dsv4.indexer_topk_packed.default, b["q"], b["k"], b["k_scale"], b["w"], b["visible"],
+                           b["topk"], like=w)
+            else:
+                new = call(g, dsv4.indexer_topk.default, b["q"], b["k"], b["w"], b["visible"], b["topk"], like=w)
         replace(w, new)
         n += 1
     return n

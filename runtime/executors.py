@@ -40,8 +40,15 @@ _EXTERNAL = {"inductor": "dsv4c.runtime.inductor_executor", "onnx": "dsv4c.runti
              "tensorrt": "dsv4c.runtime.tensorrt_executor"}
 
 
+_DENSE_CACHE_ONLY = ("onnx", "tensorrt")  # their models take the cache as dense tensors
+
+
 def make_executor(art: Artifact, device: torch.device) -> Executor:
     backend = art.manifest.get("backend")
+    storage = art.manifest.get("kv_storage", "dense")
+    if backend in _DENSE_CACHE_ONLY and storage != "dense":
+        raise ArtifactError(f"{art.path}: a {backend!r} artifact with a {storage!r} KV cache; the {backend} runtime "
+                            "takes dense caches only.", "rebuild it with --dtype fp32 (dense cache).")
     if backend == "eager":
         return EagerExecutor(art, device)
     if backend not in _EXTERNAL:

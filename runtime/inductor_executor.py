@@ -226,8 +226,16 @@ def _indexer_topk(q, k, w, visible, topk):
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 
+def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
+    scores = dsv4.indexer_score_packed(q, k_codes, k_scale, w)
+    ent = torch.arange(k_codes.shape[1], device=q.device)
+    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
+    vals, idx = torch.topk(scores, topk, dim=-1)
+    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+
+
 _DECOMPS = {"compress_finish": _compress_finish, "compress_finish_pair": _compress_finish_pair,
-            "indexer_topk": _indexer_topk}
+            "indexer_topk": _indexer_topk, "indexer_topk_packed": _indexer_topk_packed}
 
 
 def register_decompositions() -> None:

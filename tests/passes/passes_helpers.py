@@ -57,8 +57,12 @@ def random_inputs(ctx: StepContext, entry: str, seed: int, max_seq_len: int = MA
     spec = ctx.spec
     batch, seq = (1, 11) if entry == "prefill" else (3, 1)
     cache = {}
-    for k, t in cache_tensors(spec, batch, max_seq_len, ctx.dtype).items():
-        cache[k] = torch.randn(t.shape, generator=gen).to(t.dtype)
+    for k, t in cache_tensors(spec, batch, max_seq_len, ctx.dtype, storage=ctx.kv_storage).items():
+        if t.dtype == torch.uint8:  # packed storage: ue8m0 scale bytes near 2^0, random e2m1 code pairs
+            lo, hi = (120, 128) if k.endswith("_scale") else (0, 256)
+            cache[k] = torch.randint(lo, hi, t.shape, generator=gen, dtype=torch.uint8)
+        else:
+            cache[k] = torch.randn(t.shape, generator=gen).to(t.dtype)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=gen)
     start = torch.randint(0, max_seq_len - seq, (batch,), generator=gen)
     return cache, ids, start
