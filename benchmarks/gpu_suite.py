@@ -273,6 +273,46 @@ def phase_kernels(args) -> dict:
             ms = bench(lambda: tk.sparse_attn(q, win, mask, comp, idx, sink, C ** -0.5, kv_split=split))
             res["checks"][-1]["ms"] = ms
             log(f"kernels:   {ms:.4f} ms")
+    # decode attention and indexer over the KV cache in its storage format (Flash: c 512 = 448 FP8 + 64 bf16)
+    from dsv4c.ops import kv_storage  # noqa: F401  (defines the packed ops)
+
+    dsv4 = torch.ops.dsv4
+    for B_, NE in ((1, 16384), (32, 16384)):
+        q = torch.randn(B_, 1, H, C, device=dev, generator=g).to(torch.bfloat16)
+        win = torch.randn(B_, 128, C, device=dev, generator=g).to(torch.bfloat16)
+        ent = torch.randn(B_, NE, C, device=dev, generator=g).to(torch.bfloat16)
+        cn, cs, cr = dsv4.kv_pack(ent, 64)
+        mask = torch.ones(B_, 1, 128, dtype=torch.bool, device=dev)
+        idx = torch.rand(B_, 1, NE, device=dev, generator=g).topk(512, dim=-1).indices
+        sink = torch.randn(H, device=dev, generator=g)
+        ref = library.sparse_attn(q, win, mask, dsv4.kv_unpack(cn, cs, cr), idx, sink, C ** -0.5)
+        out = tk.sparse_attn_packed(q, win, mask, cn, cs, cr, idx, sink, C ** -0.5)
+        check(f"sparse_attn_packed decode B={B_} E={NE}", out, ref, 2e-2)
+        ms = bench(lambda: tk.sparse_attn_packed(q, win, mask, cn, cs, cr, idx, sink, C ** -0.5))
+        moved = B_ * (512 + 128) * 584 + q.numel() * 4
+        res["checks"][-1].update({"ms": ms, "GB/s": moved / ms / 1e6})
+        log(f"kernels:   {ms:.4f} ms ({moved / 2**20:.1f} MiB of selected entries and q/o)")
+        # the lightning indexer reads every visible key: FP4 codes + ue8m0 bytes (68 B per entry)
+        nI, dI = 64, 128
+        qi = torch.randn(B_, 1, nI, dI, device=dev, generator=g).to(torch.bfloat16)
+        keys = torch.randn(B_, NE, dI, device=dev, generator=g).to(torch.bfloat16)
+        kc, ks_ = dsv4.fp4_pack(keys, 32)
+        wi = torch.randn(B_, 1, nI, device=dev, generator=g)
+        ref = library.indexer_score(qi, dsv4.fp4_unpack(kc, ks_, 32), wi)
+        check(f"indexer_score_packed decode B={B_} E={NE}", tk.indexer_score_packed(qi, kc, ks_, wi), ref, 1e-3)
+        ms = bench(lambda: tk.indexer_score_packed(qi, kc, ks_, wi))
+        moved = kc.numel() + ks_.numel()
+        res["checks"][-1].update({"ms": ms, "GB/s": moved / ms / 1e6})
+        log(f"kernels:   {ms:.4f} ms, {moved / ms / 1e6:.0f} GB/s of keys")
+        vis = torch.full((B_, 1), NE, dtype=torch.long, device=dev)
+        got = tk.indexer_topk_packed(qi, kc, ks_, wi, vis, 512)
+        want = library.indexer_topk(qi, dsv4.fp4_unpack(kc, ks_, 32), wi, vis, 512)
+        same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got.reshape(-1, 512), want.reshape(-1, 512)))
+        frac = same / want.numel()
+        res["checks"].append({"case": f"indexer_topk_packed decode B={B_} E={NE} (selection overlap)",
+                              "max_rel": 1 - frac, "ok": frac >= 0.99})
+        log(f"kernels: indexer_topk_packed B={B_}: {frac:.4f} of the reference selection")
+        del q, win, ent, cn, cs, cr, keys, kc, ks_
     # prefill-size FP4 through the grouped-mm path (dequantized experts + torch._grouped_mm) vs the tile kernel
     T = 8192
     A = T * K6
