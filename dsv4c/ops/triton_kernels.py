@@ -27,6 +27,11 @@ Numerics (all match the CPU reference up to fp32 summation order unless noted):
   interpreter (whose own fp32 -> bf16 cast truncates) rounds like the GPU and the reference.
 - ``sparse_attn``: bf16 Q.K products, fp32 online softmax; P.V uses P split into two bf16 terms
   (hi + lo, ~16 significant bits), so its error stays well below the bf16 output rounding.
+- ``sparse_attn_packed`` / ``indexer_score_packed`` / ``indexer_topk_packed`` read the KV cache in its storage
+  format (``dsv4c.ops.kv_storage``) and dequantize in registers; the dequantized values (e4m3 or e2m1 times
+  a power of two) are exact in bf16, so they compute what the dense kernels compute on ``kv_unpack`` /
+  ``fp4_unpack`` of the cache (the indexer bit for bit on H100; the attention to the same error against an
+  fp32 reference, with different bf16 output roundings in ~0.1% of elements).
 - fp32 inputs (no activation quantization) use IEEE fp32 dots (slow; meant for fp32 test models).
 - Under the interpreter every dot runs in fp32 (the interpreter cannot multiply bf16), which is exact
   for the bf16/e4m3 operands used here.
@@ -762,9 +767,12 @@ if HAVE_TRITON:
         c_lo = ks * C_CHUNK
         c_hi = tl.minimum(c_lo + C_CHUNK, KC)
         if PACKED:
-            nope_m = rc < NOPE
-            rope_m = (rc >= NOPE) & c_mask
-            rc_r = tl.where(rope_m, rc - NOPE, 0)
+            # the tile as [BN, BC / 64, 64]: one scale byte per (entry, 64-block), loaded once and broadcast
+            NB: tl.constexpr = BC // 64
+            blk = tl.arange(0, NB)
+            col3 = blk[:, None] * 64 + tl.arange(0, 64)[None, :]  # [NB, 64] column of the entry
+            nope3 = (col3 < NOPE)[None, :, :]
+            rope3 = ((col3 >= NOPE) & (col3 < C))[None, :, :]
             n_base = cn_ptr + b * CN_SB
             s_base = cs_ptr + b * CS_SB
             r_base = cr_ptr + b * CR_SB
@@ -774,14 +782,16 @@ if HAVE_TRITON:
             vis = (idx >= 0) & (idx < NE)
             if PACKED:
                 ent = tl.where(vis, idx, 0)
-                nm = vis[:, None] & nope_m[None, :]
-                nb = tl.load(n_base + ent[:, None] * CN_SE + rc[None, :], mask=nm, other=0)
-                sb = tl.load(s_base + ent[:, None] * CS_SE + (rc // 64)[None, :], mask=nm, other=127)
-                rp = tl.load(r_base + ent[:, None] * CR_SE + rc_r[None, :], mask=vis[:, None] & rope_m[None, :],
+                v3 = vis[:, None, None]
+                nb = tl.load(n_base + ent[:, None, None] * CN_SE + col3[None, :, :], mask=v3 & nope3, other=0)
+                sb = tl.load(s_base + ent[:, None] * CS_SE + blk[None, :], mask=vis[:, None] & (blk * 64 < NOPE)[None, :],
+                             other=127)
+                rp = tl.load(r_base + ent[:, None, None] * CR_SE + (col3 - NOPE)[None, :, :], mask=v3 & rope3,
                              other=0.0)
                 sf = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
-                nv = nb.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sf
-                kv = tl.where(nope_m[None, :], nv, rp.to(tl.float32)).to(q_ptr.dtype.element_ty)
+                nv = nb.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sf[:, :, None]
+                kv3 = tl.where(nope3, nv, rp.to(tl.float32)).to(q_ptr.dtype.element_ty)
+                kv = tl.reshape(kv3, (BN, BC))
             else:
                 kv = tl.load(c_base + idx[:, None] * C + rc[None, :], mask=vis[:, None] & c_mask[None, :],
                              other=0.0)
@@ -918,8 +928,8 @@ if HAVE_TRITON:
                                      HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """BS query tokens x BE keys stored as FP4: ``kc`` [B, E, D/2] bytes (two e2m1 codes, low nibble =
         even element), ``ks`` [B, E, D/32] ue8m0 bytes; batch / entry strides in bytes. The tile is decoded
-        once in registers (e2m1 * 2^(byte - 127), exact in bf16) as its even (low nibble) and odd (high
-        nibble) halves, which meet the even and odd query dims in two dots; reused for every token.
+        once in registers (e2m1 -> e4m3 bit pattern, times 2^(byte - 127 + 6): exact in bf16) and reused for
+        every token of the block.
 
         HAS_VIS: entry j is visible to token (b, s) when j < vis[b, s]; others score -inf, and a tile that no
         token of the block can see is not read at all (decode reads only the live part of the cache)."""
@@ -930,8 +940,7 @@ if HAVE_TRITON:
         e0 = tl.program_id(1) * BE
         re = e0 + tl.arange(0, BE)
         e_mask = re < NE
-        D2: tl.constexpr = D // 2
-        j = tl.arange(0, D2)  # byte columns: elements 2j (low nibble) and 2j + 1 (high nibble)
+        j = tl.arange(0, D // 2)  # byte columns: elements 2j (low nibble) and 2j + 1 (high nibble)
         rh = tl.arange(0, BHI)
         h_mask = rh < NH
         if HAS_VIS:
@@ -941,30 +950,31 @@ if HAVE_TRITON:
         else:
             live = e0 < NE
         if live:
-            p = tl.load(kc_ptr + b * KC_SB + re.to(tl.int64)[:, None] * KC_SE + j[None, :],
-                        mask=e_mask[:, None], other=0).to(tl.int32)
-            sb = tl.load(ks_ptr + b * KS_SB + re.to(tl.int64)[:, None] * KS_SE + (j // 16)[None, :],
-                         mask=e_mask[:, None], other=127).to(tl.int32)
-            sf = (sb << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127)
-            k_lo = _e2m1_decode(p & 0xF) * sf
-            k_hi = _e2m1_decode((p >> 4) & 0xF) * sf
-            if not (UPCAST or IEEE):
-                k_lo = k_lo.to(tl.bfloat16)
-                k_hi = k_hi.to(tl.bfloat16)
+            p = tl.load(kc_ptr + b * KC_SB + re.to(tl.int64)[:, None] * KC_SE + j[None, :], mask=e_mask[:, None],
+                        other=0)
+            g = tl.arange(0, D // 32)
+            sb = tl.load(ks_ptr + b * KS_SB + re.to(tl.int64)[:, None] * KS_SE + g[None, :], mask=e_mask[:, None],
+                         other=127).to(tl.int32)
+            # e2m1 nibble -> e4m3 bit pattern (value * 2^-6, exact), interleaved back to element order
+            lo = ((p & 7) << 2) | ((p & 8) << 4)
+            hi = ((p >> 2) & 0x1C) | (p & 0x80)
+            k8 = tl.reshape(tl.join(lo, hi), (BE, D)).to(tl.float8e4nv, bitcast=True)
+            sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127) * 2^6
+            kf = tl.reshape(tl.reshape(k8.to(tl.float32), (BE, D // 32, 32)) * sf[:, :, None], (BE, D))
+            if UPCAST or IEEE:
+                kt = tl.trans(kf)
+            else:
+                kt = tl.trans(kf.to(tl.bfloat16))  # exact: e2m1 * 2^k
+            rd = tl.arange(0, D)
             for i in range(BS):
                 s = s0 + i
                 s_ok = s < S
                 tok = b * S + s
-                q_rows = q_ptr + (tok * NH + rh)[:, None] * D + 2 * j[None, :]
-                qm = h_mask[:, None] & s_ok
-                q_e = tl.load(q_rows, mask=qm, other=0.0)
-                q_o = tl.load(q_rows + 1, mask=qm, other=0.0)
+                q = tl.load(q_ptr + (tok * NH + rh)[:, None] * D + rd[None, :], mask=h_mask[:, None] & s_ok, other=0.0)
                 if UPCAST or IEEE:
-                    dots = tl.dot(q_e.to(tl.float32), tl.trans(k_lo), input_precision="ieee")
-                    dots = tl.dot(q_o.to(tl.float32), tl.trans(k_hi), dots, input_precision="ieee")
+                    dots = tl.dot(q.to(tl.float32), kt, input_precision="ieee")
                 else:
-                    dots = tl.dot(q_e, tl.trans(k_lo))
-                    dots = tl.dot(q_o, tl.trans(k_hi), dots)
+                    dots = tl.dot(q, kt)
                 w = tl.load(w_ptr + tok * NH + rh, mask=h_mask & s_ok, other=0.0).to(tl.float32)
                 sc = tl.sum(tl.maximum(dots, 0.0) * w[:, None], axis=0)
                 if HAS_VIS:
@@ -1567,10 +1577,12 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
     if KC == 0:
         idx = torch.full((B, S, 1), -1, dtype=torch.int64, device=q.device)
     sink = sink.float().contiguous()
-    bc = _np2(C, 16)
+    bc = _np2(C, 64 if packed is not None else 16)  # packed tiles are [BN, BC / 64, 64]
     # the fp32 accumulator is BH x C: with C = 512 keep BH at 16-32 heads per program (the programs of one
     # token share its keys through L2)
     bh = block_h or min(32 if bc >= 256 else 64, _np2(H, 16))
+    if packed is not None and block_h is None and 8 <= B * S <= 64:
+        bh = 16  # decode batches: the in-register dequantization favours smaller head blocks (H100, B = 32)
     bn = block_n or 32
     nw = num_warps or (8 if bh * bc >= 32 * 512 else 4)
     hbk = triton.cdiv(H, bh)
@@ -1677,8 +1689,9 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     kc = _rows_view(k_codes).view(torch.uint8)
     ks = _rows_view(k_scale).view(torch.uint8)
     vis = visible.to(torch.int64).contiguous() if visible is not None else q
-    if S == 1:  # decode: bigger key tiles amortize the query rows (re-read by every tile)
-        bs, be = 1, block_e or (32 if INTERPRET else 128)
+    if S == 1:  # decode: bigger key tiles amortize the query rows (re-read by every tile) when there are enough
+        bs = 1
+        be = block_e or (32 if INTERPRET else 128 if B * NE >= 256 * _num_sms(q.device) else 64)
     else:
         bs, be = block_s or (4 if INTERPRET else 16), block_e or (32 if INTERPRET else 64)
     bs = block_s or bs
@@ -1686,7 +1699,7 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     _indexer_score_packed_kernel[grid](q, kc, ks, w, vis, out, S, NH, NE, kc.stride(0), kc.stride(1), ks.stride(0),
                                        ks.stride(1), D=D, BS=bs, BHI=_np2(NH, 16), BE=be,
                                        HAS_VIS=visible is not None, IEEE=_is_fp32(q), UPCAST=INTERPRET,
-                                       num_warps=num_warps or (8 if be >= 128 else 4), num_stages=2)
+                                       num_warps=num_warps or (8 if be >= 256 else 4), num_stages=2)
     return out
 
 
