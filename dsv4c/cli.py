@@ -61,7 +61,8 @@ def cmd_build(a: argparse.Namespace) -> int:
                        checkpoint=Path(a.checkpoint) if a.checkpoint else None, target=a.target, backend=a.backend,
                        numerics=a.numerics, dtype=a.dtype, max_seq_len=a.max_seq_len, max_batch=a.max_batch,
                        layers=a.layers, seed=a.seed, dry_run=a.dry_run, dump_passes=Path(a.dump_passes) if a.dump_passes else None,
-                       disable_passes=a.disable_pass or [])
+                       disable_passes=a.disable_pass or [],
+                       kv_storage=None if a.kv_storage in (None, "auto") else a.kv_storage)
     res = build(req, _progress(a.quiet))
     if a.dry_run:
         print(res.plan_text)
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="eager", help="eager, inductor, onnx or tensorrt")
     b.add_argument("--numerics", default="reference", help="reference (the contract) or exact (no quant simulation)")
     b.add_argument("--dtype", default="bf16", help="activation dtype: bf16 or fp32")
+    b.add_argument("--kv-storage", default="auto", choices=("auto", "packed", "dense"),
+                   help="KV cache layout: packed = entries in storage format (FP8/FP4 + ue8m0; needs reference "
+                        "numerics, bf16); dense = activation dtype; auto = packed where lossless")
     b.add_argument("--max-seq-len", type=int, default=4096, help="context capacity per sequence")
     b.add_argument("--max-batch", type=int, default=8, help="sequences served at once")
     b.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (benchmark slices)")

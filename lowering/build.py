@@ -23,7 +23,7 @@ from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_pa
 from dsv4c.errors import BackendUnavailableError, ConfigError
 from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
-from dsv4c.layout import cache_tensors, kv_bytes_per_token, model_tensors
+from dsv4c.layout import cache_tensors, kv_bytes_per_token, kv_storage_problem, model_tensors
 from dsv4c.ops.kv_storage import KV_STORAGE_FORMAT
 from dsv4c.passes import check_pass_names, dump_files, run_pipeline
 from dsv4c.plan import make_plan
@@ -50,6 +50,7 @@ class BuildRequest:
     dry_run: bool = False
     dump_passes: Path | None = None
     disable_passes: list[str] = field(default_factory=list)
+    kv_storage: str | None = None  # "packed" / "dense"; None = derived (dsv4c.layout.default_kv_storage)
 
 
 @dataclass
@@ -85,6 +86,11 @@ def validate_request(req: BuildRequest, spec: ModelSpec) -> None:
     if not req.dry_run and req.output is None:
         raise ConfigError("No output directory given.", "add -o ARTIFACT_DIR (or --dry-run).")
     check_pass_names(req.disable_passes)  # before tracing: a typo must not cost minutes
+    if req.kv_storage is not None:
+        problem = kv_storage_problem(spec, req.numerics, DTYPES[req.dtype], req.kv_storage)
+        if problem:
+            raise ConfigError(f"--kv-storage {req.kv_storage}: {problem}.",
+                              "use --kv-storage dense (or auto), or build with --numerics reference --dtype bf16.")
 
 
 def _fake_weights(spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -96,7 +102,7 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
     spec = resolve_spec(req)
     validate_request(req, spec)
     dtype = DTYPES[req.dtype]
-    ctx = StepContext(spec, req.numerics, dtype)
+    ctx = StepContext(spec, req.numerics, dtype, req.kv_storage)
     plan = make_plan(spec, kv_storage=ctx.kv_storage)
     cfg = TraceConfig(req.max_seq_len)
 
