@@ -479,5 +479,13 @@ def dsv4_ops() -> set[str]:
                                                                       torch._ops.OpOverloadPacket)}
 
 
+# Ops that only a packed (storage-format) KV cache brings into a graph (dsv4c.ops.kv_storage). The onnx
+# backend takes dense caches only (onnx_backend.check_kv_storage refuses packed builds), so they have no
+# translation.
+PACKED_KV_OPS = frozenset(f"dsv4::{n}" for n in ("kv_pack", "kv_unpack", "fp4_pack", "fp4_unpack",
+                                                 "sparse_attn_packed", "indexer_score_packed",
+                                                 "indexer_topk_packed"))
+
+
 def covered_ops() -> set[str]:
     return {f"dsv4::{t._opname}" for t in translation_table()}

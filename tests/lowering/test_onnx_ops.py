@@ -174,4 +174,16 @@ def test_fp4_rounding_hits_every_tie_the_reference_way(results):
 
 
 def test_every_dsv4_op_has_a_translation():
-    assert onnx_ops.dsv4_ops() <= onnx_ops.covered_ops(), onnx_ops.dsv4_ops() - onnx_ops.covered_ops()
+    # the packed-KV ops only occur in packed-cache graphs, which the onnx backend refuses
+    assert onnx_ops.PACKED_KV_OPS <= onnx_ops.dsv4_ops()
+    need = onnx_ops.dsv4_ops() - onnx_ops.PACKED_KV_OPS
+    assert need <= onnx_ops.covered_ops(), need - onnx_ops.covered_ops()
+
+
+def test_onnx_backend_refuses_a_packed_cache():
+    from dsv4c.errors import ConfigError
+    from dsv4c.lowering.onnx_backend import check_kv_storage
+
+    check_kv_storage("dense")
+    with pytest.raises(ConfigError, match="dense KV cache"):
+        check_kv_storage("packed")
