@@ -131,7 +131,7 @@ def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: 
     if device_synth:
         dev = torch.device("cuda")
 
-        def load(req, spec, dt, progress):  # noqa: ANN001, ANN202
+        def load(req, spec, dt, progress, scratch=None):  # noqa: ANN001, ANN202
             t = time.perf_counter()
             w = synth_weights_on_device(spec, dt, dev, req.seed)
             torch.cuda.synchronize()

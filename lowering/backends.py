@@ -33,13 +33,26 @@ def lower_eager(target: str, programs: dict[str, Program], w: ArtifactWriter, ma
     return out
 
 
+def preflight(backend: str, target: str, dtype: str, kv_storage: str) -> None:
+    """Refuse, in milliseconds, a build the backend cannot lower (missing packages, a dtype or cache layout
+    it does not take, no GPU for TensorRT): before the weights are read and the minutes of tracing."""
+    if backend not in ("onnx", "tensorrt"):
+        return
+    mod = _backend_module(backend)
+    mod.check(target, dtype)
+    importlib.import_module(_MODULES["onnx"]).check_kv_storage(kv_storage)
+
+
+def _backend_module(backend: str):  # noqa: ANN202 - a module
+    try:
+        return importlib.import_module(_MODULES[backend])
+    except ModuleNotFoundError as e:
+        raise BackendUnavailableError(f"The {backend!r} backend is not available in this dsv4c build ({e.name} is missing).",
+                                      "use --backend eager, or install the backend's dependencies.") from None
+
+
 def lower(backend: str, target: str, programs: dict[str, Program], w: ArtifactWriter, manifest: dict,
           progress: Callable[[str], None]) -> dict[str, dict]:
     if backend == "eager":
         return lower_eager(target, programs, w, manifest, progress)
-    try:
-        mod = importlib.import_module(_MODULES[backend])
-    except ModuleNotFoundError as e:
-        raise BackendUnavailableError(f"The {backend!r} backend is not available in this dsv4c build ({e.name} is missing).",
-                                      "use --backend eager, or install the backend's dependencies.") from None
-    return mod.lower(target, programs, w, manifest, progress)
+    return _backend_module(backend).lower(target, programs, w, manifest, progress)

@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from dsv4c.passes import check_pass_names, dump_files, run_pipeline
 from dsv4c.plan import make_plan
 from dsv4c.spec import ModelSpec, get_variant, truncated
 
-from .backends import BACKENDS, TARGETS, lower
+from .backends import BACKENDS, TARGETS, lower, preflight
 
 Progress = Callable[[str], None]
 
@@ -113,45 +114,49 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
     t = time.perf_counter()
     progress(f"spec {spec.name}: {spec.num_layers} blocks + {spec.num_mtp_layers} MTP, target {req.target}, "
              f"backend {req.backend}, numerics {req.numerics}, dtype {req.dtype}, KV cache {ctx.kv_storage}")
-    if req.dry_run:
-        weights = _fake_weights(spec, dtype)
-    else:
-        weights = _load_weights(req, spec, dtype, progress)
-        t = step(f"weights ready: {len(weights)} tensors", t)
-    programs = {}
-    for entry in ("prefill", "decode"):
-        programs[entry] = trace_program(ctx, entry, cfg, log=progress)
-        t = step(f"traced {entry}: {programs[entry].num_nodes()} nodes", t)
-    weights, records = run_pipeline(programs, weights, ctx, req.target, req.disable_passes, req.dump_passes, progress)
-    t = step(f"pass pipeline: {len(records)} passes", t)
-    pipeline_uuid = hashlib.sha256(json.dumps([r["uuid"] for r in records]).encode()).hexdigest()[:16]
-    consts = constants(spec)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "dsv4c_version": __version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "triton_version": _triton_version(),
-        "target": req.target,
-        "backend": req.backend,
-        "numerics": req.numerics,
-        "dtype": req.dtype,
-        "spec": spec.to_dict(),
-        "max_seq_len": req.max_seq_len,
-        "max_batch": req.max_batch,
-        "pipeline": records,
-        "pipeline_uuid": pipeline_uuid,
-        "kv_storage": ctx.kv_storage,
-        "kv_storage_format": KV_STORAGE_FORMAT if ctx.packed_kv else None,
-        "cache_layout": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-                         for k, v in cache_tensors(spec, 1, req.max_seq_len, dtype, storage=ctx.kv_storage).items()},
-        "kv_bytes_per_token": kv_bytes_per_token(spec),
-        "plan": plan.as_dict(),
-    }
-    if req.dry_run:
-        progress(plan.render())
-        progress(f"dry run: pipeline {pipeline_uuid}, nothing written")
-        return BuildResult(None, manifest, plan.render(), time.perf_counter() - t_start)
-    with artifact_writer(req.output) as w:
+    preflight(req.backend, req.target, req.dtype, ctx.kv_storage)
+    with ExitStack() as stack:
+        # The output's lock is taken before the weights are read and the graphs traced: a second build of
+        # the same path fails at once instead of after minutes of work.
+        w = None if req.dry_run else stack.enter_context(artifact_writer(req.output))
+        if req.dry_run:
+            weights = _fake_weights(spec, dtype)
+        else:
+            weights = _load_weights(req, spec, dtype, progress, scratch=w.tmp / '.synth')
+            t = step(f"weights ready: {len(weights)} tensors", t)
+        programs = {}
+        for entry in ("prefill", "decode"):
+            programs[entry] = trace_program(ctx, entry, cfg, log=progress)
+            t = step(f"traced {entry}: {programs[entry].num_nodes()} nodes", t)
+        weights, records = run_pipeline(programs, weights, ctx, req.target, req.disable_passes, req.dump_passes, progress)
+        t = step(f"pass pipeline: {len(records)} passes", t)
+        pipeline_uuid = hashlib.sha256(json.dumps([r["uuid"] for r in records]).encode()).hexdigest()[:16]
+        consts = constants(spec)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "dsv4c_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "triton_version": _triton_version(),
+            "target": req.target,
+            "backend": req.backend,
+            "numerics": req.numerics,
+            "dtype": req.dtype,
+            "spec": spec.to_dict(),
+            "max_seq_len": req.max_seq_len,
+            "max_batch": req.max_batch,
+            "pipeline": records,
+            "pipeline_uuid": pipeline_uuid,
+            "kv_storage": ctx.kv_storage,
+            "kv_storage_format": KV_STORAGE_FORMAT if ctx.packed_kv else None,
+            "cache_layout": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                             for k, v in cache_tensors(spec, 1, req.max_seq_len, dtype, storage=ctx.kv_storage).items()},
+            "kv_bytes_per_token": kv_bytes_per_token(spec),
+            "plan": plan.as_dict(),
+        }
+        if req.dry_run:
+            progress(plan.render())
+            progress(f"dry run: pipeline {pipeline_uuid}, nothing written")
+            return BuildResult(None, manifest, plan.render(), time.perf_counter() - t_start)
         lowered = lower(req.backend, req.target, programs, w, manifest, progress)
         manifest["programs"] = lowered
         where = w.write_tensors("params", weights, progress)
@@ -161,8 +166,8 @@ def build(req: BuildRequest, progress: Progress = print) -> BuildResult:
         for f in dump_files(req.dump_passes) if req.dump_passes is not None else ():  # for `dsv4c inspect --stage`
             w.write_bytes(f"debug/passes/{f.name}", f.read_bytes())
         out = w.commit(manifest)
-    step(f"artifact written to {out}", t)
-    return BuildResult(out, manifest, plan.render(), time.perf_counter() - t_start)
+        step(f"artifact written to {out}", t)
+        return BuildResult(out, manifest, plan.render(), time.perf_counter() - t_start)
 
 
 def _entry(t: torch.Tensor, file: str) -> dict:
@@ -178,11 +183,14 @@ def _triton_version() -> str | None:
         return None
 
 
-def _load_weights(req: BuildRequest, spec: ModelSpec, dtype: torch.dtype, progress: Progress) -> dict[str, torch.Tensor]:
+def _load_weights(req: BuildRequest, spec: ModelSpec, dtype: torch.dtype, progress: Progress,
+                  scratch: Path | None = None) -> dict[str, torch.Tensor]:
+    """The model's parameters from ``--checkpoint``, or from a checkpoint synthesized into ``scratch`` (the
+    artifact's temporary directory: a killed build leaves nothing behind) and removed once loaded."""
     if req.checkpoint is not None:
         ckpt = load_checkpoint(req.checkpoint, spec, progress)
     else:
-        tmp = Path(tempfile.mkdtemp(prefix="dsv4c-synth-"))
+        tmp = scratch if scratch is not None else Path(tempfile.mkdtemp(prefix="dsv4c-synth-"))
         try:
             synthesize_checkpoint(spec, tmp / "ckpt", seed=req.seed)
             progress(f"synthesized {spec.name} weights (seed {req.seed})")

@@ -56,7 +56,7 @@ def share_traces() -> None:
     if load is not None:
         wmemo = {}
 
-        def _load_weights(req, spec, dtype, progress):  # noqa: ANN001, ANN202
+        def _load_weights(req, spec, dtype, progress, scratch=None):  # noqa: ANN001, ANN202
             key = (spec, dtype, req.seed, str(req.checkpoint))
             if key not in wmemo:
                 wmemo[key] = load(req, spec, dtype, progress)
