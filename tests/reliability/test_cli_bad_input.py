@@ -149,7 +149,8 @@ def _cases(tmp: Path, ckpt: Path, art: Path) -> dict[str, Case]:
     art_case("run_wrong_target", "run", lambda d: edit_manifest(d, lambda m: m.__setitem__("target", "h100")),
              ["was built for target 'h100' but was asked to run on 'cpu'", "--target cpu"])
     art_case("run_wrong_backend", "run", lambda d: edit_manifest(d, lambda m: m.__setitem__("backend", "tensorrt")),
-             ["tensorrt", "artifact needs", "or rebuild with --backend"])
+             # a bf16 artifact relabelled: its packed KV cache is refused before TensorRT is looked for
+             ["a 'tensorrt' artifact with a 'packed' KV cache", "takes dense caches only", "--dtype fp32"])
     c["verify_not_an_artifact"] = Case(["verify", str(tmp)], [f"{tmp} is not a dsv4c artifact (no manifest.json)"])
     return c
 
