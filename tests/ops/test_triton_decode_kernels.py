@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dsv4c import quant  # noqa: E402
+from kernel_checks import check, gen  # noqa: E402
 from dsv4c.ops import fused, library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 
@@ -31,31 +32,10 @@ if not tk.INTERPRET:
 
 ops = torch.ops.dsv4
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-BF16_REL = 2.0**-7
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
-    assert bool((torch.isfinite(out.float()) == torch.isfinite(ref.float())).all())
-    if ref.dtype == torch.bfloat16:
-        err = (out.float() - ref.float()).abs()
-        bound = BF16_REL * ref.float().abs() + 1e-6 * ref.float().abs().max()
-        assert bool((err <= bound).all()), f"max bf16 excess {(err - bound).max().item()}"
-    else:
-        assert _rel(out, ref) <= tol, _rel(out, ref)
 
 
 def _act(shape, seed, dtype, spread=True):
-    x = torch.randn(shape, generator=_gen(seed))
+    x = torch.randn(shape, generator=gen(seed))
     if spread and shape[-2] > 1:
         x = x * torch.logspace(-3, 2, shape[-2])[:, None]
         x[..., 0, :] = 0.0
@@ -63,8 +43,8 @@ def _act(shape, seed, dtype, spread=True):
 
 
 def _packed_experts(E, N, K, bn, bk, seed):
-    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=_gen(seed)) * 0.05)
-    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=_gen(seed + 1)).float())  # spread the scales
+    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(seed)) * 0.05)
+    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=gen(seed + 1)).float())  # spread the scales
     pw, ps = fused.pack_fp4_tiled(w, s, bn, bk)
     return pw, ps
 
@@ -83,7 +63,7 @@ def test_fp4_packed(dtype, act_quant, ue8m0, path):
     out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=path != "sorted", block_n=16,
                                        block_m=16 if path == "direct_dot" else None,
                                        split_k=2 if path != "sorted" else None)
-    _check(out, ref)
+    check(out, ref)
     assert not out[[2, 5]].float().any()
 
 
@@ -96,9 +76,9 @@ def test_fp4_packed_tiles_and_splits(bn, bk):
     ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, True, True)
     for split in (1, 3):
         for bm in (None, 16):
-            _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=True, block_n=32,
+            check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=True, block_n=32,
                                                 split_k=split, block_m=bm), ref)
-    _check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16), ref)
+    check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16), ref)
 
 
 # ---- FP8, few rows --------------------------------------------------------------------------------------
@@ -108,10 +88,10 @@ def test_fp4_packed_tiles_and_splits(bn, bk):
 @pytest.mark.parametrize("split", [1, 3])
 def test_fp8_skinny(dtype, act_quant, ue8m0, split):
     N, K = 192, 384  # N not a multiple of the 128 weight block
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(24)) * 0.05, ue8m0=ue8m0)
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(24)) * 0.05, ue8m0=ue8m0)
     x = _act((2, 5, K), 25, dtype)  # 10 rows: the tensor-core kernel
     ref = ops.fp8_linear(x, w, s, act_quant, ue8m0)
-    _check(tk.fp8_linear(x, w, s, act_quant, ue8m0, block_n=64, split_k=split), ref)
+    check(tk.fp8_linear(x, w, s, act_quant, ue8m0, block_n=64, split_k=split), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,9 +99,9 @@ def test_fp8_skinny(dtype, act_quant, ue8m0, split):
 @pytest.mark.parametrize("M,split", [(1, 1), (1, 2), (3, 3)])
 def test_fp8_gemv(dtype, act_quant, ue8m0, M, split):
     N, K = 200, 384
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(26)) * 0.05, ue8m0=ue8m0)
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(26)) * 0.05, ue8m0=ue8m0)
     x = _act((M, K), 27, dtype, spread=M > 1)
-    _check(tk.fp8_linear(x, w, s, act_quant, ue8m0, split_k=split, block_n=32),
+    check(tk.fp8_linear(x, w, s, act_quant, ue8m0, split_k=split, block_n=32),
            ops.fp8_linear(x, w, s, act_quant, ue8m0))
 
 
@@ -137,10 +117,10 @@ def test_fp4_dequant_packed():
 @pytest.mark.parametrize("M,split", [(1, 2), (3, 1), (7, 2), (40, 3)])
 def test_linear_w16(dtype, M, split):
     N, K = 100, 200
-    w = (torch.randn(N, K, generator=_gen(28)) * 0.05).bfloat16()
+    w = (torch.randn(N, K, generator=gen(28)) * 0.05).bfloat16()
     x = _act((M, K), 29, dtype, spread=False)
     ref = x.float() @ w.float().t()
-    _check(tk.linear_w16(x, w, split_k=split), ref, tol=1e-6)
+    check(tk.linear_w16(x, w, split_k=split), ref, tol=1e-6)
 
 
 # ---- split-KV decode attention ------------------------------------------------------------------------
@@ -149,7 +129,7 @@ def test_linear_w16(dtype, M, split):
 @pytest.mark.parametrize("kv_split", [2, 5])
 def test_sparse_attn_split(dtype, kv_split):
     B, S, H, C, NW, E, KC = 2, 1, 4, 64, 40, 30, 37
-    g = _gen(30)
+    g = gen(30)
     q = torch.randn(B, S, H, C, generator=g).to(dtype)
     win = (torch.randn(B, NW, C, generator=g) * 2).to(dtype)
     comp = (torch.randn(B, E, C, generator=g) * 2).to(dtype)
@@ -161,14 +141,14 @@ def test_sparse_attn_split(dtype, kv_split):
     sink = torch.randn(H, generator=g)
     ref = ops.sparse_attn(q, win, mask, comp, idx, sink, C**-0.5)
     out = tk.sparse_attn(q, win, mask, comp, idx, sink, C**-0.5, block_n=8, kv_split=kv_split)
-    _check(out, ref)
+    check(out, ref)
     assert not out[1].float().any()
 
 
 def test_split_counters_reset():
     """Every split-K launch leaves its arrival counters at zero (CUDA graph replays rely on it)."""
     N, K = 64, 256
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(31)) * 0.05)
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(31)) * 0.05)
     x = _act((2, K), 32, torch.bfloat16, spread=False)
     tk.fp8_linear(x, w, s, True, True, split_k=2)
     assert not tk._counters(x.device).any()

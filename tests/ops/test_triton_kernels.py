@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dsv4c import quant  # noqa: E402
+from kernel_checks import check, gen  # noqa: E402
 from dsv4c.ops import library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 
@@ -31,32 +32,10 @@ if not tk.INTERPRET:
 ops = torch.ops.dsv4
 # rows with no visible key: exp(sink - (-1e30)) overflows to inf on purpose (output 0, as in the reference)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-BF16_REL = 2.0**-7  # one bf16 ulp, relative (interpreter stores truncate; the math differs in the fp32 ulps)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max abs error relative to the largest reference magnitude."""
-    out, ref = out.float(), ref.float()
-    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
-    assert torch.isfinite(out.float()).all() == torch.isfinite(ref.float()).all()
-    if ref.dtype == torch.bfloat16:
-        err = (out.float() - ref.float()).abs()
-        bound = BF16_REL * ref.float().abs() + 1e-6 * ref.float().abs().max()
-        assert bool((err <= bound).all()), f"max bf16 excess {(err - bound).max().item()}"
-    else:
-        assert _rel(out, ref) <= tol, _rel(out, ref)
 
 
 def _act(shape, seed, dtype, spread=True):
-    x = torch.randn(shape, generator=_gen(seed))
+    x = torch.randn(shape, generator=gen(seed))
     if spread:  # rows with very different magnitudes, including one all-zero row (amax floor)
         x = x * torch.logspace(-3, 2, shape[-2])[:, None]
         x[..., 0, :] = 0.0
@@ -83,7 +62,7 @@ def test_fp8_qdq(dtype, ue8m0, block):
     if dtype == torch.float32 or ue8m0:  # values are exactly representable: bit-exact
         assert torch.equal(out, ref)
     else:
-        _check(out, ref)
+        check(out, ref)
 
 
 def test_act_quant_codes():
@@ -110,42 +89,42 @@ def test_fp4_qdq():
 @pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
 def test_fp8_linear(dtype, act_quant, ue8m0):
     N, K = 192, 256  # N is not a multiple of the 128 weight block
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(3)) * 0.05, ue8m0=ue8m0)
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(3)) * 0.05, ue8m0=ue8m0)
     x = _act((2, 3, K), 4, dtype, spread=False)
     ref = ops.fp8_linear(x, w, s, act_quant, ue8m0)
-    _check(tk.fp8_linear(x, w, s, act_quant, ue8m0), ref)
+    check(tk.fp8_linear(x, w, s, act_quant, ue8m0), ref)
 
 
 def test_fp8_linear_split_k_and_tiles():
     N, K = 160, 384
-    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=_gen(5)) * 0.05)
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(5)) * 0.05)
     x = _act((20, K), 6, torch.float32)
     ref = ops.fp8_linear(x, w, s, True, True)
-    _check(tk.fp8_linear(x, w, s, True, True, split_k=3), ref)
-    _check(tk.fp8_linear(x, w, s, True, True, block_m=16, block_n=64, split_k=2), ref)
+    check(tk.fp8_linear(x, w, s, True, True, split_k=3), ref)
+    check(tk.fp8_linear(x, w, s, True, True, block_m=16, block_n=64, split_k=2), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
 def test_fp4_grouped_linear(dtype, act_quant, ue8m0):
     E, N, K, A = 3, 48, 256, 11
-    packed, sc = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=_gen(7)) * 0.05)
+    packed, sc = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(7)) * 0.05)
     x = _act((A, K), 8, dtype)
     expert = torch.tensor([2, 0, -1, 2, 1, 3, 0, 0, 2, 1, 7])  # -1, 3 and 7 are outside [0, E): zero rows
     ref = ops.fp4_grouped_linear(x, expert, packed, sc, act_quant, ue8m0)
     out = tk.fp4_grouped_linear(x, expert, packed, sc, act_quant, ue8m0)
-    _check(out, ref)
+    check(out, ref)
     assert not out[[2, 5, 10]].any()
 
 
 def test_fp4_grouped_linear_multi_tile():
     E, N, K, A = 4, 40, 128, 45  # expert 1 gets 30 rows: two 16-row tiles; expert 2 none
-    packed, sc = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=_gen(9)) * 0.05)
+    packed, sc = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(9)) * 0.05)
     x = _act((A, K), 10, torch.bfloat16, spread=False)
     expert = torch.cat([torch.ones(30, dtype=torch.int64), torch.tensor([0, 3] * 7 + [0])])
-    expert = expert[torch.randperm(A, generator=_gen(11))]
+    expert = expert[torch.randperm(A, generator=gen(11))]
     ref = ops.fp4_grouped_linear(x, expert, packed.view(torch.int8), sc, True, True)
-    _check(tk.fp4_grouped_linear(x, expert, packed.view(torch.int8), sc, True, True, block_m=16), ref)
+    check(tk.fp4_grouped_linear(x, expert, packed.view(torch.int8), sc, True, True, block_m=16), ref)
 
 
 # ---- attention --------------------------------------------------------------------------------------
@@ -153,7 +132,7 @@ def test_fp4_grouped_linear_multi_tile():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_attn(dtype):
     B, S, H, C, NW, E, KC = 2, 3, 4, 64, 40, 10, 37
-    g = _gen(12)
+    g = gen(12)
     q = torch.randn(B, S, H, C, generator=g).to(dtype)
     win = (torch.randn(B, NW, C, generator=g) * 2).to(dtype)
     comp = (torch.randn(B, E, C, generator=g) * 2).to(dtype)
@@ -167,57 +146,57 @@ def test_sparse_attn(dtype):
     scale = C**-0.5
     ref = ops.sparse_attn(q, win, mask, comp, idx, sink, scale)
     out = tk.sparse_attn(q, win, mask, comp, idx, sink, scale)
-    _check(out, ref)
+    check(out, ref)
     assert not out[1, 2].float().any()
 
 
 def test_sparse_attn_no_compressed_entries():
     B, S, H, C, NW = 1, 2, 3, 32, 5
-    g = _gen(13)
+    g = gen(13)
     q = torch.randn(B, S, H, C, generator=g)
     win = torch.randn(B, NW, C, generator=g)
     mask = torch.rand(B, S, NW, generator=g) < 0.7
     comp = torch.zeros(B, 0, C)
     idx = torch.full((B, S, 0), -1, dtype=torch.int64)
     sink = torch.randn(H, generator=g)
-    _check(tk.sparse_attn(q, win, mask, comp, idx, sink, 0.2), ops.sparse_attn(q, win, mask, comp, idx, sink, 0.2))
+    check(tk.sparse_attn(q, win, mask, comp, idx, sink, 0.2), ops.sparse_attn(q, win, mask, comp, idx, sink, 0.2))
 
 
 # ---- small fused ops --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,lead", [(4, (2, 3)), (3, (5,))])
 def test_hc_split(n, lead):
-    g = _gen(14)
+    g = gen(14)
     mix = torch.randn(*lead, (2 + n) * n, generator=g) * 3
     base = torch.randn((2 + n) * n, generator=g)
     scale = torch.rand(3, generator=g) + 0.5
     for out, ref in zip(tk.hc_split(mix, base, scale, n, 20, 1e-6), ops.hc_split(mix, base, scale, n, 20, 1e-6)):
-        _check(out, ref)
+        check(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("has_weight", [True, False])
 def test_swiglu_clamp(dtype, has_weight):
-    g = _gen(15)
+    g = gen(15)
     gate = (torch.randn(7, 300, generator=g) * 8).to(dtype)
     up = (torch.randn(7, 300, generator=g) * 8).to(dtype)
     w = torch.rand(7, generator=g)
-    _check(tk.swiglu_clamp(gate, up, w, 10.0, has_weight), ops.swiglu_clamp(gate, up, w, 10.0, has_weight))
+    check(tk.swiglu_clamp(gate, up, w, 10.0, has_weight), ops.swiglu_clamp(gate, up, w, 10.0, has_weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_indexer_score(dtype):
-    g = _gen(16)
+    g = gen(16)
     B, S, NH, D, E = 2, 5, 8, 32, 70
     q = torch.randn(B, S, NH, D, generator=g).to(dtype)
     k = torch.randn(B, E, D, generator=g).to(dtype)
     w = torch.randn(B, S, NH, generator=g)
-    _check(tk.indexer_score(q, k, w), ops.indexer_score(q, k, w))
+    check(tk.indexer_score(q, k, w), ops.indexer_score(q, k, w))
 
 
 @pytest.mark.parametrize("overlap,m", [(False, 4), (True, 4), (False, 128)])
 def test_compress_pool(overlap, m):
-    g = _gen(17)
+    g = gen(17)
     B, W, d = 2, 3, 40
     kd = 2 * d if overlap else d
     a = torch.randn(B, W, m, kd, generator=g)
@@ -227,7 +206,7 @@ def test_compress_pool(overlap, m):
         z_prev = torch.cat((torch.full((B, 1, m, d), float("-inf")), z[:, :-1, :, :d]), dim=1)
     else:
         a_prev = z_prev = torch.zeros(0)
-    _check(tk.compress_pool(a, z, a_prev, z_prev, overlap), ops.compress_pool(a, z, a_prev, z_prev, overlap))
+    check(tk.compress_pool(a, z, a_prev, z_prev, overlap), ops.compress_pool(a, z, a_prev, z_prev, overlap))
 
 
 def test_register_cuda_kernels_idempotent():

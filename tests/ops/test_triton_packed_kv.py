@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dsv4c import quant  # noqa: E402
+from kernel_checks import check, gen  # noqa: E402
 from dsv4c.ops import library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 
@@ -39,33 +40,10 @@ if not tk.INTERPRET:
 
 ops = torch.ops.dsv4
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-BF16_REL = 2.0**-7
 
 
 def _has_op(name: str) -> bool:
     return tk._op_defined(name)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float(), ref.float()
-    return ((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
-
-
-def _check(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
-    assert bool((torch.isfinite(out.float()) == torch.isfinite(ref.float())).all())
-    if ref.dtype == torch.bfloat16:
-        err = (out.float() - ref.float()).abs()
-        bound = BF16_REL * ref.float().abs() + 1e-6 * ref.float().abs().max()
-        assert bool((err <= bound).all()), f"max bf16 excess {(err - bound).max().item()}"
-    else:
-        fin = torch.isfinite(ref)
-        assert bool((out[~fin] == ref[~fin]).all())
-        assert _rel(out[fin], ref[fin]) <= tol, _rel(out[fin], ref[fin])
 
 
 # ---- the storage format, from its definition ---------------------------------------------------------
@@ -111,7 +89,7 @@ def fp4_unpack(codes: torch.Tensor, sc: torch.Tensor, block: int = 32) -> torch.
 
 def _entries(B, E, C, seed):
     """bf16 entries with magnitudes spread over the 64-blocks (different scales per block and entry)."""
-    g = _gen(seed)
+    g = gen(seed)
     e = torch.randn(B, E, C, generator=g)
     e = e * torch.exp2(torch.randint(-6, 4, (B, E, C // 64, 1), generator=g).float()).repeat_interleave(64, -2)[..., 0]
     e[0, 1] = 0.0  # all-zero entry: amax floor
@@ -144,7 +122,7 @@ def test_pack_helpers_match_kv_storage():
 # ---- sparse attention over packed compressed entries ------------------------------------------------------
 
 def _attn_case(B, S, seed, dtype, H=2, C=128, R=64, NW=16, E=40, KC=8):
-    g = _gen(seed)
+    g = gen(seed)
     q = torch.randn(B, S, H, C, generator=g).to(dtype)
     win = (torch.randn(B, NW, C, generator=g) * 2).to(dtype)
     mask = torch.rand(B, S, NW, generator=g) < 0.6
@@ -167,11 +145,11 @@ def test_sparse_attn_packed(dtype, S, kv_split):
     nope, sc, rope = kv_pack(comp, 64)
     ref = ops.sparse_attn(q, win, mask, kv_unpack(nope, sc, rope), idx, sink, scale)
     out = tk.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale, block_n=8, kv_split=kv_split)
-    _check(out, ref)
+    check(out, ref)
     if S > 1:
         assert not out[1, 1].float().any()
     if _has_op("sparse_attn_packed"):
-        _check(out, ops.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale))
+        check(out, ops.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale))
 
 
 def test_sparse_attn_packed_strided_cache_and_nope_blocks():
@@ -183,7 +161,7 @@ def test_sparse_attn_packed_strided_cache_and_nope_blocks():
     nope, sc, rope = nope_all[:, :E], sc_all[:, :E], rope_all[:, :E]
     assert not nope.is_contiguous()
     ref = ops.sparse_attn(q, win, mask, kv_unpack(nope, sc, rope), idx, sink, scale)
-    _check(tk.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale, block_n=8), ref)
+    check(tk.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale, block_n=8), ref)
 
 
 def test_sparse_attn_packed_no_compressed_entries():
@@ -193,20 +171,20 @@ def test_sparse_attn_packed_no_compressed_entries():
     rope = torch.zeros(1, 0, 64, dtype=torch.bfloat16)
     idx = torch.full((1, 2, 0), -1, dtype=torch.int64)
     ref = ops.sparse_attn(q, win, mask, torch.zeros(1, 0, 128), idx, sink, scale)
-    _check(tk.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale), ref)
+    check(tk.sparse_attn_packed(q, win, mask, nope, sc, rope, idx, sink, scale), ref)
 
 
 def test_dense_sparse_attn_unchanged():
     """The dense path of the shared kernel still matches the reference (PACKED is a compile-time switch)."""
     q, win, mask, comp, idx, sink, scale = _attn_case(2, 1, 70, torch.bfloat16)
     ref = ops.sparse_attn(q, win, mask, comp, idx, sink, scale)
-    _check(tk.sparse_attn(q, win, mask, comp, idx, sink, scale, block_n=8, kv_split=2), ref)
+    check(tk.sparse_attn(q, win, mask, comp, idx, sink, scale, block_n=8, kv_split=2), ref)
 
 
 # ---- lightning indexer over FP4 keys -----------------------------------------------------------------------
 
 def _indexer_case(B, S, seed, dtype, nI=4, dI=128, E=40):
-    g = _gen(seed)
+    g = gen(seed)
     q = torch.randn(B, S, nI, dI, generator=g)
     k = torch.randn(B, E, dI, generator=g)
     k = k * torch.exp2(torch.randint(-4, 3, (B, E, dI // 32, 1), generator=g).float()).repeat_interleave(32, -2)[..., 0]
@@ -224,15 +202,15 @@ def test_indexer_score_packed(dtype, S):
     w[0, 0, 1] = -0.5  # a negative head weight
     ref = ops.indexer_score(q, fp4_unpack(codes, ks), w)
     out = tk.indexer_score_packed(q, codes, ks, w, block_e=16)
-    _check(out, ref)
+    check(out, ref)
     if _has_op("indexer_score_packed"):
-        _check(out, ops.indexer_score_packed(q, codes, ks, w))
+        check(out, ops.indexer_score_packed(q, codes, ks, w))
 
 
 def test_indexer_score_packed_strided_keys():
     q, codes_all, ks_all, w = _indexer_case(2, 3, 90, torch.bfloat16, E=48)
     codes, ks = codes_all[:, :33], ks_all[:, :33]
-    _check(tk.indexer_score_packed(q, codes, ks, w), ops.indexer_score(q, fp4_unpack(codes, ks), w))
+    check(tk.indexer_score_packed(q, codes, ks, w), ops.indexer_score(q, fp4_unpack(codes, ks), w))
 
 
 def _topk_ref(q, codes, ks, w, visible, topk):
