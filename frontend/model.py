@@ -23,6 +23,7 @@ from torch import Tensor
 
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.layout import block_prefix, default_kv_storage, kv_storage_problem
+from dsv4c.ops.library import select_visible_topk
 from dsv4c.rope import apply_rope
 from dsv4c.spec import ModelSpec
 
@@ -315,10 +316,7 @@ def indexer(ctx: StepContext, u: Tensor, qr: Tensor, pos: Tensor, start: Tensor,
     else:
         scores = dsv4.indexer_score(q, keys, w)
         n_ent = keys.shape[1]
-    ent = torch.arange(n_ent, device=u.device)
-    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, min(s.index_topk, n_ent), dim=-1)
-    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    return select_visible_topk(scores, visible, min(s.index_topk, n_ent))
 
 
 # ---- MoE -------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import torch.fx as fx
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.artifact import Artifact
 from dsv4c.errors import ArtifactError, BackendUnavailableError
+from dsv4c.ops.library import select_visible_topk
 from dsv4c.program import Program
 
 FORMAT = "dsv4c.inductor/1"
@@ -219,19 +220,11 @@ def _compress_finish_pair(a, z, a_prev, z_prev, norm_w, pos, ia, iz, ia_prev, iz
 
 
 def _indexer_topk(q, k, w, visible, topk):
-    scores = dsv4.indexer_score(q, k, w)
-    ent = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, topk, dim=-1)
-    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    return select_visible_topk(dsv4.indexer_score(q, k, w), visible, topk)
 
 
 def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
-    scores = dsv4.indexer_score_packed(q, k_codes, k_scale, w)
-    ent = torch.arange(k_codes.shape[1], device=q.device)
-    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, topk, dim=-1)
-    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    return select_visible_topk(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible, topk)
 
 
 _DECOMPS = {"compress_finish": _compress_finish, "compress_finish_pair": _compress_finish_pair,

@@ -208,15 +208,21 @@ def _(g, v, weight, limit, has_weight):
     return g.new_empty(g.shape, dtype=torch.float32)
 
 
+def select_visible_topk(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
+    """Ids [..., topk] of the best-scoring entries of each row among those it may see (entry j is visible
+    to a row when j < visible[row]); -1 where fewer than ``topk`` are visible. Plain aten ops, so traced
+    graphs show them (the ``fuse_compress_indexer`` pass matches this chain)."""
+    ent = torch.arange(scores.shape[-1], device=scores.device)
+    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
+    vals, idx = torch.topk(scores, topk, dim=-1)
+    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+
+
 @_op("indexer_topk")
 def indexer_topk(q: Tensor, k: Tensor, w: Tensor, visible: Tensor, topk: int) -> Tensor:
     """Indexer scoring fused with top-k selection: ids [B, S, topk] of the best visible entries
     (entry j is visible to row (b, s) when j < visible[b, s]); -1 where fewer are visible."""
-    scores = indexer_score(q, k, w)
-    ent = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, topk, dim=-1)
-    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    return select_visible_topk(indexer_score(q, k, w), visible, topk)
 
 
 @indexer_topk.register_fake
