@@ -1,8 +1,8 @@
 """Which passes run, in which order, with which config, for each target; and the driver the build calls.
 
 The pipelines are data: a list of (pass name, config overrides) per target. Targets differ only in
-configuration (the FP4 tile layout the expert kernel reads), not in the passes that run, so an
-artifact's graphs are comparable across targets.
+configuration (the FP4 tile layout the expert kernel reads; the GPU targets schedule expert waves in
+prefill only), not in the passes that run, so an artifact's graphs are comparable across targets.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PIPELINES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("fuse_compress_indexer", {}),
         ("rewrite_swiglu_clamp", {}),
         ("pack_fp4_experts", _HOPPER_TILE),
-        ("schedule_expert_waves", {"num_waves": 2}),
+        ("schedule_expert_waves", {"num_waves": 2, "entries": ("prefill",)}),
         ("remove_noop_casts", {}),
         ("remove_noop_views", {}),
     ],

@@ -42,6 +42,9 @@ ROWWISE = set(GEMMS) | {dsv4.swiglu_clamp.default, aten.to.dtype, aten.clamp.def
 @dataclass(frozen=True)
 class WaveConfig:
     num_waves: int = 2
+    # Entry points to schedule. The GPU pipelines leave decode alone: a decode step has a few rows per
+    # block, so each wave adds its dispatch kernels and a launch per grouped GEMM and overlaps nothing.
+    entries: tuple[str, ...] = ("prefill", "decode")
 
 
 @register
@@ -50,6 +53,9 @@ class ScheduleExpertWaves(GraphPass):
     Config = WaveConfig
 
     def run(self, prog: Program, weights, ctx) -> PassResult:
+        if prog.entry not in self.config.entries:
+            return PassResult(0, skipped=True, notes=f"{prog.entry} is not scheduled (entries: "
+                                                     f"{', '.join(self.config.entries)})")
         E = ctx.spec.n_routed_experts
         W = max(1, min(int(self.config.num_waves), E))
         waves = [(i * E // W, (i + 1) * E // W) for i in range(W)]

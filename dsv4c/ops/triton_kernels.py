@@ -1132,6 +1132,11 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
         # The reference rounds the dequantized activation q * s to x.dtype before the GEMM; with non-power-
         # of-two scales that rounding is visible, so run it that way (published checkpoints use ue8m0).
         x2, act_quant = fp8_qdq(x2, QBLOCK, False), False
+    if (M <= TC_MAX_ROWS and TUNE["gemv_tc"] and block_m is None and K % QBLOCK == 0
+            and (x2.dtype == torch.bfloat16 or (act_quant and x2.dtype == torch.float32))):
+        from .triton_gemv import fp8_gemv_tc  # noqa: PLC0415  (that module imports this one)
+
+        return fp8_gemv_tc(x2, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k).view(*lead, N)
     if (M <= GEMV_MAX_ROWS and block_m is None and K % QBLOCK == 0 and (block_n or TUNE["gemv_bn"]) <= QBLOCK
             and QBLOCK % (block_n or TUNE["gemv_bn"]) == 0):
         return _fp8_gemv(x2, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k).view(*lead, N)
@@ -1206,7 +1211,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 64, "fp4_gemv_warps": 2,
         "gemv_prequant": True, "fp4_order_rows": 16, "max_split": 16,
         "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
-        "attn_split_target": 2}
+        "attn_split_target": 2,
+        # tensor-core decode GEMVs (dsv4c.ops.triton_gemv) for up to TC_MAX_ROWS rows
+        "gemv_tc": False, "fp4_gemv_tc": False, "w16_gemv_tc": False, "tc_bn": 128, "tc_fp4_bn": 128,
+        "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True}
+TC_MAX_ROWS = 16
 
 
 def _counters(device: torch.device) -> Tensor:
@@ -1291,6 +1300,10 @@ def _fp8_gemv(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
 
 def _fp4_gemv(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool,
               block_n: int | None, split_k: int | None) -> Tensor:
+    if TUNE["fp4_gemv_tc"] and (x.dtype == torch.bfloat16 or (act_quant and x.dtype == torch.float32)):
+        from .triton_gemv import fp4_gemv_tc  # noqa: PLC0415  (that module imports this one)
+
+        return fp4_gemv_tc(x, expert, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k)
     A, K = x.shape
     E, NBLK, KT, PBN, PBK2 = weight.shape
     N = NBLK * PBN
@@ -1447,6 +1460,10 @@ def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n
     M = x2.shape[0]
     if M == 0 or N == 0:
         return x.new_zeros((*lead, N), dtype=torch.float32)
+    if M <= TC_MAX_ROWS and TUNE["w16_gemv_tc"] and block_m is None:
+        from .triton_gemv import w16_gemv_tc  # noqa: PLC0415  (that module imports this one)
+
+        return w16_gemv_tc(x2, weight, block_n=block_n, split_k=split_k).view(*lead, N)
     if M <= GEMV_MAX_ROWS and block_m is None:
         return _w16_gemv(x2, weight, block_n, split_k).view(*lead, N)
     bk = 64

@@ -42,6 +42,18 @@ def test_mini_counts(traced):
     assert all(v.device.type == "meta" for v in w.values())
 
 
+def test_gpu_pipelines_give_decode_no_expert_waves(traced):
+    spec = get_variant("tiny")
+    ctx = StepContext(spec, "reference", torch.bfloat16)
+    progs = {e: clone_program(traced("reference", "bf16", e, variant="tiny")) for e in ("prefill", "decode")}
+    _, records = run_pipeline(progs, meta_weights(spec, torch.bfloat16), ctx, "h100", log=lambda m: None)
+    check_counts(records, spec, ["prefill", "decode"], no_waves=("decode",))
+    waves = next(r for r in records if r["name"] == "schedule_expert_waves")
+    assert "decode is not scheduled" in waves["notes"]
+    assert not any("dsv4c_wave" in n.meta for n in progs["decode"].graph_module.graph.nodes)
+    assert any("dsv4c_wave" in n.meta for n in progs["prefill"].graph_module.graph.nodes)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DSV4C_SLOW") != "1", reason="traces pro (minutes); run with DSV4C_SLOW=1")
 def test_pro_counts_on_the_fake_tensor_graph():
@@ -49,5 +61,5 @@ def test_pro_counts_on_the_fake_tensor_graph():
     ctx = StepContext(spec, "reference", torch.bfloat16)
     progs = {e: trace(ctx, e, 4096) for e in ("prefill", "decode")}
     w, records = run_pipeline(progs, meta_weights(spec, torch.bfloat16), ctx, "h100", log=lambda m: None)
-    check_counts(records, spec, ["prefill", "decode"])
+    check_counts(records, spec, ["prefill", "decode"], no_waves=("decode",))  # GPU pipelines: prefill only
     assert all(v.device.type == "meta" for v in w.values())

@@ -23,7 +23,7 @@ def test_waves_1_2_4_identical(traced, tiny_params, baseline, tiny_spec):
                                         config={"schedule_expert_waves": {"num_waves": W}})
         prog = progs[entry]
         rec = next(r for r in records if r["name"] == "schedule_expert_waves")
-        assert rec["matches"][entry] == tiny_spec.num_layers and rec["config"] == {"num_waves": W}
+        assert rec["matches"][entry] == tiny_spec.num_layers and rec["config"] == {"num_waves": W, "entries": ("prefill", "decode")}
         sched = prog.meta["expert_waves"]
         assert len(sched) == tiny_spec.num_layers
         for block, s in sched.items():

@@ -1,0 +1,114 @@
+"""The tensor-core decode GEMVs (dsv4c.ops.triton_gemv) against the CPU reference ops, under Triton's
+interpreter: reached through the public launchers with their TUNE switches on, as the GPU runs them."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from dsv4c import quant  # noqa: E402
+from kernel_checks import check, gen  # noqa: E402
+from dsv4c.ops import fused, library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4c.ops import triton_kernels as tk  # noqa: E402
+
+if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    tk = importlib.reload(tk)
+if not tk.INTERPRET:
+    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/decode_gemv_gpu.py)",
+                allow_module_level=True)
+
+from dsv4c.ops import triton_gemv  # noqa: E402
+
+ops = torch.ops.dsv4
+
+
+@pytest.fixture
+def tc(monkeypatch):
+    """Route the decode launchers to the tensor-core kernels (64-row tiles keep the interpreter quick)."""
+    for key, val in (("gemv_tc", True), ("fp4_gemv_tc", True), ("w16_gemv_tc", True), ("tc_bn", 64)):
+        monkeypatch.setitem(tk.TUNE, key, val)
+    calls = []
+    for name in ("fp8_gemv_tc", "fp4_gemv_tc", "w16_gemv_tc"):
+        fn = getattr(triton_gemv, name)
+        monkeypatch.setattr(triton_gemv, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
+    return calls
+
+
+def _act(M, K, seed, dtype):
+    x = torch.randn(M, K, generator=gen(seed)) * torch.logspace(-2, 1, M)[:, None]
+    return x.to(dtype)
+
+
+def _fp8_weight(N, K, seed):
+    w = torch.randn(N, K, generator=gen(seed)) * 0.05
+    return quant.quantize_fp8_weight(w)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("dtype,act_quant,ue8m0", [(torch.bfloat16, True, True), (torch.bfloat16, False, True),
+                                                   (torch.float32, True, True), (torch.float32, True, False)])
+def test_fp8_gemv_tc(tc, M, dtype, act_quant, ue8m0):
+    N, K = 192, 384  # a partial 128-row scale block and a partial 64-row tile
+    w, s = _fp8_weight(N, K, 1)
+    x = _act(M, K, 2, dtype)
+    ref = ops.fp8_linear(x, w, s, act_quant, ue8m0)
+    for split in (1, 2):
+        check(tk.fp8_linear(x, w, s, act_quant, ue8m0, split_k=split), ref)
+    assert tc == ["fp8_gemv_tc", "fp8_gemv_tc"]
+
+
+def test_fp8_gemv_tc_leaves_exact_fp32_to_the_fma_kernel(tc):
+    """fp32 activations without quantization are not exact in a bf16/fp8 dot: the FMA GEMV keeps them."""
+    w, s = _fp8_weight(128, 256, 3)
+    x = _act(2, 256, 4, torch.float32)
+    check(tk.fp8_linear(x, w, s, False, True), ops.fp8_linear(x, w, s, False, True))
+    assert tc == []
+
+
+@pytest.mark.parametrize("bn,bk", [(64, 128), (128, 64)])
+@pytest.mark.parametrize("dtype,act_quant,ue8m0", [(torch.bfloat16, True, True), (torch.bfloat16, False, True),
+                                                   (torch.float32, True, True)])
+def test_fp4_gemv_tc(tc, bn, bk, dtype, act_quant, ue8m0):
+    E, N, K = 3, 128, 256
+    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(5)) * 0.05)
+    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=gen(6)).float())  # scales differ per 32-group
+    pw, ps = fused.pack_fp4_tiled(w, s, bn, bk)
+    x = _act(7, K, 7, dtype)
+    expert = torch.tensor([2, 0, -1, 2, 1, 3, 0])  # -1 and 3 are outside [0, E): zero rows
+    ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
+    for split in (1, 2):
+        out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, split_k=split, block_n=64)
+        check(out, ref)
+        assert not out[[2, 5]].float().any()
+    assert tc == ["fp4_gemv_tc", "fp4_gemv_tc"]
+
+
+def test_fp4_gemv_tc_rows_in_expert_order(tc, monkeypatch):
+    monkeypatch.setitem(tk.TUNE, "fp4_order_rows", 4)  # 6 rows > 4: programs take the rows sorted by expert
+    w, s = quant.quantize_fp4_weight(torch.randn(2, 64, 128, generator=gen(8)) * 0.05)
+    pw, ps = fused.pack_fp4_tiled(w, s, 64, 128)
+    x = _act(6, 128, 9, torch.bfloat16)
+    expert = torch.tensor([1, 0, 1, 0, 0, 1])
+    check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True), ops.fp4_grouped_linear_packed(
+        x, expert, pw, ps, True, True))
+    assert tc == ["fp4_gemv_tc"]
+
+
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w16_gemv_tc(tc, M, dtype):
+    N, K = 200, 300  # partial tiles on both sides
+    w = (torch.randn(N, K, generator=gen(10)) * 0.05).to(torch.bfloat16)
+    x = _act(M, K, 11, dtype)
+    ref = x.float() @ w.float().t()
+    for split in (1, 3):
+        check(tk.linear_w16(x, w, split_k=split), ref, tol=1e-6)
+    assert tc == ["w16_gemv_tc", "w16_gemv_tc"]
