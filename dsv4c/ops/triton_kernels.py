@@ -491,7 +491,9 @@ if HAVE_TRITON:
 
         Works in the byte domain as [BN, 4, 16] (a 128-wide K block: 4 scale groups of 16 bytes), so no
         register reshuffles: low nibbles meet the even activations, high nibbles the odd ones; e2m1 -> e4m3
-        bit pattern -> fp32, times 2^(b - 121) (the ue8m0 scale and the 2^6 of the pattern), FMAs."""
+        bit pattern -> fp32, FMAs; each scale group's 16 byte products are summed inside the thread and
+        then scaled by 2^(b - 121) (the ue8m0 scale and the 2^6 of the pattern), so the accumulator is
+        [BN, 4] (few registers, more programs per SM) and the scale costs one multiply per 16 bytes."""
         pid_a = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -511,7 +513,7 @@ if HAVE_TRITON:
         w_rows = w_ptr + ((ev * NBLK + nb) * KTILES) * TILE + r_in[:, None, None] * (PBK // 2)
         s_rows = sw_ptr + (ev * NBLK + nb) * (K // 32) * PBN + r_in[:, None]
         x_row = x_ptr + a.to(tl.int64) * K
-        acc = tl.zeros((BN, 4, 16), dtype=tl.float32)
+        acc = tl.zeros((BN, 4), dtype=tl.float32)  # per scale group: the 16 byte products are summed first
         if valid:
             kb0 = ks * KB_PER_SPLIT
             if PBK % 128 == 0:
@@ -550,8 +552,8 @@ if HAVE_TRITON:
                 sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
                 lo = (((p & 7) << 2) | ((p & 8) << 4)).to(tl.float8e4nv, bitcast=True).to(tl.float32)
                 hi = (((p >> 2) & 0x1C) | (p & 0x80)).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * sf[:, :, None]
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+                acc += tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) * sf
+        out = tl.sum(acc, axis=1)
         rows = a + tl.arange(0, 1)
         rn = pid_n * BN + tl.arange(0, BN)
         _splitk_store(out[None, :], o_ptr, part_ptr, cnt_ptr, rows, rows < A, rn, rn < N, ks,
@@ -1212,9 +1214,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 64, "fp4_gemv_warps": 2,
         "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
         "attn_split_target": 2,
-        # tensor-core decode GEMVs (dsv4c.ops.triton_gemv) for up to TC_MAX_ROWS rows
-        "gemv_tc": False, "fp4_gemv_tc": False, "w16_gemv_tc": False, "tc_bn": 128, "tc_fp4_bn": 128,
-        "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True}
+        # tensor-core decode GEMVs (dsv4c.ops.triton_gemv) for up to TC_MAX_ROWS rows; H100, flash-4 decode
+        # step at batch 1: FP8 linears 335 us (FMA GEMV + quantization launches: 625), head 353 us (389)
+        "gemv_tc": True, "w16_gemv_tc": True, "tc_bn": 128, "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True}
 TC_MAX_ROWS = 16
 
 
@@ -1300,10 +1302,6 @@ def _fp8_gemv(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
 
 def _fp4_gemv(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool,
               block_n: int | None, split_k: int | None) -> Tensor:
-    if TUNE["fp4_gemv_tc"] and (x.dtype == torch.bfloat16 or (act_quant and x.dtype == torch.float32)):
-        from .triton_gemv import fp4_gemv_tc  # noqa: PLC0415  (that module imports this one)
-
-        return fp4_gemv_tc(x, expert, weight, scale, act_quant, ue8m0, block_n=block_n, split_k=split_k)
     A, K = x.shape
     E, NBLK, KT, PBN, PBK2 = weight.shape
     N = NBLK * PBN

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from dsv4c import quant  # noqa: E402
 from kernel_checks import check, gen  # noqa: E402
-from dsv4c.ops import fused, library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+import dsv4c.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 
 if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -33,10 +33,10 @@ ops = torch.ops.dsv4
 @pytest.fixture
 def tc(monkeypatch):
     """Route the decode launchers to the tensor-core kernels (64-row tiles keep the interpreter quick)."""
-    for key, val in (("gemv_tc", True), ("fp4_gemv_tc", True), ("w16_gemv_tc", True), ("tc_bn", 64)):
+    for key, val in (("gemv_tc", True), ("w16_gemv_tc", True), ("tc_bn", 64)):
         monkeypatch.setitem(tk.TUNE, key, val)
     calls = []
-    for name in ("fp8_gemv_tc", "fp4_gemv_tc", "w16_gemv_tc"):
+    for name in ("fp8_gemv_tc", "w16_gemv_tc"):
         fn = getattr(triton_gemv, name)
         monkeypatch.setattr(triton_gemv, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
     return calls
@@ -71,35 +71,6 @@ def test_fp8_gemv_tc_leaves_exact_fp32_to_the_fma_kernel(tc):
     x = _act(2, 256, 4, torch.float32)
     check(tk.fp8_linear(x, w, s, False, True), ops.fp8_linear(x, w, s, False, True))
     assert tc == []
-
-
-@pytest.mark.parametrize("bn,bk", [(64, 128), (128, 64)])
-@pytest.mark.parametrize("dtype,act_quant,ue8m0", [(torch.bfloat16, True, True), (torch.bfloat16, False, True),
-                                                   (torch.float32, True, True)])
-def test_fp4_gemv_tc(tc, bn, bk, dtype, act_quant, ue8m0):
-    E, N, K = 3, 128, 256
-    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(5)) * 0.05)
-    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=gen(6)).float())  # scales differ per 32-group
-    pw, ps = fused.pack_fp4_tiled(w, s, bn, bk)
-    x = _act(7, K, 7, dtype)
-    expert = torch.tensor([2, 0, -1, 2, 1, 3, 0])  # -1 and 3 are outside [0, E): zero rows
-    ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
-    for split in (1, 2):
-        out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, split_k=split, block_n=64)
-        check(out, ref)
-        assert not out[[2, 5]].float().any()
-    assert tc == ["fp4_gemv_tc", "fp4_gemv_tc"]
-
-
-def test_fp4_gemv_tc_rows_in_expert_order(tc, monkeypatch):
-    monkeypatch.setitem(tk.TUNE, "fp4_order_rows", 4)  # 6 rows > 4: programs take the rows sorted by expert
-    w, s = quant.quantize_fp4_weight(torch.randn(2, 64, 128, generator=gen(8)) * 0.05)
-    pw, ps = fused.pack_fp4_tiled(w, s, 64, 128)
-    x = _act(6, 128, 9, torch.bfloat16)
-    expert = torch.tensor([1, 0, 1, 0, 0, 1])
-    check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True), ops.fp4_grouped_linear_packed(
-        x, expert, pw, ps, True, True))
-    assert tc == ["fp4_gemv_tc"]
 
 
 @pytest.mark.parametrize("M", [1, 5])

@@ -1,0 +1,225 @@
+"""The weight-streaming kernels of one flash-4 decode step, checked and timed as the step runs them.
+
+    python benchmarks/decode_gemv_gpu.py --out $OUT [--batch 1] [--variants baseline,tc,...]
+
+One decode step of ``flash`` truncated to 4 blocks streams, at batch 1: 29 FP8 linears (wq_a, wq_b, wkv,
+wo_b, shared w1/w3/w2 per block, the indexer's wq_b in the CSA block), 12 packed FP4 expert GEMMs (w1, w3,
+w2 of 6 routed experts per block) and the bf16 head. This script draws those weights (distinct per block,
+so nothing stays in L2), and for each kernel configuration (a set of ``TUNE`` overrides):
+
+- checks every distinct launch against the reference op (the torch composite, on the GPU);
+- captures the whole sequence in one CUDA graph and times its replay, and the FP8 / FP4 / head parts in
+  graphs of their own, reporting microseconds and the fraction of the copy bandwidth measured in the
+  same run (bytes the weights occupy / time).
+
+Results: ``$OUT/decode_gemv.json`` (device named) and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+# TUNE overrides per variant (the rest of TUNE as the package ships it)
+VARIANTS = {
+    "fma": {"gemv_tc": False, "w16_gemv_tc": False},  # the FMA GEMVs with a quantization launch each
+    "default": {},
+    "bf16dot": {"tc_fp8_dot": False},
+    "fp4_bn32": {"fp4_gemv_bn": 32},
+    "fp4_bn128": {"fp4_gemv_bn": 128},
+    "fp4_w4": {"fp4_gemv_warps": 4},
+    "split8": {"split_target": 8},
+    "split16": {"split_target": 16},
+}
+
+D, QL, H, C, OG, OR, MI, E, TOPK, V, NI, DI = 4096, 1024, 64, 512, 8, 1024, 2048, 256, 6, 129280, 64, 128
+FP8_SHAPES = {"wq_a": (QL, D), "wq_b": (H * C, QL), "wkv": (C, D), "wo_b": (D, OG * OR),
+              "shared_w1": (MI, D), "shared_w3": (MI, D), "shared_w2": (D, MI)}
+FP4_SHAPES = {"w1": (MI, D), "w3": (MI, D), "w2": (D, MI)}
+
+
+def log(msg: str, t0=time.perf_counter()) -> None:
+    print(f"[gemv {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+
+def fp8_weight(n: int, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(n, k, device=dev) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.exp2(torch.randint(-14, -10, (math.ceil(n / 128), math.ceil(k / 128)), device=dev).float())
+    return w, s
+
+
+def fp4_experts(n: int, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (``dsv4c.fp4-tiled/1``, 128x128 tiles) random experts, as the h100 pipeline stores them."""
+    from dsv4c.ops.fused import pack_fp4_tiled
+
+    w = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev)
+    s = torch.exp2(torch.randint(-9, -6, (E, n, k // 32), device=dev).float())
+    return pack_fp4_tiled(w, s, 128, 128)
+
+
+def build_step(batch: int, blocks: int, dev) -> dict:
+    """Weights and launches of one decode step: {"fp8": [...], "fp4": [...], "head": [...]}, each a list of
+    (name, op name, args, weight bytes)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    step = {"fp8": [], "fp4": [], "head": []}
+    for b in range(blocks):
+        shapes = dict(FP8_SHAPES)
+        if b == 2:  # the CSA block's indexer query projection
+            shapes["idx_wq_b"] = (NI * DI, QL)
+        for name, (n, k) in shapes.items():
+            w, s = fp8_weight(n, k, dev)
+            x = torch.randn(batch, k, device=dev, generator=g).to(torch.bfloat16)
+            step["fp8"].append((f"{b}.{name}", "fp8_linear", (x, w, s, True, True), w.numel() + s.numel() * 4))
+        rows = batch * TOPK
+        ids = torch.rand(batch, E, device=dev, generator=g).topk(TOPK, dim=-1).indices.reshape(-1).contiguous()
+        used = int(torch.unique(ids).numel())
+        for name, (n, k) in FP4_SHAPES.items():
+            pw, ps = fp4_experts(n, k, dev)
+            x = torch.randn(rows, k, device=dev, generator=g).to(torch.bfloat16)
+            step["fp4"].append((f"{b}.{name}", "fp4_grouped_linear_packed", (x, ids, pw, ps, True, True),
+                                used * n * (k // 2 + k // 32)))
+    w = (torch.randn(V, D, device=dev, generator=g) / 64).to(torch.bfloat16)
+    x = torch.randn(batch, D, device=dev, generator=g).to(torch.bfloat16)
+    step["head"].append(("head", "linear_w16", (x, w), w.numel() * 2))
+    return step
+
+
+def copy_bandwidth(dev) -> float:
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(buf)
+    for _ in range(3):
+        dst.copy_(buf)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(10):
+        ev[0].record()
+        dst.copy_(buf)
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) * 1e-3)
+    del buf, dst
+    return 2 * (1 << 30) / statistics.median(times)
+
+
+def graph_time_us(fns: list, reps: int = 20) -> float:
+    """Median replay time of one CUDA graph holding ``fns`` in order."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm up (compiles) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(reps):
+        ev[0].record()
+        graph.replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) * 1e3)
+    del graph
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    import dsv4c.ops  # noqa: F401  (defines torch.ops.dsv4.*)
+    from dsv4c.ops import triton_kernels as tk
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    bw = copy_bandwidth(dev)
+    log(f"copy bandwidth {bw / 1e12:.3f} TB/s")
+    step = build_step(args.batch, args.blocks, dev)
+    log("weights drawn: " + ", ".join(f"{k} {sum(r[3] for r in v) / 1e6:.0f} MB" for k, v in step.items()))
+    # references (torch composites on the GPU), once per launch
+    refs = {}
+    for part, launches in step.items():
+        for name, op, a, _ in launches:
+            refs[name] = (a[0].float() @ a[1].float().t()) if op == "linear_w16" else getattr(torch.ops.dsv4, op)(*a)
+    tk.prepare_device(dev)
+    launcher = {"fp8_linear": tk.fp8_linear, "fp4_grouped_linear_packed": tk.fp4_grouped_linear_packed,
+                "linear_w16": tk.linear_w16}
+    base_tune = dict(tk.TUNE)
+    results = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+               "batch": args.batch, "blocks": args.blocks, "copy_tb_per_s": bw / 1e12,
+               "bytes": {k: sum(r[3] for r in v) for k, v in step.items()}, "variants": {}}
+    for vname in args.variants.split(","):
+        tk.TUNE.clear()
+        tk.TUNE.update(base_tune)
+        tk.TUNE.update(VARIANTS[vname])
+        rec = {"tune": VARIANTS[vname]}
+        try:
+            worst = {}
+            for part, launches in step.items():
+                for name, op, a, _ in launches:
+                    got = launcher[op](*a)
+                    ref = refs[name]
+                    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+                    worst[part] = max(worst.get(part, 0.0), err)
+            rec["max_rel_err"] = worst
+            rec["ok"] = all(v <= 1e-2 for v in worst.values())
+            us = {}
+            for part, launches in step.items():
+                us[part] = graph_time_us([lambda op=op, a=a: launcher[op](*a) for _, op, a, _ in launches])
+            # per launch kind (the 4 blocks' launches of e.g. wq_b in one graph: distinct weights, no L2 reuse)
+            kinds = {}
+            for launches in step.values():
+                for name, op, a, nbytes in launches:
+                    kinds.setdefault(name.split(".")[-1], []).append((op, a, nbytes))
+            rec["per_kind"] = {}
+            for kind, ls in kinds.items():
+                t = graph_time_us([lambda op=op, a=a: launcher[op](*a) for op, a, _ in ls])
+                rec["per_kind"][kind] = {"launches": len(ls), "us": t,
+                                         "hbm_fraction": sum(b for _, _, b in ls) / (t * 1e-6) / bw}
+            us["all"] = graph_time_us([lambda op=op, a=a: launcher[op](*a)
+                                       for launches in step.values() for _, op, a, _ in launches])
+            rec["us"] = us
+            tot = sum(results["bytes"].values())
+            rec["hbm_fraction"] = {k: (results["bytes"][k] if k != "all" else tot) / (v * 1e-6) / bw
+                                   for k, v in us.items()}
+            log(f"{vname:12s} ok={rec['ok']} err " + " ".join(f"{k} {v:.1e}" for k, v in worst.items())
+                + " | us " + " ".join(f"{k} {v:.0f} ({rec['hbm_fraction'][k]:.0%})" for k, v in us.items())
+                + "\n    " + " ".join(f"{k} {v['us']:.0f}us/{v['hbm_fraction']:.0%}" for k, v in rec["per_kind"].items()))
+        except Exception as e:  # a variant that fails to compile or run is recorded, the next one runs
+            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"{vname:12s} FAILED {rec['error'][:300]}")
+        results["variants"][vname] = rec
+        torch.cuda.synchronize()
+    tk.TUNE.clear()
+    tk.TUNE.update(base_tune)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_gemv.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
