@@ -134,10 +134,10 @@ def decode_kv_bytes(manifest: dict, batch: int, ctx: int) -> float:
             total += vis * ent[f"b{i}.ckv"]
         else:
             total += vis * ent[f"b{i}.ikv"] + min(topk, vis) * ent[f"b{i}.ckv"]
-        for key, ent in lay.items():  # compressor state (a/z of the open window, previous halves)
+        for key, t in lay.items():  # compressor state (a/z of the open window, previous halves)
             if key.startswith(f"b{i}.") and key.split(".")[1] in ("c_a", "c_z", "c_pa", "c_pz", "i_a", "i_z",
                                                                    "i_pa", "i_pz"):
-                total += math.prod(ent["shape"]) * _dtype_size(ent["dtype"])
+                total += math.prod(t["shape"]) * _dtype_size(t["dtype"])
     return total * batch
 
 

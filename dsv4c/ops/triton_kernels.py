@@ -1208,8 +1208,9 @@ DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (
 COUNTER_SLOTS = 1 << 20
 _COUNTERS: dict[tuple[str, int | None], Tensor] = {}
 # Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
-# (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K)
-TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 64, "fp4_gemv_warps": 2, "grouped_mm": False,
+# (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K;
+# fp4_gemv_bn 32 from benchmarks/decode_gemv_gpu.py: the flash-4 step's 12 FP4 launches 482 us vs 553 at 64)
+TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2, "grouped_mm": False,
         "gemv_prequant": True, "fp4_order_rows": 16, "max_split": 16,
         "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,

@@ -1,0 +1,31 @@
+"""dsv4c.bench's byte accounting (what a decode step must read) on flash-4 cache layouts, both storages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4c.bench import decode_kv_bytes
+from dsv4c.layout import cache_tensors
+from dsv4c.spec import get_variant, truncated
+
+
+def _manifest(storage: str) -> dict:
+    spec = truncated(get_variant("flash"), 4)  # window, window, CSA (ratio 4), HCA (ratio 128)
+    lay = cache_tensors(spec, 1, 65536, torch.bfloat16, storage=storage)
+    return {"spec": spec.to_dict(), "kv_storage": storage,
+            "cache_layout": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                             for k, v in lay.items()}}
+
+
+# compressor state read every step (fp32): CSA c_a/c_z [4, 1024], c_pa/c_pz [4, 512], i_a/i_z [4, 256],
+# i_pa/i_pz [4, 128]; HCA c_a/c_z [128, 512]
+STATE = 4 * 4 * (2 * 1024 + 2 * 512 + 2 * 256 + 2 * 128) + 4 * 2 * 128 * 512
+
+
+@pytest.mark.parametrize("storage,main,index", [("packed", 584, 68), ("dense", 1024, 256)])
+def test_decode_kv_bytes_at_8k(storage, main, index):
+    # 4 windows of 128 entries; CSA: 2048 indexer keys scored, top-512 entries read; HCA: 64 entries
+    want = 4 * 128 * main + 2048 * index + 512 * main + 64 * main + STATE
+    assert decode_kv_bytes(_manifest(storage), 1, 8192) == want
+    assert decode_kv_bytes(_manifest(storage), 3, 8192) == 3 * want
