@@ -213,6 +213,23 @@ def phase_kernels(args) -> dict:
         log(f"kernels: {name}: max rel err {e:.2e} {'ok' if ok else 'FAIL'}")
         return ok
 
+    # the KV storage codecs compiled by Inductor (decompositions) vs the ops run eagerly: bitwise
+    from dsv4c.runtime.inductor_executor import register_decompositions
+
+    register_decompositions()
+    ops = torch.ops.dsv4
+    ent = (torch.randn(8, 64, 512, device=dev, generator=g) * torch.logspace(-6, 3, 64, device=dev)[:, None]
+           ).to(torch.bfloat16)
+    key = torch.randn(8, 64, 128, device=dev, generator=g).to(torch.bfloat16)
+
+    def codecs(e, k):  # noqa: ANN001, ANN202
+        nope, scale, rope = ops.kv_pack(e, 64)
+        return nope.view(torch.uint8), scale, rope, ops.kv_unpack(nope, scale, rope), *ops.fp4_pack(k, 32)
+
+    same = all(torch.equal(a, b) for a, b in zip(codecs(ent, key), torch.compile(codecs, fullgraph=True)(ent, key)))
+    res["checks"].append({"case": "inductor KV codecs bitwise", "max_rel": 0.0 if same else 1.0, "ok": same})
+    log(f"kernels: inductor KV codecs (kv_pack, kv_unpack, fp4_pack) bitwise equal to eager: {same}")
+
     D, I, E, K6 = 4096, 2048, 256, 6
     # FP4 experts, packed (Hopper tile 128x128)
     packs = {}

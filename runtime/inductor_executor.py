@@ -227,8 +227,30 @@ def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
     return select_visible_topk(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible, topk)
 
 
+def _kv_pack(e, rope_dim):
+    from dsv4c.ops import kv_storage  # noqa: PLC0415
+
+    return kv_storage._kv_pack(e, rope_dim)
+
+
+def _kv_unpack(nope, scale, rope):
+    from dsv4c.ops import kv_storage  # noqa: PLC0415
+
+    return kv_storage._kv_unpack(nope, scale, rope)
+
+
+def _fp4_pack(e, block):
+    from dsv4c.ops import kv_storage  # noqa: PLC0415
+
+    return kv_storage._fp4_pack(e, block)
+
+
+# The KV storage codecs (elementwise with one small reduction per block) have no kernel of their own:
+# as decompositions Inductor fuses each into one generated kernel with its neighbours; as opaque ops they
+# would run their torch composite eagerly, ~30 small kernels per call (~200 per flash-4 decode step).
 _DECOMPS = {"compress_finish": _compress_finish, "compress_finish_pair": _compress_finish_pair,
-            "indexer_topk": _indexer_topk, "indexer_topk_packed": _indexer_topk_packed}
+            "indexer_topk": _indexer_topk, "indexer_topk_packed": _indexer_topk_packed,
+            "kv_pack": _kv_pack, "kv_unpack": _kv_unpack, "fp4_pack": _fp4_pack}
 
 
 def register_decompositions() -> None:
