@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from types import ModuleType
+
+import pytest
 import torch
 
 BF16_REL = 2.0**-7  # one bf16 ulp, relative (interpreter stores truncate; the math differs in the fp32 ulps)
@@ -30,3 +35,21 @@ def check(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
         fin = torch.isfinite(ref)
         assert bool((out[~fin] == ref[~fin]).all())
         assert rel(out[fin], ref[fin]) <= tol, rel(out[fin], ref[fin])
+
+
+def interpreted_triton_kernels() -> ModuleType:
+    """``dsv4c.ops.triton_kernels`` with its kernels under Triton's interpreter (TRITON_INTERPRET=1 is set
+    here when no GPU is present), or a skip of the calling test module. Call it before anything in the
+    module imports triton."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from dsv4c.ops import library  # noqa: F401,PLC0415  (registers torch.ops.dsv4.*)
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        tk = importlib.reload(tk)  # imported earlier without the interpreter: rebuild the kernels interpreted
+    if not tk.INTERPRET:
+        pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/gpu_suite.py)",
+                    allow_module_level=True)
+    return tk

@@ -8,27 +8,16 @@ fp32 linear (head / gate / compressor projections) and split-KV decode attention
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_checks import check, gen, interpreted_triton_kernels
 
-pytest.importorskip("triton")
+tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
-from kernel_checks import check, gen  # noqa: E402
-from dsv4c.ops import fused, library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4c.ops import triton_kernels as tk  # noqa: E402
-
-if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    tk = importlib.reload(tk)
-if not tk.INTERPRET:
-    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/kernels_gpu.py)",
-                allow_module_level=True)
+from dsv4c.ops import fused  # noqa: E402
 
 ops = torch.ops.dsv4
 

@@ -3,28 +3,15 @@ interpreter: reached through the public launchers with their TUNE switches on, a
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_checks import check, gen, interpreted_triton_kernels
 
-pytest.importorskip("triton")
+tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
-from kernel_checks import check, gen  # noqa: E402
-import dsv4c.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4c.ops import triton_kernels as tk  # noqa: E402
-
-if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    tk = importlib.reload(tk)
-if not tk.INTERPRET:
-    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/decode_gemv_gpu.py)",
-                allow_module_level=True)
-
 from dsv4c.ops import triton_gemv  # noqa: E402
 
 ops = torch.ops.dsv4

@@ -7,27 +7,15 @@ On a GPU machine run ``TRITON_INTERPRET=1 pytest tests/ops/test_triton_kernels.p
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_checks import check, gen, interpreted_triton_kernels
 
-pytest.importorskip("triton")
+tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
-from kernel_checks import check, gen  # noqa: E402
-from dsv4c.ops import library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4c.ops import triton_kernels as tk  # noqa: E402
-
-if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    tk = importlib.reload(tk)  # imported earlier without the interpreter: rebuild the kernels interpreted
-if not tk.INTERPRET:
-    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU (GPU: benchmarks/kernels_gpu.py)",
-                allow_module_level=True)
 
 ops = torch.ops.dsv4
 # rows with no visible key: exp(sink - (-1e30)) overflows to inf on purpose (output 0, as in the reference)

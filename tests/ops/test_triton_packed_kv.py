@@ -11,32 +11,22 @@ Runs on CPU tensors with TRITON_INTERPRET=1 (set here when no GPU is present, be
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_checks import check, gen, interpreted_triton_kernels
 
-pytest.importorskip("triton")
+tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
-from kernel_checks import check, gen  # noqa: E402
-from dsv4c.ops import library  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4c.ops import triton_kernels as tk  # noqa: E402
 
 try:
     from dsv4c.ops import kv_storage  # noqa: F401  (the storage-format ops, where they exist)
 except ModuleNotFoundError:
     kv_storage = None
 
-if not tk.INTERPRET and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    tk = importlib.reload(tk)
-if not tk.INTERPRET:
-    pytest.skip("set TRITON_INTERPRET=1 to check the Triton kernels on CPU", allow_module_level=True)
 
 ops = torch.ops.dsv4
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
