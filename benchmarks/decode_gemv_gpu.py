@@ -93,24 +93,6 @@ def build_step(batch: int, blocks: int, dev) -> dict:
     return step
 
 
-def copy_bandwidth(dev) -> float:
-    buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(buf)
-    for _ in range(3):
-        dst.copy_(buf)
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(10):
-        ev[0].record()
-        dst.copy_(buf)
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]) * 1e-3)
-    del buf, dst
-    return 2 * (1 << 30) / statistics.median(times)
-
-
 def graph_time_us(fns: list, reps: int = 20) -> float:
     """Median replay time of one CUDA graph holding ``fns`` in order."""
     s = torch.cuda.Stream()
@@ -151,11 +133,12 @@ def main(argv=None) -> int:
     import triton
 
     import dsv4c.ops  # noqa: F401  (defines torch.ops.dsv4.*)
+    from dsv4c.bench import hbm_bandwidth
     from dsv4c.ops import triton_kernels as tk
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    bw = copy_bandwidth(dev)
+    bw = hbm_bandwidth(dev)["bytes_per_s"]  # the copy rate dsv4c bench measures
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s")
     step = build_step(args.batch, args.blocks, dev)
     log("weights drawn: " + ", ".join(f"{k} {sum(r[3] for r in v) / 1e6:.0f} MB" for k, v in step.items()))
