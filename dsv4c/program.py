@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +157,9 @@ class Program:
 
 
 def _safe(name: str) -> str:
-    return name.replace(".", "_")
+    """A placeholder (Python identifier) name for an input name: other characters become ``_``
+    (``params.layers.0.attn.wq_a+wkv.weight`` -> ``params_layers_0_attn_wq_a_wkv_weight``)."""
+    return re.sub(r"\W", "_", name)
 
 
 def _target_name(t: Any) -> str:

@@ -16,7 +16,8 @@ from dsv4c.errors import ConfigError
 from dsv4c.program import Program
 
 # Importing the pass modules registers them.
-from . import cleanup, fuse_compress_indexer, pack_fp4_experts, rewrite_swiglu_clamp, schedule_expert_waves  # noqa: F401
+from . import (cleanup, fuse_compress_indexer, fuse_shared_input_gemms, pack_fp4_experts,  # noqa: F401
+               rewrite_swiglu_clamp, schedule_expert_waves)
 from .manager import REGISTRY, Pass, PassManager, check_pass_names
 
 _CPU_TILE = {"bn": 16, "bk": 64}  # small tiles: the CPU reference unpacks whole tensors anyway
@@ -28,6 +29,7 @@ PIPELINES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("fuse_compress_indexer", {}),
         ("rewrite_swiglu_clamp", {}),
         ("pack_fp4_experts", _CPU_TILE),
+        ("fuse_shared_input_gemms", {}),
         ("schedule_expert_waves", {"num_waves": 2}),
         ("remove_noop_casts", {}),
         ("remove_noop_views", {}),
@@ -37,6 +39,7 @@ PIPELINES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("fuse_compress_indexer", {}),
         ("rewrite_swiglu_clamp", {}),
         ("pack_fp4_experts", _HOPPER_TILE),
+        ("fuse_shared_input_gemms", {}),
         ("schedule_expert_waves", {"num_waves": 2, "entries": ("prefill",)}),
         ("remove_noop_casts", {}),
         ("remove_noop_views", {}),

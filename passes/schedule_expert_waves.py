@@ -23,6 +23,7 @@ networkx to be a DAG whose order the graph follows.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -36,7 +37,8 @@ from .manager import GraphPass, PassResult, register
 GEMMS = (dsv4.fp4_grouped_linear.default, dsv4.fp4_grouped_linear_packed.default)
 # Ops that act row by row (or broadcast a row-indexed operand), so permuting rows commutes with them.
 ROWWISE = set(GEMMS) | {dsv4.swiglu_clamp.default, aten.to.dtype, aten.clamp.default, aten.silu.default,
-                        aten.mul.Tensor, aten.add.Tensor}
+                        aten.mul.Tensor, aten.add.Tensor,
+                        aten.split_with_sizes.default, operator.getitem}  # column splits of stacked GEMMs
 
 
 @dataclass(frozen=True)

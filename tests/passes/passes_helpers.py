@@ -43,7 +43,7 @@ def passes_only(programs: dict[str, Program], weights, ctx, keep: set[str], targ
     """Run the target pipeline on clones with every product pass outside ``keep`` disabled."""
     from dsv4c.passes.pipeline import PIPELINES
 
-    product = {"fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_experts", "schedule_expert_waves"}
+    product = set(PRODUCT_PASSES)
     disable = sorted(n for n, _ in PIPELINES[target] if n in product and n not in keep)
     progs = {e: clone_program(p) for e, p in programs.items()}
     logs: list[str] = []
@@ -89,7 +89,8 @@ def run(prog: Program, weights, ctx: StepContext, inputs):
     return logits, cache
 
 
-PRODUCT_PASSES = ("fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_experts", "schedule_expert_waves")
+PRODUCT_PASSES = ("fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_experts", "fuse_shared_input_gemms",
+                  "schedule_expert_waves")
 
 
 def expected_sites(spec) -> dict[str, dict[str, int]]:
@@ -101,6 +102,8 @@ def expected_sites(spec) -> dict[str, dict[str, int]]:
         "fuse_compress_indexer": {"projection": csa, "finish_pair": csa, "finish": hca, "indexer_topk": csa},
         "rewrite_swiglu_clamp": {"routed": L, "shared": L * spec.n_shared_experts},
         "pack_fp4_experts": {"grouped_gemms": 3 * L},
+        "fuse_shared_input_gemms": {"wq_a+wkv": L, "wq_b+indexer.wq_b": csa, "routed w1+w3": L,
+                                    "shared w1+w3": L * -(-2 * spec.n_shared_experts // 4)},
         "schedule_expert_waves": {"moe_blocks": L},
     }
 
