@@ -40,7 +40,7 @@ from dsv4c.ops import dtype_code
 from dsv4c.program import Program
 
 from .fxutil import (Cast, Named, Op, V, aten, call, calls, drop_replaced_params, dsv4, match,
-                     params, placeholder_with_val, replace, strip_noop_casts)
+                     param_input, params, replace, strip_noop_casts)
 from .manager import PassResult, WeightPass, register
 
 F32 = torch.float32
@@ -156,7 +156,7 @@ def _fuse_projections(prog: Program, weights: dict[str, torch.Tensor], replaced:
         mms = [bs[p]["mm"] for p in _PROJ]
         first = min(mms)  # nodes compare by their position in the graph
         u = strip_noop_casts(bs[_PROJ[0]]["u"])
-        w_node = placeholder_with_val(prog, new_name, weights[new_name])
+        w_node = param_input(prog, new_name, weights[new_name])
         with g.inserting_before(first):
             fused = call(g, aten.matmul.default, call(g, aten.to.dtype, u, F32),
                          call(g, aten.t.default, call(g, aten.to.dtype, w_node, F32)))

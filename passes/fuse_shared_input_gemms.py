@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from dsv4c.program import Program
 
-from .fxutil import aten, call, drop_replaced_params, dsv4, params, placeholder_with_val, replace
+from .fxutil import aten, call, drop_replaced_params, dsv4, param_input, params, replace
 from .manager import PassResult, WeightPass, register
 
 FP8 = dsv4.fp8_linear.default
@@ -66,17 +66,14 @@ class FuseSharedInputGemms(WeightPass):
         for entry, prog in programs.items():
             g = prog.graph_module.graph
             pnames = params(prog)
-            by_name = {name: node for node, name in pnames.items()}
             n = 0
             for group in self._groups(g, pnames, weights):
                 key = tuple(pnames[m.args[WS[m.target][0]]] for m in group)
                 if key not in fused:
                     fused[key] = self._stack(group, pnames, weights)
                 rec = fused[key]
-                for k in ("weight", "scale"):
-                    if rec[k] not in by_name:
-                        by_name[rec[k]] = placeholder_with_val(prog, rec[k], weights[rec[k]])
-                self._rewrite(g, group, by_name[rec["weight"]], by_name[rec["scale"]], rec["sizes"])
+                w_node, s_node = (param_input(prog, rec[k], weights[rec[k]]) for k in ("weight", "scale"))
+                self._rewrite(g, group, w_node, s_node, rec["sizes"])
                 replaced.update(rec["from"])
                 n += 1
             matches[entry] = n

@@ -253,9 +253,14 @@ def call(graph: fx.Graph, target: Any, *args: Any, like: fx.Node | None = None, 
     return n
 
 
-def placeholder_with_val(prog: Program, name: str, value: torch.Tensor) -> fx.Node:
-    """A new ``params.<name>`` input; it gets a fake value of ``value``'s shape and dtype when the
-    program's placeholders carry fake values (of one mode)."""
+def param_input(prog: Program, name: str, value: torch.Tensor) -> fx.Node:
+    """The program's ``params.<name>`` input, added when it has none yet: a weight-rewriting pass that
+    meets the same new tensor again (another call site, or the same block in another entry point's
+    program) gets the one placeholder. A new one gets a fake value of ``value``'s shape and dtype when
+    the program's placeholders carry fake values (of one mode)."""
+    for node, pname in params(prog).items():
+        if pname == name:
+            return node
     node = prog.add_param_input(name)
     mode = _fake_mode_of([n.meta.get("val") for n in prog.graph_module.graph.find_nodes(op="placeholder")])
     if mode is not None:

@@ -22,7 +22,7 @@ import torch
 from dsv4c.ops.fused import PACKED_FP4_LAYOUT, pack_fp4_tiled
 from dsv4c.program import Program
 
-from .fxutil import call, calls, drop_replaced_params, dsv4, params, placeholder_with_val, replace
+from .fxutil import call, calls, drop_replaced_params, dsv4, param_input, params, replace
 from .manager import PassResult, WeightPass, register
 
 
@@ -57,7 +57,6 @@ class PackFp4Experts(WeightPass):
         for entry, prog in programs.items():
             g = prog.graph_module.graph
             pnames = params(prog)
-            by_name = {name: node for node, name in pnames.items()}
             n = 0
             for node in calls(g, dsv4.fp4_grouped_linear.default):
                 if len(node.args) != 6 or node.kwargs:
@@ -75,10 +74,7 @@ class PackFp4Experts(WeightPass):
                         continue
                     packed[wn] = entry_or_err
                 lay = packed[wn]
-                for key in ("weight", "scale"):
-                    if lay[key] not in by_name:
-                        by_name[lay[key]] = placeholder_with_val(prog, lay[key], weights[lay[key]])
-                w_node, s_node = by_name[lay["weight"]], by_name[lay["scale"]]
+                w_node, s_node = (param_input(prog, lay[k], weights[lay[k]]) for k in ("weight", "scale"))
                 with g.inserting_before(node):
                     new = call(g, dsv4.fp4_grouped_linear_packed.default, x, expert, w_node, s_node, act_quant, ue8m0,
                                like=node)

@@ -17,7 +17,7 @@ from dsv4c.program import Program
 
 # Importing the pass modules registers them.
 from . import (cleanup, fuse_compress_indexer, fuse_shared_input_gemms, pack_fp4_experts,  # noqa: F401
-               rewrite_swiglu_clamp, schedule_expert_waves)
+               rewrite_swiglu_clamp, schedule_expert_waves)  # noqa: F401
 from .manager import REGISTRY, Pass, PassManager, check_pass_names
 
 _CPU_TILE = {"bn": 16, "bk": 64}  # small tiles: the CPU reference unpacks whole tensors anyway
