@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from dsv4c import __version__
 from dsv4c.artifact import SCHEMA_VERSION, artifact_writer
 from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_params
-from dsv4c.errors import BackendUnavailableError, ConfigError
+from dsv4c.errors import ConfigError
 from dsv4c.frontend.export import TraceConfig, trace_program
 from dsv4c.frontend.model import DTYPES, NUMERICS, StepContext, constants
 from dsv4c.layout import cache_tensors, kv_bytes_per_token, kv_storage_problem, model_tensors
@@ -184,17 +183,16 @@ def _triton_version() -> str | None:
 
 
 def _load_weights(req: BuildRequest, spec: ModelSpec, dtype: torch.dtype, progress: Progress,
-                  scratch: Path | None = None) -> dict[str, torch.Tensor]:
+                  scratch: Path) -> dict[str, torch.Tensor]:
     """The model's parameters from ``--checkpoint``, or from a checkpoint synthesized into ``scratch`` (the
     artifact's temporary directory: a killed build leaves nothing behind) and removed once loaded."""
     if req.checkpoint is not None:
         ckpt = load_checkpoint(req.checkpoint, spec, progress)
     else:
-        tmp = scratch if scratch is not None else Path(tempfile.mkdtemp(prefix="dsv4c-synth-"))
         try:
-            synthesize_checkpoint(spec, tmp / "ckpt", seed=req.seed)
+            synthesize_checkpoint(spec, scratch / "ckpt", seed=req.seed)
             progress(f"synthesized {spec.name} weights (seed {req.seed})")
-            ckpt = load_checkpoint(tmp / "ckpt", spec)
+            ckpt = load_checkpoint(scratch / "ckpt", spec)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     return to_model_params(spec, ckpt, dtype)
