@@ -41,6 +41,7 @@ import torch.fx as fx
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.artifact import Artifact
 from dsv4c.errors import ArtifactError, BackendUnavailableError
+from dsv4c.ops import kv_storage
 from dsv4c.ops.library import select_visible_topk
 from dsv4c.program import Program
 
@@ -227,30 +228,13 @@ def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
     return select_visible_topk(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible, topk)
 
 
-def _kv_pack(e, rope_dim):
-    from dsv4c.ops import kv_storage  # noqa: PLC0415
-
-    return kv_storage._kv_pack(e, rope_dim)
-
-
-def _kv_unpack(nope, scale, rope):
-    from dsv4c.ops import kv_storage  # noqa: PLC0415
-
-    return kv_storage._kv_unpack(nope, scale, rope)
-
-
-def _fp4_pack(e, block):
-    from dsv4c.ops import kv_storage  # noqa: PLC0415
-
-    return kv_storage._fp4_pack(e, block)
-
-
 # The KV storage codecs (elementwise with one small reduction per block) have no kernel of their own:
 # as decompositions Inductor fuses each into one generated kernel with its neighbours; as opaque ops they
 # would run their torch composite eagerly, ~30 small kernels per call (~200 per flash-4 decode step).
 _DECOMPS = {"compress_finish": _compress_finish, "compress_finish_pair": _compress_finish_pair,
             "indexer_topk": _indexer_topk, "indexer_topk_packed": _indexer_topk_packed,
-            "kv_pack": _kv_pack, "kv_unpack": _kv_unpack, "fp4_pack": _fp4_pack}
+            "kv_pack": kv_storage.pack_kv_entries, "kv_unpack": kv_storage.unpack_kv_entries,
+            "fp4_pack": kv_storage.pack_fp4_keys}
 
 
 def register_decompositions() -> None:

@@ -38,9 +38,9 @@ def kv_scale_bytes(nope_dim: int) -> int:
     return -(-(nope_dim // KV_BLOCK) // SCALE_PAD) * SCALE_PAD
 
 
-# ---- codecs (plain functions; the ops below wrap them) ---------------------------------------------
+# ---- codecs (plain functions: the ops below wrap them; Inductor decomposes the ops into them) --
 
-def _kv_pack(e: Tensor, rope_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def pack_kv_entries(e: Tensor, rope_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     r = rope_dim
     nope = e[..., :-r]
     xb = quant._blocked(nope, KV_BLOCK)
@@ -53,21 +53,21 @@ def _kv_pack(e: Tensor, rope_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, codes, e[..., -r:].to(torch.bfloat16, copy=True).contiguous()
 
 
-def _kv_unpack(nope: Tensor, scale: Tensor, rope: Tensor) -> Tensor:
+def unpack_kv_entries(nope: Tensor, scale: Tensor, rope: Tensor) -> Tensor:
     nb = nope.shape[-1] // KV_BLOCK
     s = ue8m0_decode(scale[..., :nb])
     x = (nope.float().unflatten(-1, (nb, KV_BLOCK)) * s[..., None]).flatten(-2)
     return torch.cat((x.to(torch.bfloat16), rope.to(torch.bfloat16)), dim=-1)
 
 
-def _fp4_pack(e: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def pack_fp4_keys(e: Tensor, block: int) -> tuple[Tensor, Tensor]:
     xb = quant._blocked(e, block)
     s = quant.block_scale(xb.abs().amax(-1, keepdim=True), quant.FP4_MAX, quant.FP4_AMAX_FLOOR, True)
     codes = quant.e2m1_code(torch.clamp(xb / s, -quant.FP4_MAX, quant.FP4_MAX)).flatten(-2)
     return quant.pack_fp4(codes), ue8m0_encode(s.squeeze(-1), check=False)
 
 
-def _fp4_unpack(codes: Tensor, scale: Tensor, block: int) -> Tensor:
+def unpack_fp4_keys(codes: Tensor, scale: Tensor, block: int) -> Tensor:
     return quant.dequantize_fp4_weight(codes, ue8m0_decode(scale), block).to(torch.bfloat16)
 
 
@@ -78,7 +78,7 @@ def kv_pack(e: Tensor, rope_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Main KV entries [..., c] -> storage format (nope e4m3 [..., c-r], ue8m0 scale bytes [..., S8],
     bf16 rope [..., r]). The nope dims get the FP8 rule of MODEL-SEMANTICS section 7 with ue8m0 scales,
     one per 64; the scale row is padded with 127 (= 1.0) to a multiple of 8 bytes."""
-    return _kv_pack(e, rope_dim)
+    return pack_kv_entries(e, rope_dim)
 
 
 @kv_pack.register_fake
@@ -92,7 +92,7 @@ def _(e, rope_dim):
 @_op("kv_unpack")
 def kv_unpack(nope: Tensor, scale: Tensor, rope: Tensor) -> Tensor:
     """Inverse of ``kv_pack``: bf16 [..., c] = (nope * 2^(scale - 127) per 64-block) ++ rope."""
-    return _kv_unpack(nope, scale, rope)
+    return unpack_kv_entries(nope, scale, rope)
 
 
 @kv_unpack.register_fake
@@ -104,7 +104,7 @@ def _(nope, scale, rope):
 def fp4_pack(e: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """[..., d] -> (e2m1 codes uint8 [..., d/2], low nibble = even element; ue8m0 bytes [..., d/block]),
     the FP4 rule of MODEL-SEMANTICS section 7."""
-    return _fp4_pack(e, block)
+    return pack_fp4_keys(e, block)
 
 
 @fp4_pack.register_fake
@@ -116,7 +116,7 @@ def _(e, block):
 @_op("fp4_unpack")
 def fp4_unpack(codes: Tensor, scale: Tensor, block: int) -> Tensor:
     """Inverse of ``fp4_pack``: bf16 [..., d]."""
-    return _fp4_unpack(codes, scale, block)
+    return unpack_fp4_keys(codes, scale, block)
 
 
 @fp4_unpack.register_fake
@@ -129,7 +129,7 @@ def sparse_attn_packed(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_nope: T
                        comp_rope: Tensor, comp_idx: Tensor, sink: Tensor, scale: float) -> Tensor:
     """``sparse_attn`` with the compressed entries [B, E, ...] in storage format (``kv_pack``); the window
     part stays dense (win_kv [B, Nw, c]: the dequantized ring and this call's tokens)."""
-    return sparse_attn(q, win_kv, win_mask, _kv_unpack(comp_nope, comp_scale, comp_rope).to(win_kv.dtype), comp_idx,
+    return sparse_attn(q, win_kv, win_mask, unpack_kv_entries(comp_nope, comp_scale, comp_rope).to(win_kv.dtype), comp_idx,
                        sink, scale)
 
 
@@ -145,7 +145,7 @@ def _key_block(k_codes: Tensor, k_scale: Tensor) -> int:
 @_op("indexer_score_packed")
 def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor) -> Tensor:
     """``indexer_score`` with the keys [B, E, ...] in storage format (``fp4_pack``): fp32 [B, S, E]."""
-    return indexer_score(q, _fp4_unpack(k_codes, k_scale, _key_block(k_codes, k_scale)), w)
+    return indexer_score(q, unpack_fp4_keys(k_codes, k_scale, _key_block(k_codes, k_scale)), w)
 
 
 @indexer_score_packed.register_fake
@@ -157,7 +157,7 @@ def _(q, k_codes, k_scale, w):
 def indexer_topk_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, visible: Tensor,
                         topk: int) -> Tensor:
     """``indexer_topk`` with the keys in storage format: int64 [B, S, topk], -1 where fewer are visible."""
-    return indexer_topk(q, _fp4_unpack(k_codes, k_scale, _key_block(k_codes, k_scale)), w, visible, topk)
+    return indexer_topk(q, unpack_fp4_keys(k_codes, k_scale, _key_block(k_codes, k_scale)), w, visible, topk)
 
 
 @indexer_topk_packed.register_fake
@@ -165,5 +165,6 @@ def _(q, k_codes, k_scale, w, visible, topk):
     return q.new_empty((q.shape[0], q.shape[1], topk), dtype=torch.int64)
 
 
-__all__ = ["kv_pack", "kv_unpack", "fp4_pack", "fp4_unpack", "sparse_attn_packed", "indexer_score_packed",
+__all__ = ["pack_kv_entries", "unpack_kv_entries", "pack_fp4_keys", "unpack_fp4_keys",
+           "kv_pack", "kv_unpack", "fp4_pack", "fp4_unpack", "sparse_attn_packed", "indexer_score_packed",
            "indexer_topk_packed", "kv_scale_bytes", "KV_STORAGE_FORMAT", "KV_BLOCK", "INDEXER_BLOCK"]

@@ -56,17 +56,17 @@ def test_packed_cache_equals_dense_bitwise(tiny_spec, tiny_params_bf16):
     assert torch.isfinite(out["dense"]).all()
     assert torch.equal(out["packed"], out["dense"])
     # the packed cache holds exactly the dense cache's entries
-    from dsv4c.ops.kv_storage import _fp4_unpack, _kv_unpack
+    from dsv4c.ops.kv_storage import unpack_fp4_keys, unpack_kv_entries
 
     cp, cd = caches["packed"], caches["dense"]
     for i in range(spec.num_layers):
-        assert torch.equal(_kv_unpack(cp[f"b{i}.win_nope"], cp[f"b{i}.win_scale"], cp[f"b{i}.win_rope"]), cd[f"b{i}.win"])
+        assert torch.equal(unpack_kv_entries(cp[f"b{i}.win_nope"], cp[f"b{i}.win_scale"], cp[f"b{i}.win_rope"]), cd[f"b{i}.win"])
         if f"b{i}.ckv" in cd:
-            got = _kv_unpack(cp[f"b{i}.ckv_nope"], cp[f"b{i}.ckv_scale"], cp[f"b{i}.ckv_rope"])
+            got = unpack_kv_entries(cp[f"b{i}.ckv_nope"], cp[f"b{i}.ckv_scale"], cp[f"b{i}.ckv_rope"])
             n = (n_prompt - 5 + n_decode) // spec.compress_ratios[i]  # complete windows of the shorter row
             assert torch.equal(got[:, :n], cd[f"b{i}.ckv"][:, :n]) and bool(cd[f"b{i}.ckv"][:, :n].abs().sum() > 0)
         if f"b{i}.ikv" in cd:
-            got = _fp4_unpack(cp[f"b{i}.ikv_codes"], cp[f"b{i}.ikv_scale"], 32)
+            got = unpack_fp4_keys(cp[f"b{i}.ikv_codes"], cp[f"b{i}.ikv_scale"], 32)
             n = (n_prompt - 5 + n_decode) // spec.compress_ratios[i]
             assert torch.equal(got[:, :n], cd[f"b{i}.ikv"][:, :n])
 
