@@ -14,7 +14,7 @@ quantization launch).
 - :func:`fp8_gemv_tc`: e4m3 weight with 128x128 block scales; e4m3 x e4m3 (or bf16 x bf16) dot per
   128-wide K block, both scales applied to the fp32 block result.
 - :func:`w16_gemv_tc`: bf16 weight applied in fp32 (head, gate): bf16 x is exact in a bf16 dot, fp32 x
-  is split into three bf16 terms (hi + mid + lo).
+  is split into three bf16 terms (hi + mid + lo); the ``SWAP_AB`` form of ``_w16_linear_kernel``.
 
 The products are exact (e4m3 x e4m3 and bf16 x bf16 fit the MMA's product precision). The bf16 dots
 accumulate in fp32, as the reference ops do. The e4m3 dot (``TUNE["tc_fp8_dot"]``, on by default: 1.35x
@@ -40,20 +40,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _e4m3_rne, _pow2_ceil, _quant_e4m3, _splitk_store
-
-    @triton.jit
-    def _quant_e4m3_vec(x, UE8M0: tl.constexpr):
-        """One 128-wide activation block (1-D fp32) -> (e4m3 grid values as fp32, scale)."""
-        amax = tl.max(tl.abs(x), axis=0)
-        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
-        if UE8M0:
-            s, inv = _pow2_ceil(a)
-            v = x * inv
-        else:
-            s = a
-            v = tl.math.div_rn(x, s)
-        return _e4m3_rne(tl.minimum(tl.maximum(v, -448.0), 448.0)), s
+    from .triton_kernels import _quant_e4m3, _quant_e4m3_vec, _splitk_store, _w16_linear_kernel
 
     @triton.jit
     def _fp8_gemv_tc_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
@@ -101,41 +88,6 @@ if HAVE_TRITON:
             acc += part * sw[:, None]
         _splitk_store(tl.trans(acc), o_ptr, part_ptr, cnt_ptr, rm, m_mask, rn, n_mask, ks, pid_n, M, N, SPLIT)
 
-    @triton.jit
-    def _w16_gemv_tc_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
-                            X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        """fp32 o [M, N] = x [M, K] @ w^T with w bf16, M <= BR: BN weight rows (axis 0) x a K range (axis 1)."""
-        pid_n = tl.program_id(0)
-        ks = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rm = tl.arange(0, BR)
-        rk = tl.arange(0, BK)
-        n_mask = rn < N
-        m_mask = rm < M
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BN, BR), dtype=tl.float32)
-        for i in range(KB_PER_SPLIT):
-            kb = ks * KB_PER_SPLIT + i
-            k = kb * BK + rk
-            k_mask = (k < K) & (kb < NKB)
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            xa = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST:
-                acc += tl.dot(w.to(tl.float32), tl.trans(xa.to(tl.float32)), input_precision="ieee")
-            elif X_SPLIT3:
-                hi = xa.to(tl.bfloat16)
-                r1 = xa - hi.to(tl.float32)
-                mid = r1.to(tl.bfloat16)
-                lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-                acc = tl.dot(w, tl.trans(hi), acc)
-                acc = tl.dot(w, tl.trans(mid), acc)
-                acc = tl.dot(w, tl.trans(lo), acc)
-            else:
-                acc = tl.dot(w, tl.trans(xa), acc)
-        _splitk_store(tl.trans(acc), o_ptr, part_ptr, cnt_ptr, rm, m_mask, rn, n_mask, ks, pid_n, M, N, SPLIT)
-
 
 def fp8_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
                 block_n: int | None = None, split_k: int | None = None) -> Tensor:
@@ -167,9 +119,9 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     split, per = _pick_split(nt, nkb, x2.device, split_k)
     out = torch.empty((M, N), dtype=torch.float32, device=x2.device)
     part, cnt = _split_buffers(split, M, N, x2.device)
-    _w16_gemv_tc_kernel[(nt, split)](
+    _w16_linear_kernel[(1, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
-        SPLIT=split, BN=bn, BK=bk, BR=ROWS, num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
+        SPLIT=split, SWAP_AB=True, BM=ROWS, BN=bn, BK=bk, num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
     return out
 
 

@@ -179,6 +179,19 @@ if HAVE_TRITON:
         v = tl.minimum(tl.maximum(v, -448.0), 448.0)
         return _e4m3_rne(v), s
 
+    @triton.jit
+    def _quant_e4m3_vec(x, UE8M0: tl.constexpr):
+        """One 128-wide activation block (1-D fp32) -> (e4m3 grid values as fp32, scale)."""
+        amax = tl.max(tl.abs(x), axis=0)
+        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+        if UE8M0:
+            s, inv = _pow2_ceil(a)
+            v = x * inv
+        else:
+            s = a
+            v = tl.math.div_rn(x, s)
+        return _e4m3_rne(tl.minimum(tl.maximum(v, -448.0), 448.0)), s
+
     # ---- quantization ---------------------------------------------------------------------------
 
     @triton.jit
@@ -470,20 +483,6 @@ if HAVE_TRITON:
     # ---- GEMV (decode, one activation row per program): plain FMAs, no tensor cores ---------------
 
     @triton.jit
-    def _act_q_1d(x, UE8M0: tl.constexpr):
-        """Quantize one 128-element activation block (any shape) to e4m3 and return q * s (exact)."""
-        amax = tl.max(tl.abs(x))
-        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
-        if UE8M0:
-            s, inv = _pow2_ceil(a)
-            v = x * inv
-        else:
-            s = a
-            v = tl.math.div_rn(x, s)
-        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-        return _e4m3_rne(v) * s
-
-    @triton.jit
     def _fp4_gemv_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES,
                          NKB, KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, ACT_Q: tl.constexpr,
                          UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ORDERED: tl.constexpr):
@@ -586,7 +585,8 @@ if HAVE_TRITON:
                                                                            & (kb + 1 < KB))[None, :], other=0.0)
             xa = tl.load(x_row + k, mask=k_mask, other=0.0).to(tl.float32)
             if ACT_Q:
-                xa = _act_q_1d(xa, UE8M0)
+                q, s_a = _quant_e4m3_vec(xa, UE8M0)
+                xa = q * s_a  # exact
             sw = tl.load(sw_ptr + ((pid_n * BN) // 128) * SW_STRIDE + kb, mask=kb < KB, other=0.0)
             acc += w.to(tl.float32) * (xa * sw)[None, :]
         out = tl.sum(acc, axis=1)
@@ -652,11 +652,24 @@ if HAVE_TRITON:
     # ---- bf16-stored weights applied in fp32 (head, gate, compressor projections) ------------------
 
     @triton.jit
+    def _dot_xwT(x, w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr):
+        """acc + x @ w^T ([BM, BN]); with SWAP_AB acc + w @ x^T ([BN, BM]): the weight rows on the MMA's
+        wide side when x has only a few rows (decode)."""
+        if SWAP_AB:
+            if IEEE:
+                return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            return tl.dot(w, tl.trans(x), acc)
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        return tl.dot(x, tl.trans(w), acc)
+
+    @triton.jit
     def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
-                           X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                           X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """o (fp32) = x @ w^T with w bf16 and fp32 arithmetic: bf16 x is exact in a bf16 dot (fp32
-        accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots."""
+        accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots.
+        SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -667,7 +680,10 @@ if HAVE_TRITON:
         n_mask = rn < N
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for i in range(KB_PER_SPLIT):
             kb = ks * KB_PER_SPLIT + i
             k = kb * BK + rk
@@ -675,18 +691,19 @@ if HAVE_TRITON:
             xa = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             if UPCAST:
-                acc += tl.dot(xa.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                acc = _dot_xwT(xa.to(tl.float32), w.to(tl.float32), acc, SWAP_AB, True)
             elif X_SPLIT3:
-                wt = tl.trans(w)
                 hi = xa.to(tl.bfloat16)
                 r1 = xa - hi.to(tl.float32)
                 mid = r1.to(tl.bfloat16)
                 lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
-                acc = tl.dot(hi, wt, acc)
-                acc = tl.dot(mid, wt, acc)
-                acc = tl.dot(lo, wt, acc)
+                acc = _dot_xwT(hi, w, acc, SWAP_AB, False)
+                acc = _dot_xwT(mid, w, acc, SWAP_AB, False)
+                acc = _dot_xwT(lo, w, acc, SWAP_AB, False)
             else:
-                acc = tl.dot(xa, tl.trans(w), acc)
+                acc = _dot_xwT(xa, w, acc, SWAP_AB, False)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, rm, m_mask, rn, n_mask, ks,
                       pid_m * tl.num_programs(1) + pid_n, M, N, SPLIT)
 
@@ -1476,7 +1493,7 @@ def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n
     nw = 8 if bm * bn >= 128 * 128 else TUNE["w16_warps"]
     _w16_linear_kernel[(mt, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
-        SPLIT=split, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=TUNE["w16_stages"])
+        SPLIT=split, SWAP_AB=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=TUNE["w16_stages"])
     return out.view(*lead, N)
 
 def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
