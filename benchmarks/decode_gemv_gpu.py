@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kernels_gpu import fp4_weight, fp8_weight  # noqa: E402  (this folder: the same random FP8/FP4 weights)
 
 # TUNE overrides per variant (the rest of TUNE as the package ships it)
 VARIANTS = {
@@ -51,19 +52,11 @@ def log(msg: str, t0=time.perf_counter()) -> None:
     print(f"[gemv {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
 
-def fp8_weight(n: int, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    w = (torch.randn(n, k, device=dev) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
-    s = torch.exp2(torch.randint(-14, -10, (math.ceil(n / 128), math.ceil(k / 128)), device=dev).float())
-    return w, s
-
-
 def fp4_experts(n: int, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (``dsv4c.fp4-tiled/1``, 128x128 tiles) random experts, as the h100 pipeline stores them."""
     from dsv4c.ops.fused import pack_fp4_tiled
 
-    w = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev)
-    s = torch.exp2(torch.randint(-9, -6, (E, n, k // 32), device=dev).float())
-    return pack_fp4_tiled(w, s, 128, 128)
+    return pack_fp4_tiled(*fp4_weight(E, n, k, dev), 128, 128)
 
 
 def build_step(batch: int, blocks: int, dev) -> dict:

@@ -34,13 +34,13 @@ def _bf16(*shape, dev, scale=1.0):
     return (torch.randn(*shape, device=dev) * scale).to(torch.bfloat16)
 
 
-def _fp8_weight(n, k, dev):
+def fp8_weight(n, k, dev):
     w = (torch.randn(n, k, device=dev) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
     s = torch.exp2(torch.randint(-14, -10, (math.ceil(n / 128), math.ceil(k / 128)), device=dev).float())
     return w, s
 
 
-def _fp4_weight(e, n, k, dev):
+def fp4_weight(e, n, k, dev):
     w = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=dev)
     s = torch.exp2(torch.randint(-9, -6, (e, n, k // 32), device=dev).float())
     return w, s
@@ -56,7 +56,7 @@ def cases(dev, quick: bool):
     lin = {"wq_a": (f["QL"], f["D"]), "wq_b": (f["H"] * f["C"], f["QL"]), "wkv": (f["C"], f["D"]),
            "wo_b": (f["D"], f["OG"] * f["OR"]), "shared_w1": (f["MI"], f["D"]), "idx_wq_b": (f["NI"] * f["DI"], f["QL"])}
     for lname, (n, k) in lin.items():
-        w, s = _fp8_weight(n, k, dev)
+        w, s = fp8_weight(n, k, dev)
         for t in (T_dec, T_pre):
             x = _bf16(t, k, dev=dev)
             out.append((f"fp8_linear/{lname} M={t} N={n} K={k}", "fp8_linear", (x, w, s, True, True),
@@ -64,7 +64,7 @@ def cases(dev, quick: bool):
 
     # ---- fp4_grouped_linear: routed experts, top-6 of 256
     for pname, (n, k) in {"w1": (f["MI"], f["D"]), "w2": (f["D"], f["MI"])}.items():
-        w, s = _fp4_weight(f["E"], n, k, dev)
+        w, s = fp4_weight(f["E"], n, k, dev)
         for t in (T_dec, T_pre):
             ids = torch.rand(t, f["E"], device=dev).topk(f["TOPK"], dim=-1).indices.reshape(-1)
             x = _bf16(t * f["TOPK"], k, dev=dev)
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     # dispatch check: the registered CUDA impls are the launchers
     tk.register_cuda_kernels()
     x = _bf16(8, 256, dev=dev)
-    w, s = _fp8_weight(128, 256, dev)
+    w, s = fp8_weight(128, 256, dev)
     dispatch_ok = torch.equal(torch.ops.dsv4.fp8_linear(x, w, s, True, True), tk.fp8_linear(x, w, s, True, True))
     print(f"\ntorch.ops.dsv4 dispatches to the Triton kernels on CUDA: {dispatch_ok}")
     all_ok = dispatch_ok and all(r["ok"] for r in rows)
