@@ -59,7 +59,7 @@ def share_traces() -> None:
         def _load_weights(req, spec, dtype, progress, scratch=None):  # noqa: ANN001, ANN202
             key = (spec, dtype, req.seed, str(req.checkpoint))
             if key not in wmemo:
-                wmemo[key] = load(req, spec, dtype, progress)
+                wmemo[key] = load(req, spec, dtype, progress, scratch)
             return dict(wmemo[key])
 
         build_mod._load_weights = _load_weights
