@@ -2,9 +2,9 @@
 
     python benchmarks/decode_gemv_gpu.py --out $OUT [--batch 1] [--variants baseline,tc,...]
 
-One decode step of ``flash`` truncated to 4 blocks streams, at batch 1: 29 FP8 linears (wq_a, wq_b, wkv,
-wo_b, shared w1/w3/w2 per block, the indexer's wq_b in the CSA block), 12 packed FP4 expert GEMMs (w1, w3,
-w2 of 6 routed experts per block) and the bf16 head. This script draws those weights (distinct per block,
+One decode step of ``flash`` truncated to 4 blocks streams, at batch 1, after ``fuse_shared_input_gemms``:
+20 FP8 linears (wq_a+wkv, wq_b (+ the indexer's wq_b in the CSA block), wo_b, shared w1+w3, shared w2 per
+block), 8 packed FP4 expert GEMMs (w1+w3 and w2 of 6 routed experts per block) and the bf16 head. This script draws those weights (distinct per block,
 so nothing stays in L2), and for each kernel configuration (a set of ``TUNE`` overrides):
 
 - checks every distinct launch against the reference op (the torch composite, on the GPU);
@@ -35,17 +35,20 @@ VARIANTS = {
     "fma": {"gemv_tc": False, "w16_gemv_tc": False},  # the FMA GEMVs with a quantization launch each
     "default": {},
     "bf16dot": {"tc_fp8_dot": False},
-    "fp4_bn32": {"fp4_gemv_bn": 32},
-    "fp4_bn128": {"fp4_gemv_bn": 128},
-    "fp4_w4": {"fp4_gemv_warps": 4},
+    "fp4_fma": {"fp4_tc": False},  # packed FP4 on the FMA GEMV (the tensor-core GEMV is the default)
+    "fp4_tc_noasm": {"fp4_tc_asm": False},  # nibble decode per element instead of four bytes per instruction
+    "fp4_tc_bn64": {"fp4_tc_bn": 64},
+    "fp4_tc_w8": {"fp4_tc_warps": 8},
+    "fp4_tc_s2": {"fp4_tc_stages": 2},
+    "fp4_tc_s4": {"fp4_tc_stages": 4},
     "split8": {"split_target": 8},
-    "split16": {"split_target": 16},
 }
 
 D, QL, H, C, OG, OR, MI, E, TOPK, V, NI, DI = 4096, 1024, 64, 512, 8, 1024, 2048, 256, 6, 129280, 64, 128
-FP8_SHAPES = {"wq_a": (QL, D), "wq_b": (H * C, QL), "wkv": (C, D), "wo_b": (D, OG * OR),
-              "shared_w1": (MI, D), "shared_w3": (MI, D), "shared_w2": (D, MI)}
-FP4_SHAPES = {"w1": (MI, D), "w3": (MI, D), "w2": (D, MI)}
+# the stacked launches of fuse_shared_input_gemms (wq_a+wkv, shared and routed w1+w3)
+FP8_SHAPES = {"wq_a+wkv": (QL + C, D), "wq_b": (H * C, QL), "wo_b": (D, OG * OR),
+              "shared_w1+w3": (2 * MI, D), "shared_w2": (D, MI)}
+FP4_SHAPES = {"w1+w3": (2 * MI, D), "w2": (D, MI)}
 
 
 def log(msg: str, t0=time.perf_counter()) -> None:
@@ -66,8 +69,8 @@ def build_step(batch: int, blocks: int, dev) -> dict:
     step = {"fp8": [], "fp4": [], "head": []}
     for b in range(blocks):
         shapes = dict(FP8_SHAPES)
-        if b == 2:  # the CSA block's indexer query projection
-            shapes["idx_wq_b"] = (NI * DI, QL)
+        if b == 2:  # the CSA block: the indexer's query projection stacks onto wq_b
+            shapes["wq_b"] = (H * C + NI * DI, QL)
         for name, (n, k) in shapes.items():
             w, s = fp8_weight(n, k, dev)
             x = torch.randn(batch, k, device=dev, generator=g).to(torch.bfloat16)

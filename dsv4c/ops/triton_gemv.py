@@ -40,7 +40,109 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _quant_e4m3, _quant_e4m3_vec, _splitk_store, _w16_linear_kernel
+    from .triton_kernels import _e4m3_rne, _pow2_ceil, _quant_e4m3, _quant_e4m3_vec, _splitk_store, _w16_linear_kernel
+
+    @triton.jit
+    def _e2m1_to_e4m3(p, ASM: tl.constexpr):
+        """Packed e2m1 bytes -> e4m3 bit patterns of their low and high nibbles (value * 2^-6, exact).
+
+        ASM: four bytes per 32-bit instruction (inline PTX on the CUDA target; each output byte depends on
+        its input byte only, so how Triton packs the four does not matter); otherwise per element (the
+        interpreter cannot run PTX)."""
+        if ASM:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t0, t1;
+                and.b32 t0, $2, 0x07070707;
+                shl.b32 t0, t0, 2;
+                and.b32 t1, $2, 0x08080808;
+                shl.b32 t1, t1, 4;
+                or.b32 $0, t0, t1;
+                shr.b32 t0, $2, 2;
+                and.b32 t0, t0, 0x1C1C1C1C;
+                and.b32 t1, $2, 0x80808080;
+                or.b32 $1, t0, t1;
+                }""",
+                constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        else:
+            lo = ((p & 7) << 2) | ((p & 8) << 4)
+            hi = ((p >> 2) & 0x1C) | (p & 0x80)
+        return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
+    def _fp4_gemv_tc_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK,
+                            KTILES, NKB, KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, UE8M0: tl.constexpr,
+                            ASM: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                            ORDERED: tl.constexpr):
+        """Row ``a`` (axis 0) times its expert's packed e2m1 weight: BN outputs (axis 1), a K range (axis 2).
+
+        Per 128-wide K block: the [BN, 64] bytes become two e4m3 tiles (low nibbles = even K, high = odd K)
+        without reordering; the quantized activation's even and odd halves are laid out block-diagonally,
+        column g holding scale group g (the group's 16 bytes), so ``lo @ XE + hi @ XO`` [BN, 16] has each
+        group's partial sum in its own column and the per-32 scales apply after the dot."""
+        pid_a = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        ks = tl.program_id(2)
+        if ORDERED:  # rows sorted by expert: programs that read the same expert run together (L2 hits)
+            a = tl.load(order_ptr + pid_a).to(tl.int32)
+        else:
+            a = pid_a
+        e = tl.load(e_ptr + a).to(tl.int32)
+        valid = (e >= 0) & (e < E)
+        nb = (pid_n * BN) // PBN
+        r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
+        j = tl.arange(0, 64)  # byte columns of a 128-wide K block
+        c = tl.arange(0, 16)  # dot columns: 0..3 = the block's scale groups, the rest stay zero
+        diag = (j[None, :] // 16) == c[:, None]  # [16, 64]: group c owns bytes 16c..16c+15
+        g_ok = c < 4
+        TILE: tl.constexpr = PBN * (PBK // 2)
+        ev = tl.maximum(e, 0).to(tl.int64)
+        w_rows = w_ptr + ((ev * NBLK + nb) * KTILES) * TILE + r_in[:, None] * (PBK // 2)
+        s_rows = sw_ptr + (ev * NBLK + nb) * (K // 32) * PBN + r_in[:, None]
+        x_row = x_ptr + a.to(tl.int64) * K
+        acc = tl.zeros((BN, 16), dtype=tl.float32)
+        if valid:
+            for i in range(KB_PER_SPLIT):
+                kb = ks * KB_PER_SPLIT + i
+                kb_ok = kb < NKB
+                col = ((kb * 128) // PBK) * TILE + ((kb * 128) % PBK) // 2 + j
+                p = tl.load(w_rows + col[None, :], mask=kb_ok, other=0)
+                lo, hi = _e2m1_to_e4m3(p, ASM)
+                xe = tl.load(x_row + kb * 128 + 2 * j, mask=kb_ok, other=0.0).to(tl.float32)
+                xo = tl.load(x_row + kb * 128 + 2 * j + 1, mask=kb_ok, other=0.0).to(tl.float32)
+                qe, qo, sa = _quant_e4m3_pair(xe, xo, UE8M0)
+                xde = tl.where(diag, qe[None, :], 0.0)  # [16, 64]
+                xdo = tl.where(diag, qo[None, :], 0.0)
+                if UPCAST:
+                    part = tl.dot(lo.to(tl.float32), tl.trans(xde), input_precision="ieee")
+                    part = tl.dot(hi.to(tl.float32), tl.trans(xdo), part, input_precision="ieee")
+                else:
+                    part = tl.dot(lo, tl.trans(xde.to(tl.float8e4nv)))
+                    part = tl.dot(hi, tl.trans(xdo.to(tl.float8e4nv)), part)
+                sb = tl.load(s_rows + (kb * 4 + c)[None, :] * PBN, mask=kb_ok & g_ok[None, :], other=0).to(tl.int32)
+                sf = tl.where(g_ok[None, :], ((sb + 6) << 23).to(tl.float32, bitcast=True), 0.0)  # 2^(b-127) 2^6
+                acc += part * (sf * sa)
+        out = tl.sum(acc, axis=1)
+        rows = a + tl.arange(0, 1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        _splitk_store(out[None, :], o_ptr, part_ptr, cnt_ptr, rows, rows < A, rn, rn < N, ks,
+                      a * tl.num_programs(1) + pid_n, A, N, SPLIT)
+
+    @triton.jit
+    def _quant_e4m3_pair(xe, xo, UE8M0: tl.constexpr):
+        """:func:`_quant_e4m3_vec` of one 128-wide block held as its even and odd halves."""
+        amax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
+        a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+        if UE8M0:
+            s, inv = _pow2_ceil(a)
+            ve = xe * inv
+            vo = xo * inv
+        else:
+            s = a
+            ve = tl.math.div_rn(xe, s)
+            vo = tl.math.div_rn(xo, s)
+        return (_e4m3_rne(tl.minimum(tl.maximum(ve, -448.0), 448.0)),
+                _e4m3_rne(tl.minimum(tl.maximum(vo, -448.0), 448.0)), s)
 
     @triton.jit
     def _fp8_gemv_tc_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
@@ -108,6 +210,28 @@ def fp8_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m
     return out
 
 
+def fp4_gemv_tc(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *,
+                block_n: int | None = None, split_k: int | None = None) -> Tensor:
+    """fp4_grouped_linear_packed for decode rows with the activation quantized (x [A, K] contiguous, K a
+    multiple of 128 and of the packed tile, checked by the caller): one row per program."""
+    A, K = x.shape
+    E, NBLK, KT, PBN, PBK2 = weight.shape
+    N = NBLK * PBN
+    bn = min(block_n or TUNE["fp4_tc_bn"], PBN)
+    nt = triton.cdiv(N, bn)
+    nkb = K // QBLOCK
+    split, per = _pick_split(A * nt, nkb, x.device, split_k)
+    out = torch.empty((A, N), dtype=x.dtype, device=x.device)
+    part, cnt = _split_buffers(split, A, N, x.device)
+    ordered = A > TUNE["fp4_order_rows"]
+    order = torch.sort(expert).indices if ordered else expert
+    _fp4_gemv_tc_kernel[(A, nt, split)](
+        x, expert, order, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per, PBN=PBN, PBK=2 * PBK2,
+        UE8M0=bool(ue8m0), ASM=bool(TUNE["fp4_tc_asm"]) and not INTERPRET, UPCAST=INTERPRET, SPLIT=split, BN=bn,
+        ORDERED=ordered, num_warps=TUNE["fp4_tc_warps"], num_stages=TUNE["fp4_tc_stages"])
+    return out
+
+
 def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split_k: int | None = None) -> Tensor:
     """linear_w16 for at most 16 rows (x2 [M, K] contiguous bf16 or fp32, weight bf16); fp32 out."""
     M, K = x2.shape
@@ -125,4 +249,4 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     return out
 
 
-__all__ = ["fp8_gemv_tc", "w16_gemv_tc"]
+__all__ = ["fp8_gemv_tc", "fp4_gemv_tc", "w16_gemv_tc"]

@@ -1234,7 +1234,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "attn_split_target": 2,
         # tensor-core decode GEMVs (dsv4c.ops.triton_gemv) for up to TC_MAX_ROWS rows; H100, flash-4 decode
         # step at batch 1: FP8 linears 335 us (FMA GEMV + quantization launches: 625), head 353 us (389)
-        "gemv_tc": True, "w16_gemv_tc": True, "tc_bn": 128, "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True}
+        "gemv_tc": True, "w16_gemv_tc": True, "tc_bn": 128, "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True,
+        # packed FP4 experts on the tensor cores (decode rows, activation quantized in the kernel)
+        "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 128, "fp4_tc_warps": 4, "fp4_tc_stages": 3}
 TC_MAX_ROWS = 16
 
 
@@ -1422,6 +1424,10 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     ieee = _is_fp32(x) and not act_quant
     if direct is None:
         direct = A <= DIRECT_MAX_ROWS
+    if direct and block_m is None and act_quant and TUNE["fp4_tc"]:
+        from .triton_gemv import fp4_gemv_tc  # noqa: PLC0415  (that module imports this one)
+
+        return fp4_gemv_tc(x, expert, weight, scale, ue8m0, block_n=block_n, split_k=split_k)
     if direct and (block_m is None or block_m == 1):
         return _fp4_gemv(x, expert, weight, scale, act_quant, ue8m0, block_n, split_k)
     if (not direct and A >= GROUPED_MM_MIN_ROWS and TUNE["grouped_mm"] and x.dtype == torch.bfloat16

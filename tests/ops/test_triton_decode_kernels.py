@@ -25,9 +25,10 @@ ops = torch.ops.dsv4
 @pytest.fixture(autouse=True)
 def fma_kernels(monkeypatch):
     """These tests check the FMA GEMVs and the skinny tensor-core GEMM; the decode launchers would
-    otherwise take the swap-AB kernels of triton_gemv for up to 16 rows (tests/ops/test_triton_gemv.py)."""
+    otherwise take the swap-AB kernels of triton_gemv (FP8 and bf16 weights up to 16 rows, FP4 decode rows) (tests/ops/test_triton_gemv.py)."""
     monkeypatch.setitem(tk.TUNE, "gemv_tc", False)
     monkeypatch.setitem(tk.TUNE, "w16_gemv_tc", False)
+    monkeypatch.setitem(tk.TUNE, "fp4_tc", False)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

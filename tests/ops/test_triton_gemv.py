@@ -12,6 +12,7 @@ from kernel_checks import check, gen, interpreted_triton_kernels
 tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
+from dsv4c.ops import fused  # noqa: E402
 from dsv4c.ops import triton_gemv  # noqa: E402
 
 ops = torch.ops.dsv4
@@ -20,10 +21,10 @@ ops = torch.ops.dsv4
 @pytest.fixture
 def tc(monkeypatch):
     """Route the decode launchers to the tensor-core kernels (64-row tiles keep the interpreter quick)."""
-    for key, val in (("gemv_tc", True), ("w16_gemv_tc", True), ("tc_bn", 64)):
+    for key, val in (("gemv_tc", True), ("w16_gemv_tc", True), ("fp4_tc", True), ("tc_bn", 64), ("fp4_tc_bn", 64)):
         monkeypatch.setitem(tk.TUNE, key, val)
     calls = []
-    for name in ("fp8_gemv_tc", "w16_gemv_tc"):
+    for name in ("fp8_gemv_tc", "w16_gemv_tc", "fp4_gemv_tc"):
         fn = getattr(triton_gemv, name)
         monkeypatch.setattr(triton_gemv, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
     return calls
@@ -70,3 +71,33 @@ def test_w16_gemv_tc(tc, M, dtype):
     for split in (1, 3):
         check(tk.linear_w16(x, w, split_k=split), ref, tol=1e-6)
     assert tc == ["w16_gemv_tc", "w16_gemv_tc"]
+
+
+@pytest.mark.parametrize("dtype,ue8m0,bn,bk", [(torch.bfloat16, True, 128, 128), (torch.float32, False, 64, 256)])
+def test_fp4_gemv_tc(tc, dtype, ue8m0, bn, bk):
+    """Packed e2m1 experts, one row per program: rows of several experts (and ids outside [0, E): zeros),
+    spread ue8m0 scales, K split or not, unsorted and expert-sorted row order."""
+    E, N, K = 3, 128, 512
+    w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(12)) * 0.05)
+    s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=gen(13)).float())
+    pw, ps = fused.pack_fp4_tiled(w, s, bn, bk)
+    for rows in (5, 20):  # more than TUNE['fp4_order_rows'] (16): programs in expert order
+        expert = torch.tensor([2, 0, -1, 2, 1, 3, 0, 0, 2, 1] * 2)[:rows]
+        x = _act(rows, K, 14, dtype)
+        ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, True, ue8m0)
+        for split in (1, 3):
+            out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, ue8m0, split_k=split)
+            check(out, ref)
+            assert not out[(expert < 0) | (expert >= E)].float().any()
+    assert tc == ["fp4_gemv_tc"] * 4
+
+
+def test_fp4_gemv_tc_leaves_unquantized_rows_to_the_fma_kernel(tc):
+    """Without activation quantization the rows are not exact in an e4m3 dot: the FMA GEMV keeps them."""
+    w, s = quant.quantize_fp4_weight(torch.randn(2, 128, 256, generator=gen(15)) * 0.05)
+    pw, ps = fused.pack_fp4_tiled(w, s, 128, 128)
+    x = _act(3, 256, 16, torch.bfloat16)
+    expert = torch.tensor([1, 0, 1])
+    check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, False, True),
+          ops.fp4_grouped_linear_packed(x, expert, pw, ps, False, True))
+    assert tc == []
