@@ -655,13 +655,18 @@ if HAVE_TRITON:
     def _dot_xwT(x, w, acc, SWAP_AB: tl.constexpr, IEEE: tl.constexpr):
         """acc + x @ w^T ([BM, BN]); with SWAP_AB acc + w @ x^T ([BN, BM]): the weight rows on the MMA's
         wide side when x has only a few rows (decode)."""
+        # one return at the end: the Triton frontend rejects returns inside branches (the interpreter does not)
         if SWAP_AB:
-            if IEEE:
-                return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            return tl.dot(w, tl.trans(x), acc)
+            a = w
+            b = tl.trans(x)
+        else:
+            a = x
+            b = tl.trans(w)
         if IEEE:
-            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        return tl.dot(x, tl.trans(w), acc)
+            out = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
 
     @triton.jit
     def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
