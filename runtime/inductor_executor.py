@@ -42,7 +42,6 @@ import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.artifact import Artifact
 from dsv4c.errors import ArtifactError, BackendUnavailableError
 from dsv4c.ops import kv_storage
-from dsv4c.ops.library import select_visible_topk
 from dsv4c.program import Program
 
 FORMAT = "dsv4c.inductor/1"
@@ -220,12 +219,17 @@ def _compress_finish_pair(a, z, a_prev, z_prev, norm_w, pos, ia, iz, ia_prev, iz
                              iquant_mode, ue8m0))
 
 
+def _mask_invisible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    ent = torch.arange(scores.shape[-1], device=scores.device)
+    return scores.masked_fill(ent >= visible[..., None], float("-inf"))
+
+
 def _indexer_topk(q, k, w, visible, topk):
-    return select_visible_topk(dsv4.indexer_score(q, k, w), visible, topk)
+    return dsv4.topk_ids(_mask_invisible(dsv4.indexer_score(q, k, w), visible), topk)
 
 
 def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
-    return select_visible_topk(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible, topk)
+    return dsv4.topk_ids(_mask_invisible(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible), topk)
 
 
 # The KV storage codecs (elementwise with one small reduction per block) have no kernel of their own:

@@ -218,6 +218,38 @@ def select_visible_topk(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 
+def select_topk_ids(scores: Tensor, topk: int) -> Tensor:
+    """int64 [..., topk] ids of the ``topk`` largest scores of each row (last dim), by descending score with
+    the lower id first on ties (also at the k-th value: the smallest ids are chosen); -inf (and NaN)
+    entries are never selected and the slots they leave are -1. The selection of ``select_visible_topk``
+    after its mask, with a fixed tie order (the indexer's decompositions for Inductor call it; on CUDA
+    with ``TUNE["triton_topk"]`` off, ties come in ``torch.topk``'s order)."""
+    lead, NE = scores.shape[:-1], scores.shape[-1]
+    if NE == 0 or scores.numel() == 0:
+        return torch.full((*lead, topk), -1, dtype=torch.int64, device=scores.device)
+    s = scores.float().reshape(-1, NE)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0
+    kk = min(topk, NE)
+    order = torch.sort(-s, dim=-1, stable=True).indices[:, :kk]  # stable: equal scores keep id order
+    vals = s.gather(-1, order)
+    ids = torch.where(vals == float("-inf"), torch.full_like(order, -1), order)
+    out = ids.new_full((s.shape[0], topk), -1)
+    out[:, :kk] = ids
+    return out.reshape(*lead, topk)
+
+
+@_op("topk_ids")
+def topk_ids(scores: Tensor, topk: int) -> Tensor:
+    """:func:`select_topk_ids` as an op (CUDA: the Triton radix-select kernel of ``triton_topk``)."""
+    return select_topk_ids(scores, topk)
+
+
+@topk_ids.register_fake
+def _(scores, topk):
+    return scores.new_empty((*scores.shape[:-1], topk), dtype=torch.int64)
+
+
 @_op("indexer_topk")
 def indexer_topk(q: Tensor, k: Tensor, w: Tensor, visible: Tensor, topk: int) -> Tensor:
     """Indexer scoring fused with top-k selection: ids [B, S, topk] of the best visible entries

@@ -1230,18 +1230,23 @@ DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (
 COUNTER_SLOTS = 1 << 20
 _COUNTERS: dict[tuple[str, int | None], Tensor] = {}
 # Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
-# (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K;
+# (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K, 2 from
+# benchmarks/decode_gemv_gpu.py: the flash-4 step's weight-streaming launches 1152 vs 1232 us at 4;
+# attn_decode_bh/bn: sparse attention of fewer than 8 decode tokens in 16-head x 16-key programs, 88 vs 130 us;
 # fp4_gemv_bn 32 from benchmarks/decode_gemv_gpu.py: the flash-4 step's 12 FP4 launches 482 us vs 553 at 64)
 TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2, "grouped_mm": False,
         "gemv_prequant": True, "fp4_order_rows": 16, "max_split": 16,
-        "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 4,
+        "skinny_bn": 64, "skinny_warps": 4, "skinny_stages": 3, "skinny_fp8_dot": False, "split_target": 2,
         "fp4_bn": 64, "fp4_warps": 4, "fp4_stages": 3, "w16_bn": 64, "w16_warps": 4, "w16_stages": 3,
-        "attn_split_target": 2,
+        "attn_split_target": 2, "attn_decode_bh": 16, "attn_decode_bn": 16,
         # tensor-core decode GEMVs (dsv4c.ops.triton_gemv) for up to TC_MAX_ROWS rows; H100, flash-4 decode
         # step at batch 1: FP8 linears 335 us (FMA GEMV + quantization launches: 625), head 353 us (389)
         "gemv_tc": True, "w16_gemv_tc": True, "tc_bn": 128, "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True,
         # packed FP4 experts on the tensor cores (decode rows, activation quantized in the kernel)
-        "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 128, "fp4_tc_warps": 4, "fp4_tc_stages": 3}
+        "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 128, "fp4_tc_warps": 4, "fp4_tc_stages": 3,
+        "fp4_tc_kblocks": 1,
+        # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
+        "triton_topk": False}
 TC_MAX_ROWS = 16
 
 
@@ -1627,7 +1632,9 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
     bh = block_h or min(32 if bc >= 256 else 64, _np2(H, 16))
     if packed is not None and block_h is None and 8 <= B * S <= 64:
         bh = 16  # decode batches: the in-register dequantization favours smaller head blocks (H100, B = 32)
-    bn = block_n or 32
+    if B * S < 8 and block_h is None and TUNE["attn_decode_bh"]:
+        bh = min(TUNE["attn_decode_bh"], bh)  # a few decode tokens: more, smaller programs
+    bn = block_n or (TUNE["attn_decode_bn"] if B * S < 8 and TUNE["attn_decode_bn"] else 32)
     nw = num_warps or (8 if bh * bc >= 32 * 512 else 4)
     hbk = triton.cdiv(H, bh)
     nw_keys, nc_keys = max(NW, 1), max(KC, 1)
@@ -1667,10 +1674,13 @@ def hc_split(mix: Tensor, base: Tensor, scale: Tensor, n: int, iters: int, eps: 
     post = torch.empty((R, n), dtype=torch.float32, device=mix.device)
     comb = torch.empty((R, n, n), dtype=torch.float32, device=mix.device)
     if R:
-        br = 64 if not INTERPRET else min(64, _np2(R))
+        br = min(64, _np2(R))
+        np2 = _np2(n)
+        # decode (a few rows): one warp, so the Sinkhorn iterations' reductions stay inside it (no barriers)
+        nw = 1 if br * np2 * np2 <= 256 else 4
         _hc_split_kernel[(triton.cdiv(R, br),)](m2, base.float().contiguous(), scale.float().contiguous(),
                                                 pre, post, comb, R, int(iters), float(eps),
-                                                N=n, NP=_np2(n), BR=br, num_warps=4)
+                                                N=n, NP=np2, BR=br, num_warps=nw)
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
 
 
@@ -1822,7 +1832,14 @@ def _cuda_impls() -> dict:
         "indexer_score_packed": lambda q, k_codes, k_scale, w: indexer_score_packed(q, k_codes, k_scale, w),
         "indexer_topk_packed": lambda q, k_codes, k_scale, w, visible, topk: indexer_topk_packed(
             q, k_codes, k_scale, w, visible, topk),
+        "topk_ids": lambda scores, topk: _topk_ids(scores, topk),
     }
+
+
+def _topk_ids(scores: Tensor, topk: int) -> Tensor:
+    from .triton_topk import topk_ids  # noqa: PLC0415  (that module imports this one)
+
+    return topk_ids(scores, topk)
 
 
 _OPTIONAL_OPS = ("sparse_attn_packed", "indexer_score_packed", "indexer_topk_packed")
