@@ -1,0 +1,120 @@
+"""Compile the decode-path Triton kernels for Hopper (sm_90) ahead of time, without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) runs kernel bodies as Python and accepts code that Triton's compiler
+rejects (a return inside a branch, a constexpr assigned twice in an unrolled loop); such a kernel passes
+every CPU test and fails at its first launch on the GPU. Here each kernel is compiled to a cubin at the
+constexprs its launcher uses for a flash decode step, with Triton's bundled ptxas.
+
+Run as a script with TRITON_INTERPRET unset (tests/ops/test_hopper_compile.py does, in a subprocess,
+because the interpreter tests set it in their process). Prints one JSON line per kernel case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dsv4c.ops import triton_gemv as gemv  # noqa: E402
+from dsv4c.ops import triton_kernels as tk  # noqa: E402
+from dsv4c.ops import triton_topk as topk  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+@dataclass
+class Case:
+    """One kernel specialization: pointer element types by parameter name (other runtime parameters are
+    i32 unless named in ``floats``), the constexprs, launch options, and whether its PTX must hold
+    tensor-core MMAs."""
+
+    name: str
+    kernel: object
+    ptrs: dict[str, str]
+    constexprs: dict[str, object]
+    floats: tuple[str, ...] = ()
+    num_warps: int = 4
+    num_stages: int = 3
+    wants_mma: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _signature(case: Case) -> dict[str, str]:
+    sig = {}
+    for p in case.kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in case.ptrs:
+            sig[p.name] = "*" + case.ptrs[p.name]
+        else:
+            sig[p.name] = "fp32" if p.name in case.floats else "i32"
+    return sig
+
+
+def _cases() -> list[Case]:
+    gemv_bufs = {"o_ptr": "fp32", "part_ptr": "fp32", "cnt_ptr": "i32"}
+    fp4 = {"x_ptr": "bf16", "e_ptr": "i64", "order_ptr": "i64", "w_ptr": "u8", "sw_ptr": "u8", **gemv_bufs}
+    fp4_const = dict(PBN=128, PBK=128, UE8M0=True, ASM=True, UPCAST=False, SPLIT=2, BN=128, ORDERED=False)
+    attn_ptrs = {"q_ptr": "bf16", "wkv_ptr": "bf16", "wmask_ptr": "u8", "ckv_ptr": "bf16", "cidx_ptr": "i64",
+                 "sink_ptr": "fp32", "o_ptr": "bf16", "pm_ptr": "fp32", "pl_ptr": "fp32", "pacc_ptr": "fp32",
+                 "cnt_ptr": "i32", "cn_ptr": "u8", "cs_ptr": "u8", "cr_ptr": "bf16"}
+    return [
+        Case("fp8_gemv_tc", gemv._fp8_gemv_tc_kernel,
+             {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", **gemv_bufs},
+             dict(ACT_Q=True, UE8M0=True, FP8_DOT=True, UPCAST=False, SPLIT=2, BN=128, BR=gemv.ROWS, ONE_ROW=True),
+             wants_mma=True),
+        Case("w16_gemv_tc", tk._w16_linear_kernel,
+             {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
+             dict(X_SPLIT3=True, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128),
+             wants_mma=True),
+        *[Case(f"fp4_gemv_tc_nb{nb}", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, NB=nb), wants_mma=True)
+          for nb in (1, 2, 4)],
+        Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "o_ptr": "i64"},
+             dict(CHUNK=2048, KP=512, SINGLE=True), num_warps=8),
+        Case("topk_ids_chunked", topk._topk_ids_kernel, {"s_ptr": "fp32", "o_ptr": "i64"},
+             dict(CHUNK=4096, KP=512, SINGLE=False), num_warps=8),
+        Case("hc_split_decode", tk._hc_split_kernel,
+             {"mix_ptr": "fp32", "base_ptr": "fp32", "scale_ptr": "fp32", "pre_ptr": "fp32", "post_ptr": "fp32",
+              "comb_ptr": "fp32"}, dict(N=4, NP=4, BR=1), floats=("eps",), num_warps=1),
+        Case("sparse_attn_packed_decode", tk._sparse_attn_kernel, attn_ptrs,
+             dict(BH=16, BN=16, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=8, PACKED=True),
+             floats=("scale",), num_stages=2, wants_mma=True),
+    ]
+
+
+def compile_case(case: Case) -> dict:
+    t0 = time.perf_counter()
+    src = ASTSource(fn=case.kernel, signature=_signature(case), constexprs=case.constexprs)
+    compiled = triton.compile(src, target=HOPPER,
+                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    ptx = compiled.asm["ptx"]
+    return {"case": case.name, "seconds": round(time.perf_counter() - t0, 2),
+            "cubin_bytes": len(compiled.asm["cubin"]), "mma": ("mma.sync" in ptx) or ("wgmma" in ptx),
+            "wants_mma": case.wants_mma}
+
+
+def main(argv: list[str]) -> int:
+    only = set(argv[1:])
+    failed = 0
+    for case in _cases():
+        if only and case.name not in only:
+            continue
+        try:
+            row = compile_case(case)
+        except Exception as exc:  # report every case, then fail
+            row = {"case": case.name, "error": f"{type(exc).__name__}: {exc}"[-2000:]}
+            failed += 1
+        print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
