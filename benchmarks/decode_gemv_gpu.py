@@ -4,7 +4,8 @@
 
 One decode step of ``flash`` truncated to 4 blocks streams, at batch 1, after ``fuse_shared_input_gemms``:
 20 FP8 linears (wq_a+wkv, wq_b (+ the indexer's wq_b in the CSA block), wo_b, shared w1+w3, shared w2 per
-block), 8 packed FP4 expert GEMMs (w1+w3 and w2 of 6 routed experts per block) and the bf16 head. This script draws those weights (distinct per block,
+block), 8 packed FP4 expert GEMMs (w1+w3 and w2 of 6 routed experts per block) and the bf16 head; with
+them each block's sparse attention over the packed cache at context 8k (latency rather than bytes). This script draws those weights (distinct per block,
 so nothing stays in L2), and for each kernel configuration (a set of ``TUNE`` overrides):
 
 - checks every distinct launch against the reference op (the torch composite, on the GPU);
@@ -37,10 +38,20 @@ VARIANTS = {
     "bf16dot": {"tc_fp8_dot": False},
     "fp4_fma": {"fp4_tc": False},  # packed FP4 on the FMA GEMV (the tensor-core GEMV is the default)
     "fp4_tc_noasm": {"fp4_tc_asm": False},  # nibble decode per element instead of four bytes per instruction
+    "fp4_kb2": {"fp4_tc_kblocks": 2},
+    "fp4_kb4": {"fp4_tc_kblocks": 4},
+    "fp4_kb4_bn64": {"fp4_tc_kblocks": 4, "fp4_tc_bn": 64},
+    "fp4_kb4_split1": {"fp4_tc_kblocks": 4, "split_target": 1},
     "fp4_tc_bn64": {"fp4_tc_bn": 64},
     "fp4_tc_w8": {"fp4_tc_warps": 8},
     "fp4_tc_s2": {"fp4_tc_stages": 2},
     "fp4_tc_s4": {"fp4_tc_stages": 4},
+    "fp8_s4": {"tc_stages": 4},
+    "fp8_bn64": {"tc_bn": 64},
+    "fp8_w8": {"tc_warps": 8},
+    "attn_bh32_bn32": {"attn_decode_bh": None, "attn_decode_bn": None},  # the head and key blocks of larger batches
+    "attn_split4": {"attn_split_target": 4},
+    "split4": {"split_target": 4},
     "split8": {"split_target": 8},
 }
 
@@ -83,6 +94,21 @@ def build_step(batch: int, blocks: int, dev) -> dict:
             x = torch.randn(rows, k, device=dev, generator=g).to(torch.bfloat16)
             step["fp4"].append((f"{b}.{name}", "fp4_grouped_linear_packed", (x, ids, pw, ps, True, True),
                                 used * n * (k // 2 + k // 32)))
+    # the packed-cache sparse attention of each block at context 8k: window of 128 + this token, then
+    # nothing (window-only blocks), top-512 of 2048 (CSA, ratio 4) or all 64 (HCA, ratio 128) entries
+    from dsv4c.ops.kv_storage import pack_kv_entries
+
+    step["attn"] = []
+    for b, (ne, kc) in enumerate(((0, 0), (0, 0), (2048, 512), (64, 64))[:blocks]):
+        q = torch.randn(batch, 1, H, C, device=dev, generator=g).to(torch.bfloat16)
+        win = torch.randn(batch, 129, C, device=dev, generator=g).to(torch.bfloat16)
+        mask = torch.ones(batch, 1, 129, dtype=torch.bool, device=dev)
+        comp = pack_kv_entries(torch.randn(batch, ne, C, device=dev, generator=g).to(torch.bfloat16), 64)
+        idx = torch.rand(batch, 1, ne, device=dev, generator=g).topk(kc, dim=-1).indices if ne else \
+            torch.zeros(batch, 1, 0, dtype=torch.long, device=dev)
+        sink = torch.randn(H, device=dev, generator=g)
+        step["attn"].append((f"{b}.attn_ne{ne}", "sparse_attn_packed", (q, win, mask, *comp, idx, sink, C ** -0.5),
+                             win.numel() * 2 + kc * batch * 584))
     w = (torch.randn(V, D, device=dev, generator=g) / 64).to(torch.bfloat16)
     x = torch.randn(batch, D, device=dev, generator=g).to(torch.bfloat16)
     step["head"].append(("head", "linear_w16", (x, w), w.numel() * 2))
@@ -145,7 +171,7 @@ def main(argv=None) -> int:
             refs[name] = (a[0].float() @ a[1].float().t()) if op == "linear_w16" else getattr(torch.ops.dsv4, op)(*a)
     tk.prepare_device(dev)
     launcher = {"fp8_linear": tk.fp8_linear, "fp4_grouped_linear_packed": tk.fp4_grouped_linear_packed,
-                "linear_w16": tk.linear_w16}
+                "linear_w16": tk.linear_w16, "sparse_attn_packed": tk.sparse_attn_packed}
     base_tune = dict(tk.TUNE)
     results = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
                "batch": args.batch, "blocks": args.blocks, "copy_tb_per_s": bw / 1e12,

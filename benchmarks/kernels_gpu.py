@@ -126,6 +126,12 @@ def cases(dev, quick: bool):
             ap = zp = torch.zeros(0, device=dev)
         out.append((f"compress_pool/{cname} T={t} m={m} d={d}", "compress_pool", (a, z, ap, zp, ov), 0,
                     (a.numel() + z.numel() + ap.numel() + zp.numel() + nwin * d) * 4, 1e-4))
+    # ---- topk_ids: the indexer's selection (top-512 of the compressed entries at 8k / 64k) and a MoE gate
+    for b, sq, ne, k in ((1, 1, 2048, 512), (1, 1, 16384, 512), (T_dec, 1, 2048, 512), (1, 1, 256, 6),
+                         (1, min(T_pre, r["IDX_PRE"]), 2048, 512)):
+        sc = torch.randn(b, sq, ne, device=dev)
+        sc[..., ne - ne // 8:] = float("-inf")  # entries a row may not see
+        out.append((f"topk_ids B={b} S={sq} E={ne} k={k}", "topk_ids", (sc, k), 0, sc.numel() * 4 + b * sq * k * 8, 0.0))
     return out
 
 
@@ -147,8 +153,13 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     only = set(args.only.split(",")) if args.only else None
+    from dsv4c.ops import triton_topk
+
     launchers = {name: getattr(tk, name) for name in ("fp8_linear", "fp4_grouped_linear", "sparse_attn", "hc_split",
                                                       "swiglu_clamp", "indexer_score", "compress_pool")}
+    launchers["topk_ids"] = triton_topk.topk_ids
+    tk.TUNE["triton_topk"] = True  # the kernel itself (the op's CUDA impl follows this switch)
+    baselines = {"topk_ids": lambda sc, k: torch.topk(sc, min(k, sc.shape[-1]), dim=-1)}  # what a user calls
     rows = []
     hdr = f"{'case':<66} {'max_abs':>9} {'max_rel':>9} {'ok':>3} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"
     print(hdr)
@@ -167,9 +178,11 @@ def main(argv=None) -> int:
         ms = do_bench(lambda op=op, a=a: launchers[op](*a), warmup=25, rep=100)
         tflops = flops / (ms * 1e-3) / 1e12 if flops else 0.0
         gbps = nbytes / (ms * 1e-3) / 1e9
-        print(f"{name:<66} {abs_err:9.2e} {rel_err:9.2e} {'yes' if ok else 'NO':>3} {ms:9.4f} {tflops:8.1f} {gbps:8.0f}")
+        base_ms = do_bench(lambda a=a: baselines[op](*a), warmup=25, rep=100) if op in baselines else None
+        print(f"{name:<66} {abs_err:9.2e} {rel_err:9.2e} {'yes' if ok else 'NO':>3} {ms:9.4f} {tflops:8.1f} {gbps:8.0f}"
+              + (f"  (torch {base_ms:.4f} ms)" if base_ms is not None else ""))
         rows.append(dict(case=name, op=op, max_abs_err=abs_err, max_rel_err=rel_err, tolerance=tol, ok=ok, ms=ms,
-                         tflops=tflops, gbps=gbps, flops=flops, bytes=nbytes))
+                         tflops=tflops, gbps=gbps, flops=flops, bytes=nbytes, baseline_ms=base_ms))
         del ref, got
         torch.cuda.empty_cache()
 

@@ -71,15 +71,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fp4_gemv_tc_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK,
-                            KTILES, NKB, KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, UE8M0: tl.constexpr,
+                            KTILES, NSB, SB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, UE8M0: tl.constexpr,
                             ASM: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
-                            ORDERED: tl.constexpr):
+                            NB: tl.constexpr, ORDERED: tl.constexpr):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: BN outputs (axis 1), a K range (axis 2).
 
-        Per 128-wide K block: the [BN, 64] bytes become two e4m3 tiles (low nibbles = even K, high = odd K)
-        without reordering; the quantized activation's even and odd halves are laid out block-diagonally,
-        column g holding scale group g (the group's 16 bytes), so ``lo @ XE + hi @ XO`` [BN, 16] has each
-        group's partial sum in its own column and the per-32 scales apply after the dot."""
+        Per step of NB 128-wide K blocks (NB <= 4): the [BN, 64 NB] bytes become two e4m3 tiles (low
+        nibbles = even K, high = odd K) without reordering; the quantized activation's even and odd halves
+        are laid out block-diagonally, column g holding scale group g (its 16 bytes), so
+        ``lo @ XE + hi @ XO`` [BN, 16] has each group's partial sum in its own column and the per-32 scales
+        apply after the dot. Larger NB: fewer dots and barriers per weight byte."""
         pid_a = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -91,10 +92,11 @@ if HAVE_TRITON:
         valid = (e >= 0) & (e < E)
         nb = (pid_n * BN) // PBN
         r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
-        j = tl.arange(0, 64)  # byte columns of a 128-wide K block
-        c = tl.arange(0, 16)  # dot columns: 0..3 = the block's scale groups, the rest stay zero
-        diag = (j[None, :] // 16) == c[:, None]  # [16, 64]: group c owns bytes 16c..16c+15
-        g_ok = c < 4
+        j = tl.arange(0, 64 * NB)  # byte columns of the step's NB K blocks
+        c = tl.arange(0, 16)  # dot columns: 0..4NB-1 = the step's scale groups, the rest stay zero
+        diag = (j[None, :] // 16) == c[:, None]  # [16, 64 NB]: group c owns bytes 16c..16c+15
+        g_ok = c < 4 * NB
+        col_blk = (c[:, None] // 4) == tl.arange(0, NB)[None, :]  # [16, NB]: the K block of column c
         TILE: tl.constexpr = PBN * (PBK // 2)
         ev = tl.maximum(e, 0).to(tl.int64)
         w_rows = w_ptr + ((ev * NBLK + nb) * KTILES) * TILE + r_in[:, None] * (PBK // 2)
@@ -102,16 +104,26 @@ if HAVE_TRITON:
         x_row = x_ptr + a.to(tl.int64) * K
         acc = tl.zeros((BN, 16), dtype=tl.float32)
         if valid:
-            for i in range(KB_PER_SPLIT):
-                kb = ks * KB_PER_SPLIT + i
-                kb_ok = kb < NKB
-                col = ((kb * 128) // PBK) * TILE + ((kb * 128) % PBK) // 2 + j
-                p = tl.load(w_rows + col[None, :], mask=kb_ok, other=0)
+            # the next step's bytes are loaded while this one is decoded and multiplied: the loads feed
+            # register code rather than the dot, so Triton's pipeliner does not overlap them by itself
+            sb0 = ks * SB_PER_SPLIT
+            ok0 = sb0 < NSB
+            p_next = tl.load(w_rows + _fp4_step_cols(sb0 * NB, j, PBK, TILE)[None, :], mask=ok0, other=0)
+            xe_next = tl.load(x_row + sb0 * NB * 128 + 2 * j, mask=ok0, other=0.0)
+            xo_next = tl.load(x_row + sb0 * NB * 128 + 2 * j + 1, mask=ok0, other=0.0)
+            for i in range(SB_PER_SPLIT):
+                kb = (sb0 + i) * NB
+                kb_ok = sb0 + i < NSB
+                p = p_next
+                xe = xe_next.to(tl.float32)
+                xo = xo_next.to(tl.float32)
+                ok_n = (i + 1 < SB_PER_SPLIT) & (sb0 + i + 1 < NSB)
+                p_next = tl.load(w_rows + _fp4_step_cols(kb + NB, j, PBK, TILE)[None, :], mask=ok_n, other=0)
+                xe_next = tl.load(x_row + (kb + NB) * 128 + 2 * j, mask=ok_n, other=0.0)
+                xo_next = tl.load(x_row + (kb + NB) * 128 + 2 * j + 1, mask=ok_n, other=0.0)
                 lo, hi = _e2m1_to_e4m3(p, ASM)
-                xe = tl.load(x_row + kb * 128 + 2 * j, mask=kb_ok, other=0.0).to(tl.float32)
-                xo = tl.load(x_row + kb * 128 + 2 * j + 1, mask=kb_ok, other=0.0).to(tl.float32)
-                qe, qo, sa = _quant_e4m3_pair(xe, xo, UE8M0)
-                xde = tl.where(diag, qe[None, :], 0.0)  # [16, 64]
+                qe, qo, s_blk = _quant_e4m3_pairs(xe, xo, NB, UE8M0)
+                xde = tl.where(diag, qe[None, :], 0.0)  # [16, 64 NB]
                 xdo = tl.where(diag, qo[None, :], 0.0)
                 if UPCAST:
                     part = tl.dot(lo.to(tl.float32), tl.trans(xde), input_precision="ieee")
@@ -119,9 +131,10 @@ if HAVE_TRITON:
                 else:
                     part = tl.dot(lo, tl.trans(xde.to(tl.float8e4nv)))
                     part = tl.dot(hi, tl.trans(xdo.to(tl.float8e4nv)), part)
+                sa = tl.sum(tl.where(col_blk, s_blk[None, :], 0.0), axis=1)  # [16]: activation scale per column
                 sb = tl.load(s_rows + (kb * 4 + c)[None, :] * PBN, mask=kb_ok & g_ok[None, :], other=0).to(tl.int32)
                 sf = tl.where(g_ok[None, :], ((sb + 6) << 23).to(tl.float32, bitcast=True), 0.0)  # 2^(b-127) 2^6
-                acc += part * (sf * sa)
+                acc += part * (sf * sa[None, :])
         out = tl.sum(acc, axis=1)
         rows = a + tl.arange(0, 1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -129,20 +142,35 @@ if HAVE_TRITON:
                       a * tl.num_programs(1) + pid_n, A, N, SPLIT)
 
     @triton.jit
-    def _quant_e4m3_pair(xe, xo, UE8M0: tl.constexpr):
-        """:func:`_quant_e4m3_vec` of one 128-wide block held as its even and odd halves."""
-        amax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
+    def _fp4_step_cols(kb, j, PBK: tl.constexpr, TILE: tl.constexpr):
+        """Byte offsets (inside one expert's N-block row of packed tiles) of bytes ``j`` of the step that
+        starts at 128-wide K block ``kb``: byte j holds K elements kb * 128 + 2j and 2j + 1."""
+        return _fp4_tile_col(kb + j // 64, PBK, TILE) + j % 64
+
+    @triton.jit
+    def _fp4_tile_col(kb, PBK: tl.constexpr, TILE: tl.constexpr):
+        """Byte offset of 128-wide K block ``kb`` inside one expert's N-block row of packed tiles."""
+        return ((kb * 128) // PBK) * TILE + ((kb * 128) % PBK) // 2
+
+    @triton.jit
+    def _quant_e4m3_pairs(xe, xo, NB: tl.constexpr, UE8M0: tl.constexpr):
+        """:func:`_quant_e4m3_vec` of NB 128-wide blocks held as their even and odd halves ([64 NB] each,
+        block b = elements 64b..64b+63): (e4m3 values of both halves, the NB block scales)."""
+        e2 = tl.reshape(xe, (NB, 64))
+        o2 = tl.reshape(xo, (NB, 64))
+        amax = tl.maximum(tl.max(tl.abs(e2), axis=1), tl.max(tl.abs(o2), axis=1))
         a = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
         if UE8M0:
             s, inv = _pow2_ceil(a)
-            ve = xe * inv
-            vo = xo * inv
+            ve = e2 * inv[:, None]
+            vo = o2 * inv[:, None]
         else:
             s = a
-            ve = tl.math.div_rn(xe, s)
-            vo = tl.math.div_rn(xo, s)
-        return (_e4m3_rne(tl.minimum(tl.maximum(ve, -448.0), 448.0)),
-                _e4m3_rne(tl.minimum(tl.maximum(vo, -448.0), 448.0)), s)
+            ve = tl.math.div_rn(e2, s[:, None])
+            vo = tl.math.div_rn(o2, s[:, None])
+        qe = _e4m3_rne(tl.minimum(tl.maximum(ve, -448.0), 448.0))
+        qo = _e4m3_rne(tl.minimum(tl.maximum(vo, -448.0), 448.0))
+        return tl.reshape(qe, (64 * NB,)), tl.reshape(qo, (64 * NB,)), s
 
     @triton.jit
     def _fp8_gemv_tc_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
@@ -220,15 +248,19 @@ def fp4_gemv_tc(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0:
     bn = min(block_n or TUNE["fp4_tc_bn"], PBN)
     nt = triton.cdiv(N, bn)
     nkb = K // QBLOCK
-    split, per = _pick_split(A * nt, nkb, x.device, split_k)
+    nb = TUNE["fp4_tc_kblocks"]
+    while nkb % nb:  # steps of whole 128-wide blocks
+        nb //= 2
+    nsb = nkb // nb
+    split, per = _pick_split(A * nt, nsb, x.device, split_k)
     out = torch.empty((A, N), dtype=x.dtype, device=x.device)
     part, cnt = _split_buffers(split, A, N, x.device)
     ordered = A > TUNE["fp4_order_rows"]
     order = torch.sort(expert).indices if ordered else expert
     _fp4_gemv_tc_kernel[(A, nt, split)](
-        x, expert, order, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per, PBN=PBN, PBK=2 * PBK2,
+        x, expert, order, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nsb, per, PBN=PBN, PBK=2 * PBK2,
         UE8M0=bool(ue8m0), ASM=bool(TUNE["fp4_tc_asm"]) and not INTERPRET, UPCAST=INTERPRET, SPLIT=split, BN=bn,
-        ORDERED=ordered, num_warps=TUNE["fp4_tc_warps"], num_stages=TUNE["fp4_tc_stages"])
+        NB=nb, ORDERED=ordered, num_warps=TUNE["fp4_tc_warps"], num_stages=TUNE["fp4_tc_stages"])
     return out
 
 

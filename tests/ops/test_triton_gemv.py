@@ -73,10 +73,13 @@ def test_w16_gemv_tc(tc, M, dtype):
     assert tc == ["w16_gemv_tc", "w16_gemv_tc"]
 
 
-@pytest.mark.parametrize("dtype,ue8m0,bn,bk", [(torch.bfloat16, True, 128, 128), (torch.float32, False, 64, 256)])
-def test_fp4_gemv_tc(tc, dtype, ue8m0, bn, bk):
+@pytest.mark.parametrize("dtype,ue8m0,bn,bk,kblocks", [(torch.bfloat16, True, 128, 128, 1),
+                                                        (torch.float32, False, 64, 256, 2),
+                                                        (torch.bfloat16, True, 128, 128, 4)])
+def test_fp4_gemv_tc(tc, monkeypatch, dtype, ue8m0, bn, bk, kblocks):
     """Packed e2m1 experts, one row per program: rows of several experts (and ids outside [0, E): zeros),
-    spread ue8m0 scales, K split or not, unsorted and expert-sorted row order."""
+    spread ue8m0 scales, K split or not, unsorted and expert-sorted row order, 1-4 K blocks per step."""
+    monkeypatch.setitem(tk.TUNE, "fp4_tc_kblocks", kblocks)
     E, N, K = 3, 128, 512
     w, s = quant.quantize_fp4_weight(torch.randn(E, N, K, generator=gen(12)) * 0.05)
     s = s * torch.exp2(torch.randint(-3, 4, s.shape, generator=gen(13)).float())
