@@ -377,7 +377,7 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             g = graphs.graphs.get(r.get("bucket", b)) if graphs is not None else None
             if g is not None:
                 try:
-                    res["profile_decode"] = profile_kernels(g.graph.replay, dev, reps=5)
+                    res["profile_decode"] = profile_kernels(g.graph.replay, dev, reps=5, top=120)
                     log(f"bench: decode step = {res['profile_decode']['kernels_per_call']:.0f} kernels, "
                         f"{res['profile_decode']['device_us_per_call']:.0f} us of kernel time")
                 except Exception as e:  # noqa: BLE001 - profiling is best effort

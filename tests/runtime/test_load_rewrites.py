@@ -1,0 +1,65 @@
+"""The inductor executor's load-time graph rewrites (run on CUDA before compiling): where they apply and
+that they leave the step's numbers unchanged (CPU, tiny spec, fixed seeds)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
+
+from passes_helpers import PRODUCT_PASSES, clone_program, passes_only, random_inputs, run, trace  # noqa: E402
+
+from dsv4c.frontend.model import StepContext  # noqa: E402
+from dsv4c.runtime.inductor_executor import rewrite_narrow_fp32_mms, rewrite_w16_linears  # noqa: E402
+from dsv4c.testing import rel_err  # noqa: E402
+
+aten = torch.ops.aten
+
+
+def _fp32_weight_mms(gm) -> int:
+    """matmuls whose right operand is the transpose of an fp32 graph input (the mHC mixes)."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.matmul.default:
+            t = node.args[1]
+            if t.op == "call_function" and t.target == aten.t.default and t.args[0].op == "placeholder":
+                n += t.args[0].meta["val"].dtype == torch.float32
+    return n
+
+
+def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_params_fp32):
+    """Exact numerics in fp32: every mHC mix (two per block, one before the head) is rewritten, and the
+    decode logits and written cache agree with the matmul form to fp32 rounding."""
+    ctx = StepContext(tiny_spec, "exact", torch.float32)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, tiny_params_fp32, ctx, set(PRODUCT_PASSES))
+    ref_prog = progs["decode"]
+    assert _fp32_weight_mms(ref_prog.graph_module) == 2 * tiny_spec.num_layers + 1
+    new = clone_program(ref_prog)
+    assert rewrite_narrow_fp32_mms(new.graph_module) == 2 * tiny_spec.num_layers + 1
+    assert _fp32_weight_mms(new.graph_module) == 0
+    inputs = random_inputs(ctx, "decode", seed=5)
+    want, want_cache = run(ref_prog, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5
+    for k in want_cache:
+        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+
+
+def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
+    """Reference numerics in bf16 after the h100 pipeline: the bf16 weights applied in fp32 become
+    linear_w16 and leave the fp32 mixes to the narrow rewrite; nothing is matched twice."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+
+    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
+    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
+    progs, _, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    gm = progs["decode"].graph_module
+    n_w16 = rewrite_w16_linears(gm)
+    # the head, one MoE gate per block, and the compressor / indexer projections of the compressed blocks
+    assert n_w16 >= 1 + tiny_spec.num_layers
+    assert rewrite_narrow_fp32_mms(gm) == 2 * tiny_spec.num_layers + 1
+    assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm) == 0
+    assert _fp32_weight_mms(gm) == 0
