@@ -42,6 +42,8 @@ VARIANTS = {
     "fp4_kb4": {"fp4_tc_kblocks": 4},
     "fp4_kb4_bn64": {"fp4_tc_kblocks": 4, "fp4_tc_bn": 64},
     "fp4_kb4_split1": {"fp4_tc_kblocks": 4, "split_target": 1},
+    "fp4_kb4_w8": {"fp4_tc_kblocks": 4, "fp4_tc_warps": 8},
+    "fp4_kb2_bn64": {"fp4_tc_kblocks": 2, "fp4_tc_bn": 64},
     "fp4_tc_bn64": {"fp4_tc_bn": 64},
     "fp4_tc_w8": {"fp4_tc_warps": 8},
     "fp4_tc_s2": {"fp4_tc_stages": 2},
@@ -176,6 +178,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
                "batch": args.batch, "blocks": args.blocks, "copy_tb_per_s": bw / 1e12,
                "bytes": {k: sum(r[3] for r in v) for k, v in step.items()}, "variants": {}}
+    out = Path(args.out)
     for vname in args.variants.split(","):
         tk.TUNE.clear()
         tk.TUNE.update(base_tune)
@@ -218,11 +221,10 @@ def main(argv=None) -> int:
             log(f"{vname:12s} FAILED {rec['error'][:300]}")
         results["variants"][vname] = rec
         torch.cuda.synchronize()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode_gemv.json").write_text(json.dumps(results, indent=1))  # after each: a timeout keeps them
     tk.TUNE.clear()
     tk.TUNE.update(base_tune)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_gemv.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -654,6 +654,7 @@ def main() -> int:
     ap.add_argument("--hf-steps", type=int, default=12)
     ap.add_argument("--deadline", type=float, default=560, help="seconds from start after which optional steps skip")
     ap.add_argument("--b32-seconds", type=float, default=190, help="time a batch-32 bucket needs (compile + capture)")
+    ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")
     args = ap.parse_args()
@@ -666,6 +667,11 @@ def main() -> int:
 
     RESULTS.update({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                     "python": platform.python_version(), "layers": args.layers, "args": vars(args), "errors": {}})
+    from dsv4c.ops import triton_kernels as tk
+
+    if args.tune_from:
+        tk.TUNE.update(json.loads(Path(args.tune_from).read_text()))
+    RESULTS["tune"] = dict(tk.TUNE)  # what the phases start from (the kernels phase's sweep may change it)
     path = Path(args.out) / "gpu_suite.json"
     phases = {"kernels": phase_kernels, "exact": phase_exact, "flash_exact": phase_flash_exact,
               "flash": phase_flash, "hf": phase_hf}

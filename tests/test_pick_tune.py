@@ -1,0 +1,41 @@
+"""benchmarks/pick_tune.py: which TUNE overrides a device call's own measurements select."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "pick_tune.py"
+spec = importlib.util.spec_from_file_location("pick_tune", SCRIPT)
+pick_tune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pick_tune)
+
+
+def _variant(us: float, ok: bool = True, **tune) -> dict:
+    return {"tune": tune, "ok": ok, "us": {"all": us}}
+
+
+def _topk(case: str, ms: float, base: float | None, ok: bool = True) -> dict:
+    return {"case": case, "ok": ok, "ms": ms, "baseline_ms": base}
+
+
+def test_fastest_correct_variant_wins(tmp_path):
+    gemv = {"variants": {"default": _variant(1150.0), "fp4_kb4": _variant(1010.0, fp4_tc_kblocks=4),
+                         "fast_but_wrong": _variant(900.0, ok=False, fp4_tc_bn=32),
+                         "broken": {"tune": {"x": 1}, "error": "CompilationError"}}}
+    topk = {"results": [_topk("topk_ids B=1 S=1 E=2048 k=512", 0.010, 0.030),
+                        _topk("topk_ids B=1 S=8192 E=2048 k=512", 0.9, 0.5)]}  # prefill slower: not a decode case
+    (tmp_path / "g.json").write_text(json.dumps(gemv))
+    (tmp_path / "t.json").write_text(json.dumps(topk))
+    assert pick_tune.main(["--gemv", str(tmp_path / "g.json"), "--topk", str(tmp_path / "t.json"),
+                           "--out", str(tmp_path / "tune.json")]) == 0
+    assert json.loads((tmp_path / "tune.json").read_text()) == {"fp4_tc_kblocks": 4, "triton_topk": True}
+
+
+def test_default_wins_ties_and_topk_stays_off_when_wrong_or_slower():
+    assert pick_tune.pick_variant({"variants": {"split4": _variant(1000.0, split_target=4),
+                                                "default": _variant(1000.0)}}) == ("default", {})
+    assert pick_tune.pick_topk([_topk("topk_ids B=1 S=1 E=2048 k=512", 0.01, 0.03, ok=False)])[0] is False
+    assert pick_tune.pick_topk([_topk("topk_ids B=1 S=1 E=2048 k=512", 0.04, 0.03)])[0] is False
+    assert pick_tune.pick_topk([])[0] is False
