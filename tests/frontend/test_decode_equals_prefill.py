@@ -10,9 +10,14 @@ from dsv4c.testing import new_cache, rel_err
 CHECK_AT = [3, 15, 16, 17, 31, 47, 63, 64, 95, 99]
 
 
-def test_decode_equals_prefill_in_reference_numerics(tiny_spec, tiny_params_fp32):
+def test_token_by_token_decode_equals_prefill(tiny_spec, tiny_params_fp32):
+    """100 single-token steps reproduce a fresh prefill over the same tokens (exact numerics: the cache
+    state carried across every step). In reference numerics a long run is not comparable this tightly: the
+    FP8/FP4 roundings and the top-k choices (indexer entries, experts) are discrete, so a last-ulp difference
+    between the GEMV and GEMM summation orders (which varies with the CPU's vector ISA) can flip one and
+    the flip persists in the cache; the test below checks reference numerics one step at a time."""
     spec = tiny_spec
-    ctx = StepContext(spec, "reference", torch.float32)
+    ctx = StepContext(spec, "exact", torch.float32)
     consts = constants(spec)
     ids = torch.randint(0, spec.vocab_size, (1, 100), generator=torch.Generator().manual_seed(1))
     cache = new_cache(spec, 1, 256, torch.float32)
@@ -23,7 +28,23 @@ def test_decode_equals_prefill_in_reference_numerics(tiny_spec, tiny_params_fp32
     for t in CHECK_AT:
         fresh = step(ctx, tiny_params_fp32, consts, new_cache(spec, 1, 256, torch.float32), ids[:, :t + 1],
                      torch.tensor([0]))
-        assert rel_err(decoded[t], fresh) <= 1e-3, f"position {t}"
+        assert rel_err(decoded[t], fresh) <= 1e-5, f"position {t}"
+
+
+def test_decode_step_equals_prefill_in_reference_numerics(tiny_spec, tiny_params_fp32):
+    """Reference numerics: decoding token t into the cache a prefill of tokens [0, t) wrote gives the logits
+    of a prefill of tokens [0, t] (window wrap, CSA and HCA completions among the positions)."""
+    spec = tiny_spec
+    ctx = StepContext(spec, "reference", torch.float32)
+    consts = constants(spec)
+    ids = torch.randint(0, spec.vocab_size, (1, 100), generator=torch.Generator().manual_seed(1))
+    for t in CHECK_AT:
+        cache = new_cache(spec, 1, 256, torch.float32)
+        step(ctx, tiny_params_fp32, consts, cache, ids[:, :t], torch.tensor([0]))
+        decoded = step(ctx, tiny_params_fp32, consts, cache, ids[:, t:t + 1], torch.tensor([t]))
+        fresh = step(ctx, tiny_params_fp32, consts, new_cache(spec, 1, 256, torch.float32), ids[:, :t + 1],
+                     torch.tensor([0]))
+        assert rel_err(decoded, fresh) <= 1e-5, f"position {t}"
 
 
 def test_chunked_prefill_and_batched_ragged_decode(tiny_spec, tiny_params_fp32):
