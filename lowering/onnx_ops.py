@@ -36,6 +36,8 @@ How each op is expressed (opset 18 ops, converted to the model's opset afterward
   ``Where`` masks the invisible entries, ``TopK``, -1 where the score is -inf. (ONNX ``TopK`` breaks
   ties by the lower index; ``torch.topk`` leaves tie order unspecified. Only exact score ties at the
   top-k boundary could choose a different set.)
+- ``topk_ids``: NaN -> -inf, ``TopK`` (its lower-index-first tie order is the op's), -1 for -inf picks and
+  for the slots past the row.
 - ``sparse_attn``: window logits by broadcast ``MatMul`` masked with ``Where``; the chosen compressed
   entries gathered with ``GatherND`` (batch_dims=1); one max-subtracted softmax whose denominator also
   holds ``exp(sink - max)``; two ``MatMul``s for the output.
@@ -372,6 +374,21 @@ def indexer_topk(q, k, w, visible, topk: int):
     return op.Where(op.IsInf(vals), op.Constant(value_int=-1), idx)
 
 
+def topk_ids(scores, topk: int):
+    """NaN counts as -inf; ``TopK`` (ties: lower index first, the op's contract); -1 where the score is
+    -inf and in the slots past the row's length."""
+    s = _float(scores)
+    s = op.Where(op.IsNaN(s), _f(float("-inf")), s)
+    n_ent = _static(scores, -1)
+    kk = min(int(topk), n_ent)
+    vals, idx = op.TopK(s, _ints([kk]), axis=-1, largest=1, sorted=1)
+    idx = op.Where(op.IsInf(vals, detect_positive=0), op.Constant(value_int=-1), idx)
+    if kk < topk:
+        pad_shape = op.Concat(op.Slice(op.Shape(idx), _ints([0]), _ints([-1])), _ints([topk - kk]), axis=0)
+        idx = op.Concat(idx, op.Expand(op.Constant(value_int=-1), pad_shape), axis=-1)
+    return idx
+
+
 def compress_finish(a, z, a_prev, z_prev, norm_w, pos, freqs, hadamard, overlap: bool, eps: float,
                     act_dtype_code: int, quant_mode: int, ue8m0: bool):
     dtype = _DTYPE_CODES[act_dtype_code]
@@ -457,7 +474,7 @@ def translation_table(aten: bool = False) -> dict:
         "hc_split": hc_split, "compress_pool": compress_pool, "indexer_score": indexer_score,
         "sparse_attn": sparse_attn, "swiglu_clamp": swiglu_clamp, "indexer_topk": indexer_topk,
         "compress_finish": compress_finish, "fp4_grouped_linear_packed": fp4_grouped_linear_packed,
-        "compress_finish_pair": compress_finish_pair,
+        "compress_finish_pair": compress_finish_pair, "topk_ids": topk_ids,
     }
     table = {}
     for name, fn in funcs.items():

@@ -91,8 +91,19 @@ class AllOps(torch.nn.Module):
             "index_add": torch.zeros(5, 3).index_add(0, idx_add, src_add),
             "index_add_dim1": torch.zeros(3, 5).index_add(1, idx_add, src_add.t()),
             "argsort_stable": torch.argsort(flags, stable=True),
+            "topk_ids": dsv4.topk_ids(_with_ties(w), 5),
+            "topk_ids_short": dsv4.topk_ids(_with_ties(w)[..., :2], 3),
             "and": (flags > 0) & (flags < 2),
         }
+
+
+def _with_ties(w):
+    """[B, S, 4] scores with an exact tie, a -inf, a NaN and a -0.0 / +0.0 pair."""
+    s = torch.cat([w, w[..., :1]], dim=-1)  # entry 4 ties entry 0
+    s[0, 0, 1] = float("-inf")
+    s[1, 2, 2] = float("nan")
+    s[1, 1, 0], s[1, 1, 4] = -0.0, 0.0
+    return s
 
 
 def _inputs() -> tuple:
@@ -146,12 +157,13 @@ def results():
 
 
 # Exact: quant-dequant, selections and integer results must be bit-identical.
-EXACT = {"fp8_qdq_ue8m0", "fp8_qdq_float", "fp4_qdq", "indexer_topk", "argsort_stable", "and"}
+EXACT = {"fp8_qdq_ue8m0", "fp8_qdq_float", "fp4_qdq", "indexer_topk", "argsort_stable", "and", "topk_ids",
+         "topk_ids_short"}
 OUTPUTS = ["fp8_qdq_ue8m0", "fp8_qdq_float", "fp4_qdq", "fp8_linear_act", "fp8_linear_plain", "fp4_grouped",
            "fp4_grouped_plain", "fp4_grouped_packed", "hc_split.0", "hc_split.1", "hc_split.2", "pool", "pool_overlap",
            "indexer_score", "indexer_topk", "sparse_attn", "sparse_attn_window", "swiglu_w", "swiglu", "finish0",
            "finish1", "finish2", "finish3", "finish_pair.0", "finish_pair.1", "index_add", "index_add_dim1",
-           "argsort_stable", "and"]
+           "argsort_stable", "and", "topk_ids", "topk_ids_short"]
 
 
 @pytest.mark.parametrize("name", OUTPUTS)
