@@ -1243,10 +1243,13 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # step at batch 1: FP8 linears 335 us (FMA GEMV + quantization launches: 625), head 353 us (389)
         "gemv_tc": True, "w16_gemv_tc": True, "tc_bn": 128, "tc_warps": 4, "tc_stages": 3, "tc_fp8_dot": True,
         # packed FP4 experts on the tensor cores (decode rows, activation quantized in the kernel)
-        "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 128, "fp4_tc_warps": 4, "fp4_tc_stages": 3,
-        "fp4_tc_kblocks": 1,
+        # (H100, session 5, decode_gemv_gpu.py: the step's 8 FP4 launches 296 us at 128 x 1 block per step,
+        # 273 us at 64 x 2 blocks; 4 blocks per step spill: 802 us)
+        "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 64, "fp4_tc_warps": 4, "fp4_tc_stages": 3,
+        "fp4_tc_kblocks": 2,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
-        "triton_topk": False}
+        # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
+        "triton_topk": True}
 TC_MAX_ROWS = 16
 
 

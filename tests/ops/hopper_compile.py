@@ -77,6 +77,7 @@ def _cases() -> list[Case]:
              wants_mma=True),
         *[Case(f"fp4_gemv_tc_nb{nb}", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, NB=nb), wants_mma=True)
           for nb in (1, 2, 4)],
+        Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True), num_warps=8),
         Case("topk_ids_chunked", topk._topk_ids_kernel, {"s_ptr": "fp32", "o_ptr": "i64"},
