@@ -132,6 +132,12 @@ def cases(dev, quick: bool):
         sc = torch.randn(b, sq, ne, device=dev)
         sc[..., ne - ne // 8:] = float("-inf")  # entries a row may not see
         out.append((f"topk_ids B={b} S={sq} E={ne} k={k}", "topk_ids", (sc, k), 0, sc.numel() * 4 + b * sq * k * 8, 0.0))
+    # the decode artifact's indexer: 16512 scored entries (64k + 512 context), 2048 / 16384 of them visible
+    for vis in (2048, 16384):
+        sc = torch.randn(1, 1, 16512, device=dev)
+        ln = torch.full((1, 1), vis, dtype=torch.int64, device=dev)
+        out.append((f"topk_ids B=1 S=1 E=16512 k=512 visible={vis}", "topk_ids", (sc, 512, ln), 0,
+                    vis * 4 + 512 * 8, 0.0))
     return out
 
 
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
                                                       "swiglu_clamp", "indexer_score", "compress_pool")}
     launchers["topk_ids"] = triton_topk.topk_ids
     tk.TUNE["triton_topk"] = True  # the kernel itself (the op's CUDA impl follows this switch)
-    baselines = {"topk_ids": lambda sc, k: torch.topk(sc, min(k, sc.shape[-1]), dim=-1)}  # what a user calls
+    baselines = {"topk_ids": lambda sc, k, *_: torch.topk(sc, min(k, sc.shape[-1]), dim=-1)}  # what a user calls
     rows = []
     hdr = f"{'case':<66} {'max_abs':>9} {'max_rel':>9} {'ok':>3} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"
     print(hdr)

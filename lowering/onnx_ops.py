@@ -374,12 +374,16 @@ def indexer_topk(q, k, w, visible, topk: int):
     return op.Where(op.IsInf(vals), op.Constant(value_int=-1), idx)
 
 
-def topk_ids(scores, topk: int):
-    """NaN counts as -inf; ``TopK`` (ties: lower index first, the op's contract); -1 where the score is
-    -inf and in the slots past the row's length."""
+def topk_ids(scores, topk: int, lengths=None):
+    """NaN (and entries at or past a row's length) count as -inf; ``TopK`` (ties: lower index first, the
+    op's contract); -1 where the score is -inf and in the slots past the row."""
     s = _float(scores)
     s = op.Where(op.IsNaN(s), _f(float("-inf")), s)
     n_ent = _static(scores, -1)
+    if lengths is not None:
+        ent = op.Constant(value=ir.tensor(np.arange(n_ent, dtype=np.int64)))
+        s = op.Where(op.GreaterOrEqual(ent, op.Unsqueeze(op.Cast(lengths, to=int(I64)), _ints([-1]))),
+                     _f(float("-inf")), s)
     kk = min(int(topk), n_ent)
     vals, idx = op.TopK(s, _ints([kk]), axis=-1, largest=1, sorted=1)
     idx = op.Where(op.IsInf(vals, detect_positive=0), op.Constant(value_int=-1), idx)

@@ -259,17 +259,14 @@ def _compress_finish_pair(a, z, a_prev, z_prev, norm_w, pos, ia, iz, ia_prev, iz
                              iquant_mode, ue8m0))
 
 
-def _mask_invisible(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    ent = torch.arange(scores.shape[-1], device=scores.device)
-    return scores.masked_fill(ent >= visible[..., None], float("-inf"))
-
-
+# the visible prefix goes to the selection as row lengths: the kernel reads only that prefix of the scores
+# (the artifact scores all max_seq_len / ratio entries)
 def _indexer_topk(q, k, w, visible, topk):
-    return dsv4.topk_ids(_mask_invisible(dsv4.indexer_score(q, k, w), visible), topk)
+    return dsv4.topk_ids(dsv4.indexer_score(q, k, w), topk, visible)
 
 
 def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
-    return dsv4.topk_ids(_mask_invisible(dsv4.indexer_score_packed(q, k_codes, k_scale, w), visible), topk)
+    return dsv4.topk_ids(dsv4.indexer_score_packed(q, k_codes, k_scale, w), topk, visible)
 
 
 # The KV storage codecs (elementwise with one small reduction per block) have no kernel of their own:

@@ -218,15 +218,20 @@ def select_visible_topk(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 
-def select_topk_ids(scores: Tensor, topk: int) -> Tensor:
+def select_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     """int64 [..., topk] ids of the ``topk`` largest scores of each row (last dim), by descending score with
     the lower id first on ties (also at the k-th value: the smallest ids are chosen); -inf (and NaN)
-    entries are never selected and the slots they leave are -1. The selection of ``select_visible_topk``
-    after its mask, with a fixed tie order (the indexer's decompositions for Inductor call it; on CUDA
-    with ``TUNE["triton_topk"]`` off, ties come in ``torch.topk``'s order)."""
+    entries are never selected and the slots they leave are -1. ``lengths`` (integers of the rows' shape,
+    optional): entries at or past a row's length count as -inf (the indexer's visible prefix; the kernel
+    then reads only that prefix). The selection of ``select_visible_topk`` with a fixed tie order (the
+    indexer's decompositions for Inductor call it; on CUDA with ``TUNE["triton_topk"]`` off, ties come in
+    ``torch.topk``'s order)."""
     lead, NE = scores.shape[:-1], scores.shape[-1]
     if NE == 0 or scores.numel() == 0:
         return torch.full((*lead, topk), -1, dtype=torch.int64, device=scores.device)
+    if lengths is not None:
+        ent = torch.arange(NE, device=scores.device)
+        scores = scores.float().masked_fill(ent >= lengths.expand(lead)[..., None], float("-inf"))
     s = scores.float().reshape(-1, NE)
     s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0
@@ -240,13 +245,13 @@ def select_topk_ids(scores: Tensor, topk: int) -> Tensor:
 
 
 @_op("topk_ids")
-def topk_ids(scores: Tensor, topk: int) -> Tensor:
+def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     """:func:`select_topk_ids` as an op (CUDA: the Triton radix-select kernel of ``triton_topk``)."""
-    return select_topk_ids(scores, topk)
+    return select_topk_ids(scores, topk, lengths)
 
 
 @topk_ids.register_fake
-def _(scores, topk):
+def _(scores, topk, lengths=None):
     return scores.new_empty((*scores.shape[:-1], topk), dtype=torch.int64)
 
 

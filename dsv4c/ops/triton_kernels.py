@@ -1835,14 +1835,14 @@ def _cuda_impls() -> dict:
         "indexer_score_packed": lambda q, k_codes, k_scale, w: indexer_score_packed(q, k_codes, k_scale, w),
         "indexer_topk_packed": lambda q, k_codes, k_scale, w, visible, topk: indexer_topk_packed(
             q, k_codes, k_scale, w, visible, topk),
-        "topk_ids": lambda scores, topk: _topk_ids(scores, topk),
+        "topk_ids": lambda scores, topk, lengths=None: _topk_ids(scores, topk, lengths),
     }
 
 
-def _topk_ids(scores: Tensor, topk: int) -> Tensor:
+def _topk_ids(scores: Tensor, topk: int, lengths: Tensor | None) -> Tensor:
     from .triton_topk import topk_ids  # noqa: PLC0415  (that module imports this one)
 
-    return topk_ids(scores, topk)
+    return topk_ids(scores, topk, lengths=lengths)
 
 
 _OPTIONAL_OPS = ("sparse_attn_packed", "indexer_score_packed", "indexer_topk_packed")

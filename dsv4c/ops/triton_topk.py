@@ -34,9 +34,9 @@ MAX_KERNEL_TOPK = 8192  # the final sort holds next_power_of_2(topk) 64-bit valu
 DEFAULT_CHUNK = 4096  # rows up to this wide stay in registers
 
 
-def topk_ids_reference(scores: Tensor, topk: int) -> Tensor:
+def topk_ids_reference(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     """The plain-torch contract of :func:`topk_ids` (the CPU impl of ``dsv4::topk_ids``)."""
-    return library.select_topk_ids(scores, int(topk))
+    return library.select_topk_ids(scores, int(topk), lengths)
 
 
 if HAVE_TRITON:
@@ -87,32 +87,35 @@ if HAVE_TRITON:
         return seen_eq + tl.sum(eq, 0), taken + tl.sum(take, 0)
 
     @triton.jit
-    def _topk_ids_kernel(s_ptr, o_ptr, NE, s_row_stride, K,
-                         CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr):
+    def _topk_ids_kernel(s_ptr, len_ptr, o_ptr, NE, s_row_stride, K,
+                         CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr, HAS_LEN: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         row = s_ptr + r * s_row_stride
         out = o_ptr + r * K
         offs = tl.arange(0, CHUNK)
+        n = tl.zeros([], tl.int32) + NE  # entries of this row that can be selected
+        if HAS_LEN:  # only the row's prefix: read no further
+            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
         if SINGLE:  # the whole row in registers for every pass
-            key0, present0 = _order_keys(row, offs, NE)
+            key0, present0 = _order_keys(row, offs, n)
 
         # radix select of the k-th largest present key, 8 bits per pass
         prefix = tl.zeros([], tl.int32)
         rem = tl.zeros([], tl.int32) + K
-        scan_end = NE
+        scan_end = n
         for p in tl.static_range(4):  # digit at bit 24 - 8p (a constexpr: the loop is unrolled)
             if SINGLE:
                 hist = _digit_hist(key0, present0, prefix, 24 - 8 * p)
             else:
                 hist = tl.zeros([256], tl.int32)
                 for start in range(0, scan_end, CHUNK):
-                    key, present = _order_keys(row, start + offs, NE)
+                    key, present = _order_keys(row, start + offs, n)
                     hist += _digit_hist(key, present, prefix, 24 - 8 * p)
             if p == 0:
                 n_present = tl.sum(hist, 0)
                 take_all = n_present <= K  # no more present keys than k: later passes need not read the row
                 rem = tl.minimum(rem, n_present)
-                scan_end = tl.where(take_all, 0, NE)
+                scan_end = tl.where(take_all, 0, n)
             d, rem = _pick_digit(hist, rem)
             prefix = prefix | (d << (24 - 8 * p))
         # back to the signed key; below every present key when all of them are selected
@@ -124,8 +127,8 @@ if HAVE_TRITON:
         if SINGLE:
             seen_eq, taken = _compact(key0, present0, offs, thr, rem, seen_eq, taken, out, K)
         else:
-            for start in range(0, NE, CHUNK):
-                key, present = _order_keys(row, start + offs, NE)
+            for start in range(0, n, CHUNK):
+                key, present = _order_keys(row, start + offs, n)
                 seen_eq, taken = _compact(key, present, start + offs, thr, rem, seen_eq, taken, out, K)
 
         # order the selection: read the packed values back (written by other threads), sort, decode
@@ -139,22 +142,25 @@ if HAVE_TRITON:
         tl.store(out + j, ids, mask=j < K)
 
 
-def topk_ids(scores: Tensor, topk: int, *, chunk: int | None = None, num_warps: int | None = None) -> Tensor:
+def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk: int | None = None,
+             num_warps: int | None = None) -> Tensor:
     """int64 [..., topk] ids of the ``topk`` largest scores of each row of fp32 ``scores`` [..., NE], by
     descending score and ascending id on ties (the k-th value's ties go to the smallest ids); entries that
     are -inf (or NaN) are never selected and the slots they leave (also all past NE) are -1. Equal to
     :func:`topk_ids_reference`. ``chunk``: elements per step along a row (rounded up to a power of two and
     to at least one per thread, 32 * num_warps; rows up to this wide stay in registers for all passes);
-    ``num_warps``: of each row's program. ``topk`` above MAX_KERNEL_TOPK falls back to the reference."""
+    ``num_warps``: of each row's program. ``lengths`` (integers broadcastable to the rows): entries at or
+    past a row's length count as -inf and are not read. ``topk`` above MAX_KERNEL_TOPK falls back to the
+    reference."""
     topk = int(topk)
     lead, NE = scores.shape[:-1], scores.shape[-1]
     rows = scores.numel() // NE if NE else 0
     if topk == 0 or NE == 0 or rows == 0:  # nothing to select: no launch
         return torch.full((*lead, topk), -1, dtype=torch.int64, device=scores.device)
     if topk > MAX_KERNEL_TOPK or not HAVE_TRITON:
-        return topk_ids_reference(scores, topk)
+        return topk_ids_reference(scores, topk, lengths)
     if not TUNE["triton_topk"] and scores.device.type == "cuda":  # torch.topk, then the same tie order
-        return _torch_topk_ids(scores, topk)
+        return _torch_topk_ids(scores, topk, lengths)
     s = scores.reshape(rows, NE)
     if s.dtype != torch.float32:
         s = s.float()
@@ -165,14 +171,18 @@ def topk_ids(scores: Tensor, topk: int, *, chunk: int | None = None, num_warps: 
         num_warps = 4 if NE <= 1024 else 8
     # at least one element per thread: no replicated lanes feeding the histograms
     CHUNK = _np2(min(NE, chunk or DEFAULT_CHUNK), lo=32 * num_warps)
-    _topk_ids_kernel[(rows,)](s, out, NE, s.stride(0), topk,
-                              CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK, num_warps=num_warps)
+    ln = out if lengths is None else lengths.expand(lead).reshape(rows).to(torch.int64).contiguous()
+    _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
+                              HAS_LEN=lengths is not None, num_warps=num_warps)
     return out.reshape(*lead, topk)
 
 
-def _torch_topk_ids(scores: Tensor, topk: int) -> Tensor:
+def _torch_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     """``torch.topk`` of the scores, -inf picks as -1 (what the GPU ran before this kernel; kept behind
     ``TUNE["triton_topk"]`` for comparison). The same set; equal scores in whatever order torch returns."""
+    if lengths is not None:
+        ent = torch.arange(scores.shape[-1], device=scores.device)
+        scores = scores.float().masked_fill(ent >= lengths.expand(scores.shape[:-1])[..., None], float("-inf"))
     kk = min(topk, scores.shape[-1])
     vals, idx = torch.topk(scores.float(), kk, dim=-1)
     idx = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)

@@ -93,6 +93,7 @@ class AllOps(torch.nn.Module):
             "argsort_stable": torch.argsort(flags, stable=True),
             "topk_ids": dsv4.topk_ids(_with_ties(w), 5),
             "topk_ids_short": dsv4.topk_ids(_with_ties(w)[..., :2], 3),
+            "topk_ids_lengths": dsv4.topk_ids(_with_ties(w), 4, visible[:, 1:2]),  # lengths 2 and 4 of 5
             "and": (flags > 0) & (flags < 2),
         }
 
@@ -158,12 +159,12 @@ def results():
 
 # Exact: quant-dequant, selections and integer results must be bit-identical.
 EXACT = {"fp8_qdq_ue8m0", "fp8_qdq_float", "fp4_qdq", "indexer_topk", "argsort_stable", "and", "topk_ids",
-         "topk_ids_short"}
+         "topk_ids_short", "topk_ids_lengths"}
 OUTPUTS = ["fp8_qdq_ue8m0", "fp8_qdq_float", "fp4_qdq", "fp8_linear_act", "fp8_linear_plain", "fp4_grouped",
            "fp4_grouped_plain", "fp4_grouped_packed", "hc_split.0", "hc_split.1", "hc_split.2", "pool", "pool_overlap",
            "indexer_score", "indexer_topk", "sparse_attn", "sparse_attn_window", "swiglu_w", "swiglu", "finish0",
            "finish1", "finish2", "finish3", "finish_pair.0", "finish_pair.1", "index_add", "index_add_dim1",
-           "argsort_stable", "and", "topk_ids", "topk_ids_short"]
+           "argsort_stable", "and", "topk_ids", "topk_ids_short", "topk_ids_lengths"]
 
 
 @pytest.mark.parametrize("name", OUTPUTS)

@@ -16,9 +16,9 @@ from dsv4c.ops.triton_topk import topk_ids, topk_ids_reference  # noqa: E402
 NINF = float("-inf")
 
 
-def _same(scores, topk, **kw):
-    out = topk_ids(scores, topk, **kw)
-    ref = topk_ids_reference(scores, topk)
+def _same(scores, topk, lengths=None, **kw):
+    out = topk_ids(scores, topk, lengths, **kw)
+    ref = topk_ids_reference(scores, topk, lengths)
     assert out.dtype == torch.int64 and out.shape == (*scores.shape[:-1], topk), (out.dtype, out.shape)
     assert torch.equal(out, ref), (out, ref)
     return out
@@ -132,3 +132,17 @@ def test_reference_is_torch_topk_as_a_set():
             got = ref[r].tolist()
             assert set(got) - {-1} == want and got[len(want):] == [-1] * (topk - len(want))
             assert torch.equal(s[r, got[:len(want)]], s[r].sort(descending=True).values[:len(want)])
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_row_lengths(chunk):
+    """Lengths bound what a row may select (and what the kernel reads): the same ids as masking the scores
+    past them; lengths of 0, below k, past the row and negative; broadcast over the query axis."""
+    s = torch.randn(2, 3, 100, generator=gen(4))
+    lengths = torch.tensor([[0], [150]])  # [B, 1] against rows [B, S]
+    out = _same(s, 8, lengths, chunk=chunk, num_warps=1)
+    assert out[0].eq(-1).all() and out[1].ge(0).all()
+    lengths = torch.tensor([[5, 8, 9], [-3, 100, 64]])
+    out = _same(s, 8, lengths, chunk=chunk, num_warps=1)
+    masked = _visible_prefix(s.reshape(6, 100), lengths.clamp(min=0).reshape(-1).tolist())
+    assert torch.equal(out.reshape(6, 8), topk_ids_reference(masked, 8))
