@@ -218,6 +218,13 @@ def select_visible_topk(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 
+def mask_past_lengths(scores: Tensor, lengths: Tensor) -> Tensor:
+    """fp32 ``scores`` [..., NE] with the entries at or past each row's length (``lengths`` broadcastable to
+    the rows) set to -inf."""
+    ent = torch.arange(scores.shape[-1], device=scores.device)
+    return scores.float().masked_fill(ent >= lengths.expand(scores.shape[:-1])[..., None], float("-inf"))
+
+
 def select_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     """int64 [..., topk] ids of the ``topk`` largest scores of each row (last dim), by descending score with
     the lower id first on ties (also at the k-th value: the smallest ids are chosen); -inf (and NaN)
@@ -230,8 +237,7 @@ def select_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) ->
     if NE == 0 or scores.numel() == 0:
         return torch.full((*lead, topk), -1, dtype=torch.int64, device=scores.device)
     if lengths is not None:
-        ent = torch.arange(NE, device=scores.device)
-        scores = scores.float().masked_fill(ent >= lengths.expand(lead)[..., None], float("-inf"))
+        scores = mask_past_lengths(scores, lengths)
     s = scores.float().reshape(-1, NE)
     s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0

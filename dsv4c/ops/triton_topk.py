@@ -181,8 +181,7 @@ def _torch_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) ->
     """``torch.topk`` of the scores, -inf picks as -1 (what the GPU ran before this kernel; kept behind
     ``TUNE["triton_topk"]`` for comparison). The same set; equal scores in whatever order torch returns."""
     if lengths is not None:
-        ent = torch.arange(scores.shape[-1], device=scores.device)
-        scores = scores.float().masked_fill(ent >= lengths.expand(scores.shape[:-1])[..., None], float("-inf"))
+        scores = library.mask_past_lengths(scores, lengths)
     kk = min(topk, scores.shape[-1])
     vals, idx = torch.topk(scores.float(), kk, dim=-1)
     idx = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
