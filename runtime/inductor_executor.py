@@ -182,11 +182,34 @@ def rewrite_w16_linears(gm: fx.GraphModule) -> int:
 NARROW_MM_MAX_ROWS = 64  # fp32 weights of at most this many rows (the mHC mixes: (2 + n) n = 24 on Flash)
 
 
-def rewrite_narrow_fp32_mms(gm: fx.GraphModule, max_rows: int = NARROW_MM_MAX_ROWS) -> int:
+WeightInfo = Callable[[fx.Node], "tuple[tuple[int, ...], torch.dtype] | None"]
+
+
+def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | None) -> WeightInfo:
+    """(shape, dtype) of a graph input: its fake value when the graph carries metadata, else its entry in
+    the manifest's ``params`` table (graphs loaded from an artifact's JSON have no node metadata)."""
+    names = dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
+
+    def info(node: fx.Node):
+        val = node.meta.get("val")
+        if val is not None:
+            return tuple(val.shape), val.dtype
+        name = names.get(node, "")
+        ent = (params or {}).get(name[len("params."):]) if name.startswith("params.") else None
+        if ent is None:
+            return None
+        return tuple(ent["shape"]), getattr(torch, ent["dtype"])
+
+    return info
+
+
+def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
+                            max_rows: int = NARROW_MM_MAX_ROWS) -> int:
     """``matmul(x, W.t())`` with ``W`` an fp32 weight input of at most ``max_rows`` rows ->
     ``(x.unsqueeze(-2) * W).sum(-1)``: for the decode step's few rows a reduction that Inductor generates
     (and fuses with the producers of ``x``) instead of a narrow cuBLAS GEMV per mHC mix (on the H100 ~8 us
-    each for 1.5 MB of weight). Same products, fp32 sums in another order."""
+    each for 1.5 MB of weight). Same products, fp32 sums in another order (``x`` is fp32 too: matmul
+    takes one dtype). ``weight_info``: (shape, dtype) of a placeholder (:func:`weight_info_from`)."""
     g = gm.graph
     n_done = 0
     for n in list(g.nodes):
@@ -200,10 +223,8 @@ def rewrite_narrow_fp32_mms(gm: fx.GraphModule, max_rows: int = NARROW_MM_MAX_RO
             w = w.args[0]  # a cast the pipeline leaves when it runs without remove_noop_casts
         if getattr(w, "op", None) != "placeholder":
             continue
-        wv, xv = w.meta.get("val"), getattr(x, "meta", {}).get("val")
-        if wv is None or xv is None or wv.dtype != torch.float32 or xv.dtype != torch.float32:
-            continue
-        if wv.dim() != 2 or wv.shape[0] > max_rows:
+        wi = weight_info(w)
+        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
             continue
         with g.inserting_before(n):
             prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
@@ -217,13 +238,15 @@ def rewrite_narrow_fp32_mms(gm: fx.GraphModule, max_rows: int = NARROW_MM_MAX_RO
     return n_done
 
 
-def prepare_graph(prog: Program, device: torch.device) -> dict:
-    """Device-specific load-time rewrites of one program (in place); returns what was done."""
+def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapping[str, Any]] | None = None,
+                  ) -> dict:
+    """Device-specific load-time rewrites of one program (in place); returns what was done. ``params``: the
+    manifest's parameter table (shapes and dtypes of the weight inputs)."""
     done = {}
     if device.type == "cuda":
         done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
         if prog.entry == "decode":
-            done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module)
+            done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
     return done
 
 
@@ -436,7 +459,7 @@ class InductorExecutor:
         self.rewrites: dict[str, dict] = {}
         for entry, text in self.texts.items():
             prog = Program.from_json(text, where=f"{art.path}/{m['programs'][entry]['file']}", device=device)
-            self.rewrites[entry] = prepare_graph(prog, device)
+            self.rewrites[entry] = prepare_graph(prog, device, m.get("params"))
             prog.recompile()
             self.programs[entry] = prog
         parts = cache_key_parts(m, self.texts, device)
@@ -516,6 +539,14 @@ def example_inputs(prog: Program, manifest: Mapping[str, Any], entry: str, devic
     return out
 
 
+def _params_table(prog: Program) -> dict[str, dict[str, Any]]:
+    """The manifest-style ``params`` table (shape, dtype) of a program whose placeholders carry metadata."""
+    phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
+    return {name[len("params."):]: {"shape": list(n.meta["val"].shape),
+                                    "dtype": str(n.meta["val"].dtype).removeprefix("torch.")}
+            for name, n in zip(prog.input_names, phs) if name.startswith("params.") and "val" in n.meta}
+
+
 def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any], device: torch.device,
                      decode_batches: Sequence[int] = (1,), progress: Callable[[str], None] = print,
                      texts: Mapping[str, str] | None = None) -> dict:
@@ -531,7 +562,9 @@ def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any
         meta_src = programs[entry]
         prog = Program.from_json(text, device=device)
         # JSON drops node metadata; the example inputs take shapes from the live program's placeholders.
-        prepare_graph(prog, device)
+        # the manifest's params table may not be written yet: the live program's metadata gives the same
+        # shapes and dtypes (the load-time rewrites, and so the compile cache key, must come out the same)
+        prepare_graph(prog, device, manifest.get("params") or _params_table(meta_src))
         prog.recompile()
         fn = compile_program(prog, device, dynamic=entry == "prefill")
         for b in (decode_batches if entry == "decode" else (1,)):
@@ -551,5 +584,5 @@ def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any
 
 
 __all__ = ["InductorExecutor", "make_executor", "compile_at_build", "compile_cache_dir", "cache_key_parts",
-           "prepare_graph", "rewrite_w16_linears", "rewrite_narrow_fp32_mms", "CudaGraphDecode", "DECODE_BUCKETS",
-           "FORMAT"]
+           "prepare_graph", "rewrite_w16_linears", "rewrite_narrow_fp32_mms", "weight_info_from", "CudaGraphDecode",
+           "DECODE_BUCKETS", "FORMAT"]

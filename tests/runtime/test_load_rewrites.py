@@ -10,24 +10,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
 
-from passes_helpers import PRODUCT_PASSES, clone_program, passes_only, random_inputs, run, trace  # noqa: E402
+from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trace  # noqa: E402
 
 from dsv4c.frontend.model import StepContext  # noqa: E402
-from dsv4c.runtime.inductor_executor import rewrite_narrow_fp32_mms, rewrite_w16_linears  # noqa: E402
+from dsv4c.program import Program  # noqa: E402
+from dsv4c.runtime.inductor_executor import (  # noqa: E402
+    _params_table, rewrite_narrow_fp32_mms, rewrite_w16_linears, weight_info_from)
 from dsv4c.testing import rel_err  # noqa: E402
 
 aten = torch.ops.aten
 
 
-def _fp32_weight_mms(gm) -> int:
+def _fp32_weight_mms(prog, table) -> int:
     """matmuls whose right operand is the transpose of an fp32 graph input (the mHC mixes)."""
+    info = weight_info_from(prog, table)
     n = 0
-    for node in gm.graph.nodes:
+    for node in prog.graph_module.graph.nodes:
         if node.op == "call_function" and node.target == aten.matmul.default:
             t = node.args[1]
             if t.op == "call_function" and t.target == aten.t.default and t.args[0].op == "placeholder":
-                n += t.args[0].meta["val"].dtype == torch.float32
+                n += info(t.args[0])[1] == torch.float32
     return n
+
+
+def _as_loaded(prog):
+    """The program as a load reads it from the artifact's JSON: no node metadata."""
+    loaded = Program.from_json(prog.to_json())
+    assert all("val" not in n.meta for n in loaded.graph_module.graph.nodes if n.op == "placeholder")
+    return loaded
 
 
 def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_params_fp32):
@@ -36,10 +46,12 @@ def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_
     ctx = StepContext(tiny_spec, "exact", torch.float32)
     progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, tiny_params_fp32, ctx, set(PRODUCT_PASSES))
     ref_prog = progs["decode"]
-    assert _fp32_weight_mms(ref_prog.graph_module) == 2 * tiny_spec.num_layers + 1
-    new = clone_program(ref_prog)
-    assert rewrite_narrow_fp32_mms(new.graph_module) == 2 * tiny_spec.num_layers + 1
-    assert _fp32_weight_mms(new.graph_module) == 0
+    table = _params_table(ref_prog)  # what the manifest's params table holds
+    assert _fp32_weight_mms(ref_prog, table) == 2 * tiny_spec.num_layers + 1
+    new = _as_loaded(ref_prog)
+    assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, None)) == 0  # no shapes: no rewrite
+    assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, table)) == 2 * tiny_spec.num_layers + 1
+    assert _fp32_weight_mms(new, table) == 0
     inputs = random_inputs(ctx, "decode", seed=5)
     want, want_cache = run(ref_prog, w, ctx, inputs)
     got, got_cache = run(new, w, ctx, inputs)
@@ -56,10 +68,12 @@ def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
     w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
     progs, _, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    gm = progs["decode"].graph_module
+    table = _params_table(progs["decode"])
+    prog = _as_loaded(progs["decode"])
+    gm, info = prog.graph_module, weight_info_from(prog, table)
     n_w16 = rewrite_w16_linears(gm)
     # the head, one MoE gate per block, and the compressor / indexer projections of the compressed blocks
     assert n_w16 >= 1 + tiny_spec.num_layers
-    assert rewrite_narrow_fp32_mms(gm) == 2 * tiny_spec.num_layers + 1
-    assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm) == 0
-    assert _fp32_weight_mms(gm) == 0
+    assert rewrite_narrow_fp32_mms(gm, info) == 2 * tiny_spec.num_layers + 1
+    assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm, info) == 0
+    assert _fp32_weight_mms(prog, table) == 0
