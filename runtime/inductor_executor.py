@@ -152,31 +152,48 @@ def _is_call(n: Any, target: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
 
 
-def rewrite_w16_linears(gm: fx.GraphModule) -> int:
-    """``matmul(x.float(), W.float().t())`` -> ``dsv4c_rt.linear_w16(x, W)``: bf16-stored weights applied in
-    fp32 (head, MoE gate, compressor and indexer projections). Without it every step would write and
-    read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
+def _fp32_cast_input(n: Any) -> fx.Node | None:
+    """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None."""
+    if _is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
+        return n.args[0]
+    return None
+
+
+def _rewrite_weight_matmuls(gm: fx.GraphModule,
+                            replace: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node | None]) -> int:
+    """Every ``matmul(x, t(w))`` for which ``replace(graph, x, w)`` inserts a node (before the matmul) is
+    replaced by that node; returns how many were."""
     g = gm.graph
     n_done = 0
     for n in list(g.nodes):
-        if not _is_call(n, aten.matmul.default) or len(n.args) != 2:
+        if not _is_call(n, aten.matmul.default) or len(n.args) != 2 or not _is_call(n.args[1], aten.t.default):
             continue
-        a, t = n.args
-        if not _is_call(t, aten.t.default) or not _is_call(t.args[0], aten.to.dtype):
-            continue
-        conv = t.args[0]
-        if conv.args[1:] != (torch.float32,) or conv.kwargs:
-            continue
-        w = conv.args[0]
-        x = a.args[0] if _is_call(a, aten.to.dtype) and a.args[1:] == (torch.float32,) and not a.kwargs else a
         with g.inserting_before(n):
-            new = g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
+            new = replace(g, n.args[0], n.args[1].args[0])
+        if new is None:
+            continue
+        new.meta.update(n.meta)
         n.replace_all_uses_with(new)
         g.erase_node(n)
         n_done += 1
     g.eliminate_dead_code()
     gm.recompile()
     return n_done
+
+
+def rewrite_w16_linears(gm: fx.GraphModule) -> int:
+    """``matmul(x.float(), W.float().t())`` -> ``dsv4c_rt.linear_w16(x, W)``: bf16-stored weights applied in
+    fp32 (head, MoE gate, compressor and indexer projections). Without it every step would write and
+    read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
+
+    def replace(g: fx.Graph, a: fx.Node, t_in: fx.Node) -> fx.Node | None:
+        w = _fp32_cast_input(t_in)
+        if w is None:
+            return None
+        x = _fp32_cast_input(a) or a
+        return g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
+
+    return _rewrite_weight_matmuls(gm, replace)
 
 
 NARROW_MM_MAX_ROWS = 64  # fp32 weights of at most this many rows (the mHC mixes: (2 + n) n = 24 on Flash)
@@ -210,32 +227,18 @@ def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
     (and fuses with the producers of ``x``) instead of a narrow cuBLAS GEMV per mHC mix (on the H100 ~8 us
     each for 1.5 MB of weight). Same products, fp32 sums in another order (``x`` is fp32 too: matmul
     takes one dtype). ``weight_info``: (shape, dtype) of a placeholder (:func:`weight_info_from`)."""
-    g = gm.graph
-    n_done = 0
-    for n in list(g.nodes):
-        if not _is_call(n, aten.matmul.default) or len(n.args) != 2:
-            continue
-        x, t = n.args
-        if not _is_call(t, aten.t.default):
-            continue
-        w = t.args[0]
-        if _is_call(w, aten.to.dtype) and w.args[1:] == (torch.float32,) and not w.kwargs:
-            w = w.args[0]  # a cast the pipeline leaves when it runs without remove_noop_casts
+
+    def replace(g: fx.Graph, x: fx.Node, w: fx.Node) -> fx.Node | None:
+        w = _fp32_cast_input(w) or w  # a cast the pipeline leaves when it runs without remove_noop_casts
         if getattr(w, "op", None) != "placeholder":
-            continue
+            return None
         wi = weight_info(w)
         if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
-            continue
-        with g.inserting_before(n):
-            prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
-            new = g.call_function(aten.sum.dim_IntList, (prod, [-1]))
-        new.meta.update(n.meta)
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
-        n_done += 1
-    g.eliminate_dead_code()
-    gm.recompile()
-    return n_done
+            return None
+        prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
+        return g.call_function(aten.sum.dim_IntList, (prod, [-1]))
+
+    return _rewrite_weight_matmuls(gm, replace)
 
 
 def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapping[str, Any]] | None = None,

@@ -1835,11 +1835,11 @@ def _cuda_impls() -> dict:
         "indexer_score_packed": lambda q, k_codes, k_scale, w: indexer_score_packed(q, k_codes, k_scale, w),
         "indexer_topk_packed": lambda q, k_codes, k_scale, w, visible, topk: indexer_topk_packed(
             q, k_codes, k_scale, w, visible, topk),
-        "topk_ids": lambda scores, topk, lengths=None: _topk_ids(scores, topk, lengths),
+        "topk_ids": _topk_ids,
     }
 
 
-def _topk_ids(scores: Tensor, topk: int, lengths: Tensor | None) -> Tensor:
+def _topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
     from .triton_topk import topk_ids  # noqa: PLC0415  (that module imports this one)
 
     return topk_ids(scores, topk, lengths=lengths)
