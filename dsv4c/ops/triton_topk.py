@@ -12,8 +12,9 @@ Used at decode by the lightning indexer in place of ``torch.topk``, which on an 
 4. those are read back as one block, sorted descending (``tl.sort``; larger key first, smaller id first on
    ties) and decoded to ids; slots past the selection get -1.
 
-A row no wider than ``chunk`` is loaded once and kept in registers for all passes; wider rows are streamed
-in ``chunk``-wide pieces per pass (5 reads of the row). :func:`topk_ids_reference` is the plain-torch
+The first ``chunk`` entries of a row are loaded once and kept in registers for all passes (the whole row when
+it is no wider, or its visible prefix when ``lengths`` are that short); the rest of a wider row is streamed in
+``chunk``-wide pieces per pass (5 reads). :func:`topk_ids_reference` is the plain-torch
 contract the tests compare against.
 """
 
@@ -96,19 +97,18 @@ if HAVE_TRITON:
         n = tl.zeros([], tl.int32) + NE  # entries of this row that can be selected
         if HAS_LEN:  # only the row's prefix: read no further
             n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
-        if SINGLE:  # the whole row in registers for every pass
-            key0, present0 = _order_keys(row, offs, n)
+        # the first chunk stays in registers for every pass (the whole row when it fits: SINGLE, or a
+        # short visible prefix); only the rest of a long row is streamed again per pass
+        key0, present0 = _order_keys(row, offs, n)
 
         # radix select of the k-th largest present key, 8 bits per pass
         prefix = tl.zeros([], tl.int32)
         rem = tl.zeros([], tl.int32) + K
         scan_end = n
         for p in tl.static_range(4):  # digit at bit 24 - 8p (a constexpr: the loop is unrolled)
-            if SINGLE:
-                hist = _digit_hist(key0, present0, prefix, 24 - 8 * p)
-            else:
-                hist = tl.zeros([256], tl.int32)
-                for start in range(0, scan_end, CHUNK):
+            hist = _digit_hist(key0, present0, prefix, 24 - 8 * p)
+            if not SINGLE:
+                for start in range(CHUNK, scan_end, CHUNK):
                     key, present = _order_keys(row, start + offs, n)
                     hist += _digit_hist(key, present, prefix, 24 - 8 * p)
             if p == 0:
@@ -124,10 +124,9 @@ if HAVE_TRITON:
 
         seen_eq = tl.zeros([], tl.int32)
         taken = tl.zeros([], tl.int32)
-        if SINGLE:
-            seen_eq, taken = _compact(key0, present0, offs, thr, rem, seen_eq, taken, out, K)
-        else:
-            for start in range(0, n, CHUNK):
+        seen_eq, taken = _compact(key0, present0, offs, thr, rem, seen_eq, taken, out, K)
+        if not SINGLE:
+            for start in range(CHUNK, n, CHUNK):
                 key, present = _order_keys(row, start + offs, n)
                 seen_eq, taken = _compact(key, present, start + offs, thr, rem, seen_eq, taken, out, K)
 
