@@ -136,8 +136,12 @@ class Program:
                     node = g.placeholder(name)
                 elif op == "call_function":
                     target = _resolve(rec["target"], where)
-                    node = g.call_function(target, _dec(rec["args"], env, dev), _dec(rec["kwargs"], env, dev))
-                    node.name = name
+                    # named at creation, so the graph's namespace knows the name (nodes a load-time rewrite
+                    # adds later must not be given one of these)
+                    node = g.create_node("call_function", target, _dec(rec["args"], env, dev),
+                                         _dec(rec["kwargs"], env, dev), name=name)
+                    if node.name != name:
+                        raise ArtifactError(f"{where}: node name {name!r} is used twice.", fix)
                 elif op == "output":
                     node = g.output(_dec(rec["args"], env, dev)[0])
                 else:

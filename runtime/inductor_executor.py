@@ -36,17 +36,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.fx as fx
 
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.artifact import Artifact
-from dsv4c.errors import ArtifactError, BackendUnavailableError
+from dsv4c.errors import ArtifactError
 from dsv4c.ops import kv_storage
 from dsv4c.program import Program
+from dsv4c.runtime.load_rewrites import _register_cuda, prepare_graph
 
 FORMAT = "dsv4c.inductor/1"
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-aten = torch.ops.aten
 dsv4 = torch.ops.dsv4
 
 
@@ -80,7 +79,12 @@ def _runtime_hash() -> str:
     import dsv4c.ops.triton_kernels as tk  # noqa: PLC0415
 
     h = hashlib.sha256()
-    for mod in (__file__, tk.__file__):
+    import dsv4c.ops.triton_gemv as gemv  # noqa: PLC0415
+    import dsv4c.ops.triton_mhc as mhc  # noqa: PLC0415
+    import dsv4c.ops.triton_topk as topk  # noqa: PLC0415
+    import dsv4c.runtime.load_rewrites as rewrites  # noqa: PLC0415
+
+    for mod in (__file__, tk.__file__, gemv.__file__, mhc.__file__, topk.__file__, rewrites.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 
@@ -111,146 +115,6 @@ def use_compile_cache(path: Path, parts: dict | None = None) -> None:
         fcfg.enable_autograd_cache = True
     except (ImportError, AttributeError):  # pragma: no cover - older torch
         pass
-
-
-# ---- load-time graph rewrites -----------------------------------------------------------------------------
-
-@torch.library.custom_op("dsv4c_rt::linear_w16", mutates_args=())
-def linear_w16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x.float() @ weight.float().t()`` (fp32 out) without an fp32 copy of a bf16 weight on the GPU."""
-    return x.float() @ weight.float().t()
-
-
-@linear_w16.register_fake
-def _(x, weight):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
-
-
-def _linear_w16_cuda(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
-
-    return tk.linear_w16(x, weight)
-
-
-_CUDA_READY = False
-
-
-def _register_cuda() -> None:
-    global _CUDA_READY
-    if _CUDA_READY:
-        return
-    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
-
-    if not tk.register_cuda_kernels():
-        raise BackendUnavailableError("The inductor backend on CUDA needs triton, which is not importable.",
-                                      "install triton (it ships with CUDA builds of torch).")
-    torch.library.register_kernel("dsv4c_rt::linear_w16", "cuda", _linear_w16_cuda)
-    _CUDA_READY = True
-
-
-def _is_call(n: Any, target: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
-
-
-def _fp32_cast_input(n: Any) -> fx.Node | None:
-    """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None."""
-    if _is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
-        return n.args[0]
-    return None
-
-
-def _rewrite_weight_matmuls(gm: fx.GraphModule,
-                            replace: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node | None]) -> int:
-    """Every ``matmul(x, t(w))`` for which ``replace(graph, x, w)`` inserts a node (before the matmul) is
-    replaced by that node; returns how many were."""
-    g = gm.graph
-    n_done = 0
-    for n in list(g.nodes):
-        if not _is_call(n, aten.matmul.default) or len(n.args) != 2 or not _is_call(n.args[1], aten.t.default):
-            continue
-        with g.inserting_before(n):
-            new = replace(g, n.args[0], n.args[1].args[0])
-        if new is None:
-            continue
-        new.meta.update(n.meta)
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
-        n_done += 1
-    g.eliminate_dead_code()
-    gm.recompile()
-    return n_done
-
-
-def rewrite_w16_linears(gm: fx.GraphModule) -> int:
-    """``matmul(x.float(), W.float().t())`` -> ``dsv4c_rt.linear_w16(x, W)``: bf16-stored weights applied in
-    fp32 (head, MoE gate, compressor and indexer projections). Without it every step would write and
-    read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
-
-    def replace(g: fx.Graph, a: fx.Node, t_in: fx.Node) -> fx.Node | None:
-        w = _fp32_cast_input(t_in)
-        if w is None:
-            return None
-        x = _fp32_cast_input(a) or a
-        return g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
-
-    return _rewrite_weight_matmuls(gm, replace)
-
-
-NARROW_MM_MAX_ROWS = 64  # fp32 weights of at most this many rows (the mHC mixes: (2 + n) n = 24 on Flash)
-
-
-WeightInfo = Callable[[fx.Node], "tuple[tuple[int, ...], torch.dtype] | None"]
-
-
-def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | None) -> WeightInfo:
-    """(shape, dtype) of a graph input: its fake value when the graph carries metadata, else its entry in
-    the manifest's ``params`` table (graphs loaded from an artifact's JSON have no node metadata)."""
-    names = dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
-
-    def info(node: fx.Node):
-        val = node.meta.get("val")
-        if val is not None:
-            return tuple(val.shape), val.dtype
-        name = names.get(node, "")
-        ent = (params or {}).get(name[len("params."):]) if name.startswith("params.") else None
-        if ent is None:
-            return None
-        return tuple(ent["shape"]), getattr(torch, ent["dtype"])
-
-    return info
-
-
-def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
-                            max_rows: int = NARROW_MM_MAX_ROWS) -> int:
-    """``matmul(x, W.t())`` with ``W`` an fp32 weight input of at most ``max_rows`` rows ->
-    ``(x.unsqueeze(-2) * W).sum(-1)``: for the decode step's few rows a reduction that Inductor generates
-    (and fuses with the producers of ``x``) instead of a narrow cuBLAS GEMV per mHC mix (on the H100 ~8 us
-    each for 1.5 MB of weight). Same products, fp32 sums in another order (``x`` is fp32 too: matmul
-    takes one dtype). ``weight_info``: (shape, dtype) of a placeholder (:func:`weight_info_from`)."""
-
-    def replace(g: fx.Graph, x: fx.Node, w: fx.Node) -> fx.Node | None:
-        w = _fp32_cast_input(w) or w  # a cast the pipeline leaves when it runs without remove_noop_casts
-        if getattr(w, "op", None) != "placeholder":
-            return None
-        wi = weight_info(w)
-        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
-            return None
-        prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
-        return g.call_function(aten.sum.dim_IntList, (prod, [-1]))
-
-    return _rewrite_weight_matmuls(gm, replace)
-
-
-def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapping[str, Any]] | None = None,
-                  ) -> dict:
-    """Device-specific load-time rewrites of one program (in place); returns what was done. ``params``: the
-    manifest's parameter table (shapes and dtypes of the weight inputs)."""
-    done = {}
-    if device.type == "cuda":
-        done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
-        if prog.entry == "decode":
-            done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
-    return done
 
 
 # ---- Inductor decompositions of fused ops without a kernel of their own -------------------------------------
@@ -587,5 +451,5 @@ def compile_at_build(programs: Mapping[str, Program], manifest: Mapping[str, Any
 
 
 __all__ = ["InductorExecutor", "make_executor", "compile_at_build", "compile_cache_dir", "cache_key_parts",
-           "prepare_graph", "rewrite_w16_linears", "rewrite_narrow_fp32_mms", "weight_info_from", "CudaGraphDecode",
+           "prepare_graph", "CudaGraphDecode",
            "DECODE_BUCKETS", "FORMAT"]

@@ -113,6 +113,19 @@ def _(mix, base, scale, n, iters, eps):
     return mix.new_empty((*lead, n), dtype=f), mix.new_empty((*lead, n), dtype=f), mix.new_empty((*lead, n, n), dtype=f)
 
 
+def hc_pre_reference(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n: int, iters: int,
+                     hc_eps: float, mix_eps: float, norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A sub-layer's input from the mHC streams ``x`` [..., n, D]: (RMSNorm(sum_i pre_i x_i) with weight
+    ``norm_w``, in x.dtype [..., D], post [..., n], comb [..., n, n]); the frontend's ``hc_pre`` then
+    ``rms_norm``, written once for the fused kernel (``dsv4c.ops.triton_mhc``) and its load-time rewrite."""
+    xf = x.flatten(-2).float()
+    mix = (xf @ fn.float().t()) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + mix_eps)
+    pre, post, comb = hc_split(mix, base, scale, n, iters, hc_eps)
+    u = (pre[..., None] * x.float()).sum(dim=-2).to(x.dtype).float()
+    u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_w.float()
+    return u.to(x.dtype), post, comb
+
+
 # ---- compressor ----------------------------------------------------------------------------------
 
 @_op("compress_pool")

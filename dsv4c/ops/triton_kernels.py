@@ -855,12 +855,10 @@ if HAVE_TRITON:
     # ---- mHC split + Sinkhorn -------------------------------------------------------------------
 
     @triton.jit
-    def _hc_split_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, R, ITERS, eps,
-                         N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr):
+    def _hc_split_rows(mix_ptr, rows, r_mask, base_ptr, scale_ptr, ITERS, eps, N: tl.constexpr, NP: tl.constexpr):
+        """pre [BR, NP], post [BR, NP] and the Sinkhorn-projected comb [BR, NP, NP] (fp32, zero past N) of the
+        mix rows ``mix_ptr + rows * (2 + N) N`` (``rows`` int64 [BR])."""
         W: tl.constexpr = (2 + N) * N
-        rr = tl.program_id(0) * BR + tl.arange(0, BR)
-        r_mask = rr < R
-        rows = rr.to(tl.int64)
         j = tl.arange(0, NP)
         j_mask = j < N
         s0 = tl.load(scale_ptr)
@@ -872,8 +870,6 @@ if HAVE_TRITON:
         pre = 1.0 / (1.0 + tl.exp(-pre)) + eps
         post = tl.load(row_ptr + N + j[None, :], mask=m2, other=0.0) * s1 + tl.load(base_ptr + N + j, mask=j_mask, other=0.0)[None, :]
         post = 2.0 / (1.0 + tl.exp(-post))
-        tl.store(pre_ptr + rows[:, None] * N + j[None, :], pre, mask=m2)
-        tl.store(post_ptr + rows[:, None] * N + j[None, :], post, mask=m2)
         # comb[r, i, j]
         i3 = j[None, :, None]
         j3 = j[None, None, :]
@@ -889,7 +885,23 @@ if HAVE_TRITON:
         for _ in range(ITERS - 1):
             comb = comb / (tl.sum(comb, axis=2)[:, :, None] + eps)
             comb = comb / (tl.sum(comb, axis=1)[:, None, :] + eps)
-        tl.store(comb_ptr + rows[:, None, None] * (N * N) + i3 * N + j3, comb, mask=r_mask[:, None, None] & ij_mask)
+        return tl.where(m2, pre, 0.0), tl.where(m2, post, 0.0), comb
+
+    @triton.jit
+    def _hc_split_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, R, ITERS, eps,
+                         N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr):
+        rr = tl.program_id(0) * BR + tl.arange(0, BR)
+        r_mask = rr < R
+        rows = rr.to(tl.int64)
+        pre, post, comb = _hc_split_rows(mix_ptr, rows, r_mask, base_ptr, scale_ptr, ITERS, eps, N, NP)
+        j = tl.arange(0, NP)
+        m2 = r_mask[:, None] & (j < N)[None, :]
+        tl.store(pre_ptr + rows[:, None] * N + j[None, :], pre, mask=m2)
+        tl.store(post_ptr + rows[:, None] * N + j[None, :], post, mask=m2)
+        i3 = j[None, :, None]
+        j3 = j[None, None, :]
+        tl.store(comb_ptr + rows[:, None, None] * (N * N) + i3 * N + j3, comb,
+                 mask=r_mask[:, None, None] & (i3 < N) & (j3 < N))
 
     # ---- SwiGLU with clamps ---------------------------------------------------------------------
 
@@ -1249,7 +1261,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "fp4_tc_kblocks": 2,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
         # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
-        "triton_topk": True}
+        "triton_topk": True,
+        # decode: the mHC sub-layer inputs as one dsv4c.ops.triton_mhc launch each, the post-mix einsum as an
+        # Inductor reduction (load-time rewrites in dsv4c.runtime.load_rewrites)
+        "hc_pre_fused": True}
 TC_MAX_ROWS = 16
 
 

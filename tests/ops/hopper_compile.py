@@ -25,6 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dsv4c.ops import triton_gemv as gemv  # noqa: E402
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
+from dsv4c.ops import triton_mhc as mhc  # noqa: E402
 from dsv4c.ops import triton_topk as topk  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -85,6 +86,11 @@ def _cases() -> list[Case]:
         Case("hc_split_decode", tk._hc_split_kernel,
              {"mix_ptr": "fp32", "base_ptr": "fp32", "scale_ptr": "fp32", "pre_ptr": "fp32", "post_ptr": "fp32",
               "comb_ptr": "fp32"}, dict(N=4, NP=4, BR=1), floats=("eps",), num_warps=1),
+        Case("hc_pre_decode", mhc._hc_pre_kernel,
+             {"x_ptr": "bf16", "fn_ptr": "fp32", "base_ptr": "fp32", "scale_ptr": "fp32", "w_ptr": "bf16",
+              "u_ptr": "bf16", "post_ptr": "fp32", "comb_ptr": "fp32", "part_ptr": "fp32", "mix_ptr": "fp32",
+              "cnt_ptr": "i32"}, dict(N=4, NP=4, MP=32, CK=128, NCHP=128, BD=1024),
+             floats=("hc_eps", "mix_eps", "norm_eps")),
         Case("sparse_attn_packed_decode", tk._sparse_attn_kernel, attn_ptrs,
              dict(BH=16, BN=16, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=8, PACKED=True),
              floats=("scale",), num_stages=2, wants_mma=True),

@@ -14,8 +14,9 @@ from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trac
 
 from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
-from dsv4c.runtime.inductor_executor import (  # noqa: E402
-    _params_table, rewrite_narrow_fp32_mms, rewrite_w16_linears, weight_info_from)
+from dsv4c.runtime.inductor_executor import _params_table  # noqa: E402
+from dsv4c.runtime.load_rewrites import (  # noqa: E402
+    fuse_hc_pre, rewrite_hc_post_einsums, rewrite_narrow_fp32_mms, rewrite_w16_linears, weight_info_from)
 from dsv4c.testing import rel_err  # noqa: E402
 
 aten = torch.ops.aten
@@ -77,3 +78,55 @@ def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     assert rewrite_narrow_fp32_mms(gm, info) == 2 * tiny_spec.num_layers + 1
     assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm, info) == 0
     assert _fp32_weight_mms(prog, table) == 0
+
+
+def _count(prog, target) -> int:
+    return sum(n.op == "call_function" and n.target == target for n in prog.graph_module.graph.nodes)
+
+
+def _hc_rewritten(prog):
+    """fuse_hc_pre then the post-mix einsum rewrite, as prepare_graph does for decode on CUDA."""
+    return fuse_hc_pre(prog.graph_module), rewrite_hc_post_einsums(prog.graph_module)
+
+
+def test_hc_rewrites_keep_the_exact_step(tiny_spec, tiny_params_fp32):
+    """Exact numerics in fp32 (the pipeline removed the no-op casts): every sub-layer's mHC input becomes one
+    hc_pre call and every post-mix einsum a product and a sum; logits and cache agree with the graph before."""
+    ctx = StepContext(tiny_spec, "exact", torch.float32)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, tiny_params_fp32, ctx, set(PRODUCT_PASSES))
+    ref_prog = progs["decode"]
+    new = _as_loaded(ref_prog)
+    L = tiny_spec.num_layers
+    assert _count(new, aten.einsum.default) == 3 * L  # post-mix twice per block, wo_a once
+    assert _hc_rewritten(new) == (2 * L, 2 * L)
+    assert _count(new, torch.ops.dsv4.hc_split.default) == 0
+    assert _count(new, torch.ops.dsv4c_rt.hc_pre.default) == 2 * L
+    assert _count(new, aten.einsum.default) == L  # wo_a's grouped projection is not a post-mix
+    assert _hc_rewritten(new) == (0, 0)
+    # the head's mix is left to the narrow rewrite: one fp32 weight matmul remains
+    assert _fp32_weight_mms(new, _params_table(ref_prog)) == 1
+    inputs = random_inputs(ctx, "decode", seed=7)
+    want, want_cache = run(ref_prog, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5
+    for k in want_cache:
+        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+
+
+def test_hc_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
+    """Reference numerics in bf16 (casts kept) after the h100 pipeline: the same sites match, and the graph
+    computes the same step (bf16 casts at the same points as the reference)."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+
+    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
+    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    ref_prog = progs["decode"]
+    new = _as_loaded(ref_prog)
+    L = tiny_spec.num_layers
+    assert _hc_rewritten(new) == (2 * L, 2 * L)
+    assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, _params_table(ref_prog))) == 1
+    inputs = random_inputs(ctx, "decode", seed=8)
+    want, _ = run(ref_prog, w, ctx, inputs)
+    got, _ = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5

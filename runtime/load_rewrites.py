@@ -1,0 +1,325 @@
+"""Load-time rewrites of the inductor backend's graphs for the device they will run on (CUDA).
+
+The artifact's graphs are device-neutral; before Inductor compiles them on a GPU, :func:`prepare_graph`
+swaps a few aten patterns for kernels that suit a decode step's few rows:
+
+- ``linear_w16``: bf16-stored weights applied in fp32 (head, MoE gate, compressor / indexer projections)
+  stream the bf16 weight instead of an fp32 copy of it (:func:`rewrite_w16_linears`);
+- ``hc_pre``: the mHC mix, Sinkhorn split, pre-collapse and the sub-layer's RMSNorm in one launch
+  (:func:`fuse_hc_pre`, kernel in ``dsv4c.ops.triton_mhc``), decode only;
+- the mHC post-mix ``einsum`` as a product and a 4-term sum that Inductor fuses with the residual update,
+  instead of a cuBLAS batched GEMM per sub-layer (:func:`rewrite_hc_post_einsums`), decode only;
+- the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only.
+
+Graphs loaded from an artifact's JSON carry no node metadata: shapes and dtypes of weights come from the
+manifest's params table (:func:`weight_info_from`). Every rewrite keeps the step's numbers up to fp32
+summation order (tests/runtime/test_load_rewrites.py).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx as fx
+
+import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
+from dsv4c.errors import BackendUnavailableError
+from dsv4c.ops.library import hc_pre_reference
+from dsv4c.program import Program
+
+aten = torch.ops.aten
+dsv4 = torch.ops.dsv4
+
+
+@torch.library.custom_op("dsv4c_rt::linear_w16", mutates_args=())
+def linear_w16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x.float() @ weight.float().t()`` (fp32 out) without an fp32 copy of a bf16 weight on the GPU."""
+    return x.float() @ weight.float().t()
+
+
+@linear_w16.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+def _linear_w16_cuda(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    return tk.linear_w16(x, weight)
+
+
+@torch.library.custom_op("dsv4c_rt::hc_pre", mutates_args=())
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_w: torch.Tensor,
+           n: int, iters: int, hc_eps: float, mix_eps: float, norm_eps: float,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sub-layer's input from the streams: (RMSNorm(sum_i pre_i x_i), post, comb); see ``triton_mhc``."""
+    return hc_pre_reference(x, fn, base, scale, norm_w, n, iters, hc_eps, mix_eps, norm_eps)
+
+
+@hc_pre.register_fake
+def _(x, fn, base, scale, norm_w, n, iters, hc_eps, mix_eps, norm_eps):
+    lead = x.shape[:-2]
+    return (x.new_empty((*lead, x.shape[-1])), x.new_empty((*lead, n), dtype=torch.float32),
+            x.new_empty((*lead, n, n), dtype=torch.float32))
+
+
+def _hc_pre_cuda(x, fn, base, scale, norm_w, n, iters, hc_eps, mix_eps, norm_eps):
+    from dsv4c.ops import triton_mhc  # noqa: PLC0415
+
+    return triton_mhc.hc_pre(x, fn, base, scale, norm_w, n, iters, hc_eps, mix_eps, norm_eps)
+
+
+_CUDA_READY = False
+
+
+def _register_cuda() -> None:
+    global _CUDA_READY
+    if _CUDA_READY:
+        return
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    if not tk.register_cuda_kernels():
+        raise BackendUnavailableError("The inductor backend on CUDA needs triton, which is not importable.",
+                                      "install triton (it ships with CUDA builds of torch).")
+    torch.library.register_kernel("dsv4c_rt::linear_w16", "cuda", _linear_w16_cuda)
+    torch.library.register_kernel("dsv4c_rt::hc_pre", "cuda", _hc_pre_cuda)
+    _CUDA_READY = True
+
+
+def _is_call(n: Any, target: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
+
+
+def _fp32_cast_input(n: Any) -> fx.Node | None:
+    """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None."""
+    if _is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
+        return n.args[0]
+    return None
+
+
+def _rewrite_weight_matmuls(gm: fx.GraphModule,
+                            replace: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node | None]) -> int:
+    """Every ``matmul(x, t(w))`` for which ``replace(graph, x, w)`` inserts a node (before the matmul) is
+    replaced by that node; returns how many were."""
+    g = gm.graph
+    n_done = 0
+    for n in list(g.nodes):
+        if not _is_call(n, aten.matmul.default) or len(n.args) != 2 or not _is_call(n.args[1], aten.t.default):
+            continue
+        with g.inserting_before(n):
+            new = replace(g, n.args[0], n.args[1].args[0])
+        if new is None:
+            continue
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        n_done += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    return n_done
+
+
+def rewrite_w16_linears(gm: fx.GraphModule) -> int:
+    """``matmul(x.float(), W.float().t())`` -> ``dsv4c_rt.linear_w16(x, W)``: bf16-stored weights applied in
+    fp32 (head, MoE gate, compressor and indexer projections). Without it every step would write and
+    read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
+
+    def replace(g: fx.Graph, a: fx.Node, t_in: fx.Node) -> fx.Node | None:
+        w = _fp32_cast_input(t_in)
+        if w is None:
+            return None
+        x = _fp32_cast_input(a) or a
+        return g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
+
+    return _rewrite_weight_matmuls(gm, replace)
+
+
+NARROW_MM_MAX_ROWS = 64  # fp32 weights of at most this many rows (the mHC mixes: (2 + n) n = 24 on Flash)
+
+
+WeightInfo = Callable[[fx.Node], "tuple[tuple[int, ...], torch.dtype] | None"]
+
+
+def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | None) -> WeightInfo:
+    """(shape, dtype) of a graph input: its fake value when the graph carries metadata, else its entry in
+    the manifest's ``params`` table (graphs loaded from an artifact's JSON have no node metadata)."""
+    names = dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
+
+    def info(node: fx.Node):
+        val = node.meta.get("val")
+        if val is not None:
+            return tuple(val.shape), val.dtype
+        name = names.get(node, "")
+        ent = (params or {}).get(name[len("params."):]) if name.startswith("params.") else None
+        if ent is None:
+            return None
+        return tuple(ent["shape"]), getattr(torch, ent["dtype"])
+
+    return info
+
+
+def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
+                            max_rows: int = NARROW_MM_MAX_ROWS) -> int:
+    """``matmul(x, W.t())`` with ``W`` an fp32 weight input of at most ``max_rows`` rows ->
+    ``(x.unsqueeze(-2) * W).sum(-1)``: for the decode step's few rows a reduction that Inductor generates
+    (and fuses with the producers of ``x``) instead of a narrow cuBLAS GEMV per mHC mix (on the H100 ~8 us
+    each for 1.5 MB of weight). Same products, fp32 sums in another order (``x`` is fp32 too: matmul
+    takes one dtype). ``weight_info``: (shape, dtype) of a placeholder (:func:`weight_info_from`)."""
+
+    def replace(g: fx.Graph, x: fx.Node, w: fx.Node) -> fx.Node | None:
+        w = _fp32_cast_input(w) or w  # a cast the pipeline leaves when it runs without remove_noop_casts
+        if getattr(w, "op", None) != "placeholder":
+            return None
+        wi = weight_info(w)
+        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
+            return None
+        prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
+        return g.call_function(aten.sum.dim_IntList, (prod, [-1]))
+
+    return _rewrite_weight_matmuls(gm, replace)
+
+
+def _skip_casts(n: Any) -> Any:
+    while _is_call(n, aten.to.dtype):
+        n = n.args[0]
+    return n
+
+
+def _only_cast_users(n: fx.Node) -> fx.Node:
+    """``n`` followed down through single-user ``aten.to.dtype`` nodes (the casts the reference makes)."""
+    while len(n.users) == 1 and _is_call(next(iter(n.users)), aten.to.dtype):
+        n = next(iter(n.users))
+    return n
+
+
+def _rms_eps(rs: Any, x: Any) -> float | None:
+    """eps when ``rs`` is ``rsqrt(mean(x ** 2, -1, keepdim) + eps)``, else None."""
+    if not _is_call(rs, aten.rsqrt.default) or not _is_call(rs.args[0], aten.add.Tensor):
+        return None
+    mean, eps = rs.args[0].args
+    if not (_is_call(mean, aten.mean.dim) and list(mean.args[1]) == [-1] and mean.args[2:] == (True,)):
+        return None
+    sq = mean.args[0]
+    if not (_is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 and sq.args[0] is x):
+        return None
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _match_hc_pre(split: fx.Node) -> dict | None:
+    """The nodes of one mHC sub-layer input around ``dsv4.hc_split`` (frontend ``hc_pre`` + ``rms_norm``):
+    mix = (xf @ fn.t()) * rsqrt(mean(xf ** 2) + eps); pre, post, comb = hc_split(mix, ...);
+    u = (pre[..., None] * x).sum(2), cast; y = u * rsqrt(mean(u ** 2) + eps) * w, cast."""
+    mix, base, scale, n, iters, hc_eps = split.args
+    if not _is_call(mix, aten.mul.Tensor):
+        return None
+    mm, rs = mix.args
+    if not (_is_call(mm, aten.matmul.default) and _is_call(mm.args[1], aten.t.default)):
+        return None
+    xf, fn = mm.args[0], _skip_casts(mm.args[1].args[0])
+    flat = _fp32_cast_input(xf) or xf
+    if not (_is_call(flat, aten.flatten.using_ints) and flat.args[1:] == (2,)) or fn.op != "placeholder":
+        return None
+    x = flat.args[0]
+    mix_eps = _rms_eps(rs, xf)
+    gets = {u.args[1]: u for u in split.users if _is_call(u, operator.getitem)}
+    if mix_eps is None or set(gets) != {0, 1, 2} or len(gets[0].users) != 1:
+        return None
+    unsq = next(iter(gets[0].users))
+    if not (_is_call(unsq, aten.unsqueeze.default) and unsq.args[1] in (3, -1) and len(unsq.users) == 1):
+        return None
+    prod = next(iter(unsq.users))
+    if not (_is_call(prod, aten.mul.Tensor) and prod.args[0] is unsq
+            and (_fp32_cast_input(prod.args[1]) or prod.args[1]) is x and len(prod.users) == 1):
+        return None
+    tot = next(iter(prod.users))
+    if not (_is_call(tot, aten.sum.dim_IntList) and list(tot.args[1]) == [2] and len(tot.args) == 2):
+        return None
+    uf = _only_cast_users(tot)  # u rounded to the activation dtype and back to fp32 (bf16 graphs)
+    pw = [u for u in uf.users if _is_call(u, aten.pow.Tensor_Scalar)]
+    nm = [u for u in uf.users if _is_call(u, aten.mul.Tensor)]
+    if len(uf.users) != 2 or len(pw) != 1 or len(nm) != 1 or nm[0].args[0] is not uf:
+        return None
+    norm_eps = _rms_eps(nm[0].args[1], uf)
+    if norm_eps is None or len(nm[0].users) != 1:
+        return None
+    wmul = next(iter(nm[0].users))
+    if not (_is_call(wmul, aten.mul.Tensor) and wmul.args[0] is nm[0]):
+        return None
+    w = _skip_casts(wmul.args[1])
+    if getattr(w, "op", None) != "placeholder":
+        return None
+    return {"x": x, "fn": fn, "base": base, "scale": scale, "w": w, "n": n, "iters": iters, "hc_eps": hc_eps,
+            "mix_eps": mix_eps, "norm_eps": norm_eps, "post": gets[1], "comb": gets[2],
+            "out": _only_cast_users(wmul)}
+
+
+def fuse_hc_pre(gm: fx.GraphModule) -> int:
+    """Each mHC sub-layer input (mix, split, collapse, RMSNorm; :func:`_match_hc_pre`) -> one
+    ``dsv4c_rt.hc_pre`` call; returns how many. The head's collapse (no split, no norm) is not one."""
+    g = gm.graph
+    n_done = 0
+    for split in list(g.nodes):
+        if not _is_call(split, dsv4.hc_split.default):
+            continue
+        m = _match_hc_pre(split)
+        if m is None:
+            continue
+        with g.inserting_before(split):
+            fused = g.call_function(torch.ops.dsv4c_rt.hc_pre.default,
+                                    (m["x"], m["fn"], m["base"], m["scale"], m["w"], m["n"], m["iters"],
+                                     m["hc_eps"], m["mix_eps"], m["norm_eps"]))
+            outs = [g.call_function(operator.getitem, (fused, i)) for i in range(3)]
+        m["out"].replace_all_uses_with(outs[0])
+        m["post"].replace_all_uses_with(outs[1])
+        m["comb"].replace_all_uses_with(outs[2])
+        n_done += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    return n_done
+
+
+HC_POST_EQUATION = "bsij,bsid->bsjd"
+
+
+def rewrite_hc_post_einsums(gm: fx.GraphModule) -> int:
+    """``einsum("bsij,bsid->bsjd", comb, x)`` (the mHC post-mix, n = 4 terms per output) ->
+    ``(comb[..., None] * x[..., None, :]).sum(2)``: Inductor fuses it with the residual update into one
+    kernel instead of running a cuBLAS batched GEMM (plus a copy of its input) per sub-layer."""
+    g = gm.graph
+    n_done = 0
+    for n in list(g.nodes):
+        if not (_is_call(n, aten.einsum.default) and n.args[0] == HC_POST_EQUATION and len(n.args[1]) == 2):
+            continue
+        comb, x = n.args[1]
+        with g.inserting_before(n):
+            prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (comb, -1)),
+                                                     g.call_function(aten.unsqueeze.default, (x, 3))))
+            new = g.call_function(aten.sum.dim_IntList, (prod, [2]))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        n_done += 1
+    gm.recompile()
+    return n_done
+
+
+def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapping[str, Any]] | None = None,
+                  ) -> dict:
+    """Device-specific load-time rewrites of one program (in place); returns what was done. ``params``: the
+    manifest's parameter table (shapes and dtypes of the weight inputs)."""
+    from dsv4c.ops.triton_kernels import TUNE  # noqa: PLC0415  (imports triton when present)
+
+    done = {}
+    if device.type == "cuda":
+        done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
+        if prog.entry == "decode":
+            if TUNE["hc_pre_fused"]:
+                done["hc_pre"] = fuse_hc_pre(prog.graph_module)
+                done["hc_post_einsum"] = rewrite_hc_post_einsums(prog.graph_module)
+            done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
+    return done
+
+
+__all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
+           "rewrite_narrow_fp32_mms", "weight_info_from", "linear_w16", "hc_pre"]
