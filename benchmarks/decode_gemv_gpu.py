@@ -5,7 +5,8 @@
 One decode step of ``flash`` truncated to 4 blocks streams, at batch 1, after ``fuse_shared_input_gemms``:
 20 FP8 linears (wq_a+wkv, wq_b (+ the indexer's wq_b in the CSA block), wo_b, shared w1+w3, shared w2 per
 block), 8 packed FP4 expert GEMMs (w1+w3 and w2 of 6 routed experts per block) and the bf16 head; with
-them each block's sparse attention over the packed cache at context 8k (latency rather than bytes). This script draws those weights (distinct per block,
+them each block's sparse attention over the packed cache at context 8k, the 8 fused mHC sub-layer inputs
+and the CSA block's indexer top-k (latency rather than bytes). This script draws those weights (distinct per block,
 so nothing stays in L2), and for each kernel configuration (a set of ``TUNE`` overrides):
 
 - checks every distinct launch against the reference op (the torch composite, on the GPU);
@@ -53,11 +54,21 @@ VARIANTS = {
     "fp8_w8": {"tc_warps": 8},
     "attn_bh32_bn32": {"attn_decode_bh": None, "attn_decode_bn": None},  # the head and key blocks of larger batches
     "attn_split4": {"attn_split_target": 4},
+    "attn_split1": {"attn_split_target": 1},  # fewer key splits: a cheaper merge in the last program
+    "attn_bn32": {"attn_decode_bn": 32},
+    "mhc_w1": {"hc_pre_warps": 1},  # the Sinkhorn reductions inside one warp, a narrower collapse
+    "mhc_w2": {"hc_pre_warps": 2},
+    "mhc_c512": {"hc_pre_chunk": 512},  # fewer partial mixes for the last program to sum
+    "mhc_w1_c512": {"hc_pre_warps": 1, "hc_pre_chunk": 512},
+    "topk_w4": {"topk_warps": 4},
+    "topk_w16": {"topk_warps": 16},
+    "topk_c2048": {"topk_chunk": 2048},
     "split4": {"split_target": 4},
     "split8": {"split_target": 8},
 }
 
 D, QL, H, C, OG, OR, MI, E, TOPK, V, NI, DI = 4096, 1024, 64, 512, 8, 1024, 2048, 256, 6, 129280, 64, 128
+NHC, MHC = 4, 24  # mHC streams, mix width (2 + n) n
 # the stacked launches of fuse_shared_input_gemms (wq_a+wkv, shared and routed w1+w3)
 FP8_SHAPES = {"wq_a+wkv": (QL + C, D), "wq_b": (H * C, QL), "wo_b": (D, OG * OR),
               "shared_w1+w3": (2 * MI, D), "shared_w2": (D, MI)}
@@ -114,6 +125,19 @@ def build_step(batch: int, blocks: int, dev) -> dict:
     w = (torch.randn(V, D, device=dev, generator=g) / 64).to(torch.bfloat16)
     x = torch.randn(batch, D, device=dev, generator=g).to(torch.bfloat16)
     step["head"].append(("head", "linear_w16", (x, w), w.numel() * 2))
+    # the mHC input of each sub-layer (dsv4c_rt::hc_pre: 24 x 16384 fp32 mix weights) and the CSA block's
+    # top-512 of the indexer scores (16512 scored entries, 2048 visible at context 8k)
+    step["mhc"] = []
+    for b in range(2 * blocks):
+        xs = torch.randn(batch, 1, NHC, D, device=dev, generator=g).to(torch.bfloat16)
+        fn = torch.randn(MHC, NHC * D, device=dev, generator=g) * 0.01
+        base, scale = torch.randn(MHC, device=dev, generator=g) * 0.1, torch.rand(3, device=dev, generator=g) + 0.5
+        nw = (1 + 0.1 * torch.randn(D, device=dev, generator=g)).to(torch.bfloat16)
+        step["mhc"].append((f"{b // 2}.{('attn', 'ffn')[b % 2]}_hc_pre", "hc_pre",
+                            (xs, fn, base, scale, nw, NHC, 20, 1e-6, 1e-6, 1e-6), fn.numel() * 4))
+    sc = torch.randn(batch, 1, 16512, device=dev, generator=g)
+    vis = torch.full((batch, 1), 2048, dtype=torch.long, device=dev)
+    step["topk"] = [("2.topk_ids", "topk_ids", (sc, 512, vis), 0)]
     return step
 
 
@@ -167,13 +191,18 @@ def main(argv=None) -> int:
     step = build_step(args.batch, args.blocks, dev)
     log("weights drawn: " + ", ".join(f"{k} {sum(r[3] for r in v) / 1e6:.0f} MB" for k, v in step.items()))
     # references (torch composites on the GPU), once per launch
+    from dsv4c.ops import library, triton_mhc, triton_topk
+
+    reference = {"linear_w16": lambda x, w: x.float() @ w.float().t(), "hc_pre": library.hc_pre_reference,
+                 "topk_ids": triton_topk.topk_ids_reference}
     refs = {}
     for part, launches in step.items():
         for name, op, a, _ in launches:
-            refs[name] = (a[0].float() @ a[1].float().t()) if op == "linear_w16" else getattr(torch.ops.dsv4, op)(*a)
+            refs[name] = reference.get(op, getattr(torch.ops.dsv4, op))(*a)
     tk.prepare_device(dev)
     launcher = {"fp8_linear": tk.fp8_linear, "fp4_grouped_linear_packed": tk.fp4_grouped_linear_packed,
-                "linear_w16": tk.linear_w16, "sparse_attn_packed": tk.sparse_attn_packed}
+                "linear_w16": tk.linear_w16, "sparse_attn_packed": tk.sparse_attn_packed,
+                "hc_pre": triton_mhc.hc_pre, "topk_ids": triton_topk.topk_ids}
     base_tune = dict(tk.TUNE)
     results = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
                "batch": args.batch, "blocks": args.blocks, "copy_tb_per_s": bw / 1e12,
@@ -188,9 +217,13 @@ def main(argv=None) -> int:
             worst = {}
             for part, launches in step.items():
                 for name, op, a, _ in launches:
-                    got = launcher[op](*a)
-                    ref = refs[name]
-                    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+                    got, ref = launcher[op](*a), refs[name]
+                    if isinstance(got, tuple):  # hc_pre: the sub-layer input (post and comb are fp32 on the way)
+                        got, ref = got[0], ref[0]
+                    if op == "topk_ids":  # ids: exact or wrong
+                        err = float(not torch.equal(got, ref))
+                    else:
+                        err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
                     worst[part] = max(worst.get(part, 0.0), err)
             rec["max_rel_err"] = worst
             rec["ok"] = all(v <= 1e-2 for v in worst.values())

@@ -39,3 +39,15 @@ def test_default_wins_ties_and_topk_stays_off_when_wrong_or_slower():
     assert pick_tune.pick_topk([_topk("topk_ids B=1 S=1 E=2048 k=512", 0.01, 0.03, ok=False)])[0] is False
     assert pick_tune.pick_topk([_topk("topk_ids B=1 S=1 E=2048 k=512", 0.04, 0.03)])[0] is False
     assert pick_tune.pick_topk([])[0] is False
+
+
+def test_faster_variants_on_other_knobs_merge_and_a_knob_is_set_once():
+    gemv = {"variants": {"default": _variant(1000.0),
+                         "mhc_w1": _variant(960.0, hc_pre_warps=1),
+                         "mhc_w2": _variant(970.0, hc_pre_warps=2),  # same knob, slower: not taken
+                         "attn_split1": _variant(990.0, attn_split_target=1),
+                         "noise": _variant(999.0, topk_warps=4),  # within MIN_GAIN_US of the default
+                         "slower": _variant(1100.0, fp4_tc_bn=32)}}
+    name, tune = pick_tune.pick_variant(gemv)
+    assert name == "mhc_w1+attn_split1"
+    assert tune == {"hc_pre_warps": 1, "attn_split_target": 1}

@@ -23,15 +23,13 @@ import torch
 from torch import Tensor
 
 from .library import hc_pre_reference
-from .triton_kernels import HAVE_TRITON, _counters, _np2, _require
+from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2, _require
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from .triton_kernels import _cast_out, _hc_split_rows
-
-MIX_CHUNK = 128  # columns of the flattened streams per program (a 32 x 128 fp32 tile of fn: 16 KB)
 
 
 if HAVE_TRITON:
@@ -97,10 +95,12 @@ if HAVE_TRITON:
 
 
 def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n: int, iters: int,
-           hc_eps: float, mix_eps: float, norm_eps: float, *, chunk: int = MIX_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+           hc_eps: float, mix_eps: float, norm_eps: float, *, chunk: int | None = None,
+           num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`hc_pre_reference` in one launch (see the module docstring). ``x`` [..., n, D] (any strides, e.g.
     the embedding expanded to n streams), fp32 ``fn`` [(2 + n) n, n D]; outputs as the reference's.
-    Meant for a few rows (decode): every row's programs read all of ``fn``."""
+    Meant for a few rows (decode): every row's programs read all of ``fn``. ``chunk`` (columns of the
+    flattened streams per program) and ``num_warps`` default to ``TUNE["hc_pre_chunk"]`` / ``["hc_pre_warps"]``."""
     _require(x, fn, base, scale, norm_w)
     lead, D = x.shape[:-2], x.shape[-1]
     if x.shape[-2] != n:
@@ -114,7 +114,8 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n
     post = torch.empty((R, n), dtype=torch.float32, device=x.device)
     comb = torch.empty((R, n, n), dtype=torch.float32, device=x.device)
     if R:
-        ck = _np2(min(chunk, n * D))
+        nw = num_warps or TUNE["hc_pre_warps"]
+        ck = _np2(min(chunk or TUNE["hc_pre_chunk"], n * D))
         nch = triton.cdiv(n * D, ck)
         mp = _np2(M + 1)  # one spare slot for the sum of squares
         part = torch.empty((R, nch, mp), dtype=torch.float32, device=x.device)
@@ -126,8 +127,8 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n
                                  norm_w.contiguous(), u, post, comb, part, mix, cnt, D,
                                  x3.stride(0), x3.stride(1), x3.stride(2), nch, int(iters), float(hc_eps),
                                  float(mix_eps), float(norm_eps),
-                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=min(1024, _np2(D)), num_warps=4)
+                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=min(256 * nw, _np2(D)), num_warps=nw)
     return u.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 
-__all__ = ["hc_pre", "hc_pre_reference", "MIX_CHUNK"]
+__all__ = ["hc_pre", "hc_pre_reference"]

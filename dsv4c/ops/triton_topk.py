@@ -167,9 +167,9 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
         s = s.contiguous()
     out = torch.empty((rows, topk), dtype=torch.int64, device=scores.device)
     if num_warps is None:
-        num_warps = 4 if NE <= 1024 else 8
+        num_warps = TUNE["topk_warps"] or (4 if NE <= 1024 else 8)
     # at least one element per thread: no replicated lanes feeding the histograms
-    CHUNK = _np2(min(NE, chunk or DEFAULT_CHUNK), lo=32 * num_warps)
+    CHUNK = _np2(min(NE, chunk or TUNE["topk_chunk"] or DEFAULT_CHUNK), lo=32 * num_warps)
     ln = out if lengths is None else lengths.expand(lead).reshape(rows).to(torch.int64).contiguous()
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
                               HAS_LEN=lengths is not None, num_warps=num_warps)

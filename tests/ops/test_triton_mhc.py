@@ -38,12 +38,14 @@ def _both(args, **kw):
     return got, want
 
 
-@pytest.mark.parametrize("lead,D,chunk,expanded", [
-    ((1, 1), 64, 128, False), ((1, 1), 64, 32, False), ((3, 1), 96, 64, False), ((2, 3), 64, 128, True),
+@pytest.mark.parametrize("lead,D,chunk,expanded,warps", [
+    ((1, 1), 64, 128, False, 4), ((1, 1), 64, 32, False, 4), ((3, 1), 96, 64, False, 4), ((2, 3), 64, 128, True, 4),
+    ((1, 1), 320, 256, False, 1),  # one warp: the collapse walks D in two 256-wide steps, the last one partial
 ])
-def test_fp32_matches_the_reference(lead, D, chunk, expanded):
+def test_fp32_matches_the_reference(lead, D, chunk, expanded, warps):
     """Several chunks per row (arrival counter), a D that is not a power of two, expanded streams."""
-    (u, post, comb), (ru, rpost, rcomb) = _both(_inputs(lead, D, torch.float32, 1, expanded), chunk=chunk)
+    (u, post, comb), (ru, rpost, rcomb) = _both(_inputs(lead, D, torch.float32, 1, expanded), chunk=chunk,
+                                                num_warps=warps)
     assert rel_err(u, ru) <= 1e-5
     assert rel_err(post, rpost) <= 1e-5
     assert rel_err(comb, rcomb) <= 1e-5
