@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     refs = {}
     for part, launches in step.items():
         for name, op, a, _ in launches:
-            refs[name] = reference.get(op, getattr(torch.ops.dsv4, op))(*a)
+            refs[name] = reference[op](*a) if op in reference else getattr(torch.ops.dsv4, op)(*a)
     tk.prepare_device(dev)
     launcher = {"fp8_linear": tk.fp8_linear, "fp4_grouped_linear_packed": tk.fp4_grouped_linear_packed,
                 "linear_w16": tk.linear_w16, "sparse_attn_packed": tk.sparse_attn_packed,
