@@ -906,15 +906,17 @@ if HAVE_TRITON:
     # ---- SwiGLU with clamps ---------------------------------------------------------------------
 
     @triton.jit
-    def _swiglu_kernel(g_ptr, v_ptr, w_ptr, o_ptr, R, N, limit,
+    def _swiglu_kernel(g_ptr, v_ptr, w_ptr, o_ptr, R, N, SG, SV, limit,
                        HAS_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+        """SG / SV: row strides of g and v (column views of one stacked w1+w3 output need no copy)."""
         rr = tl.program_id(0) * BR + tl.arange(0, BR)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         r_mask = rr < R
         mask = r_mask[:, None] & (rn < N)[None, :]
-        offs = rr.to(tl.int64)[:, None] * N + rn[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rows = rr.to(tl.int64)[:, None]
+        offs = rows * N + rn[None, :]
+        g = tl.load(g_ptr + rows * SG + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows * SV + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.minimum(g, limit)
         v = tl.minimum(tl.maximum(v, -limit), limit)
         h = g / (1.0 + tl.exp(-g)) * v
@@ -1624,17 +1626,19 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
     kv_dtype = q.dtype
     q = q.contiguous()
     win_kv = win_kv.to(kv_dtype).contiguous()
-    if NW == 0:  # keep a valid pointer; the loop does not run
-        win_kv = q.new_zeros((B, 1, C))
+    # absent parts get a valid pointer to an unfilled buffer: their loops do not run, so nothing reads it (and
+    # a decode graph records no fill kernel for it)
+    if NW == 0:
+        win_kv = q.new_empty((B, 1, C))
     if packed is None:
         comp_kv = comp_kv.to(kv_dtype).contiguous()
-        if NE == 0:
-            comp_kv = q.new_zeros((B, 1, C))
+        if NE == 0:  # selected ids all fail ``idx < NE``: masked loads only
+            comp_kv = q.new_empty((B, 1, C))
         pk_args = (q, q, q, 0, 0, 0, 0, 0, 0, 0)
     else:
         nope, sc, rope = (_rows_view(t) for t in packed)
         if NE == 0:
-            nope, sc, rope = (t.new_zeros((B, 1, t.shape[-1])) for t in (nope, sc, rope))
+            nope, sc, rope = (t.new_empty((B, 1, t.shape[-1])) for t in (nope, sc, rope))
         nope = nope.view(torch.uint8)
         sc = sc.view(torch.uint8)
         comp_kv = q  # unused
@@ -1643,10 +1647,10 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
     wm = win_mask.contiguous()
     wm = wm.view(torch.uint8) if wm.dtype == torch.bool else (wm != 0).view(torch.uint8)
     if NW == 0:
-        wm = torch.zeros((B, S, 1), dtype=torch.uint8, device=q.device)
+        wm = torch.empty((B, S, 1), dtype=torch.uint8, device=q.device)
     idx = comp_idx.to(torch.int64).contiguous()
     if KC == 0:
-        idx = torch.full((B, S, 1), -1, dtype=torch.int64, device=q.device)
+        idx = torch.empty((B, S, 1), dtype=torch.int64, device=q.device)
     sink = sink.float().contiguous()
     bc = _np2(C, 64 if packed is not None else 16)  # packed tiles are [BN, BC / 64, 64]
     # the fp32 accumulator is BH x C: with C = 512 keep BH at 16-32 heads per program (the programs of one
@@ -1710,8 +1714,8 @@ def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight:
     """``dsv4::swiglu_clamp``: silu(min(g, L)) * clamp(v, -L, L) (* weight[..., None]) in fp32."""
     _require(g, v, weight)
     N = g.shape[-1]
-    g2 = g.reshape(-1, N).contiguous()
-    v2 = v.reshape(-1, N).contiguous()
+    g2, v2 = (t.reshape(-1, N) for t in (g, v))  # views where the strides allow
+    g2, v2 = (t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous() for t in (g2, v2))
     R = g2.shape[0]
     out = torch.empty((R, N), dtype=torch.float32, device=g.device)
     if R and N:
@@ -1719,7 +1723,8 @@ def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight:
         if has_weight and w.numel() != R:
             raise ValueError(f"weight has {w.numel()} elements, expected {R}")
         br, bn = 16, min(256, _np2(N))
-        _swiglu_kernel[(triton.cdiv(R, br), triton.cdiv(N, bn))](g2, v2, w, out, R, N, float(limit),
+        _swiglu_kernel[(triton.cdiv(R, br), triton.cdiv(N, bn))](g2, v2, w, out, R, N, g2.stride(0), v2.stride(0),
+                                                               float(limit),
                                                                HAS_W=bool(has_weight), BR=br, BN=bn, num_warps=4)
     return out.view(g.shape)
 

@@ -172,6 +172,17 @@ def test_swiglu_clamp(dtype, has_weight):
     check(tk.swiglu_clamp(gate, up, w, 10.0, has_weight), ops.swiglu_clamp(gate, up, w, 10.0, has_weight))
 
 
+def test_swiglu_clamp_reads_column_views_of_a_stacked_output():
+    """g and v as the two halves of one w1+w3 output (row stride 2N): read in place, same result."""
+    both = (torch.randn(5, 2, 300, generator=gen(16)) * 8).to(torch.bfloat16)
+    gate, up = both.flatten(1).split(300, dim=-1)
+    assert gate.stride(0) == 600 and not gate.is_contiguous()
+    w = torch.rand(5, generator=gen(17))
+    out = tk.swiglu_clamp(gate, up, w, 10.0, True)
+    assert torch.equal(out, tk.swiglu_clamp(gate.contiguous(), up.contiguous(), w, 10.0, True))
+    check(out, ops.swiglu_clamp(gate, up, w, 10.0, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_indexer_score(dtype):
     g = gen(16)
