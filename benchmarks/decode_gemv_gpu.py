@@ -56,6 +56,7 @@ VARIANTS = {
     "attn_split4": {"attn_split_target": 4},
     "attn_split1": {"attn_split_target": 1},  # fewer key splits: a cheaper merge in the last program
     "attn_bn32": {"attn_decode_bn": 32},
+    "attn_merge": {"attn_merge_launch": True},  # the key splits merged by a launch of their own
     "mhc_w1": {"hc_pre_warps": 1},  # the Sinkhorn reductions inside one warp, a narrower collapse
     "mhc_w2": {"hc_pre_warps": 2},
     "mhc_c512": {"hc_pre_chunk": 512},  # fewer partial mixes for the last program to sum

@@ -747,13 +747,14 @@ if HAVE_TRITON:
                             cn_ptr, cs_ptr, cr_ptr, NOPE, CN_SB, CN_SE, CS_SB, CS_SE, CR_SB, CR_SE,
                             BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr,
-                            SPLIT: tl.constexpr, PACKED: tl.constexpr = False):
+                            SPLIT: tl.constexpr, PACKED: tl.constexpr = False, MERGE_LAST: tl.constexpr = True):
         """One query token (b, s) and BH heads; keys = values; online softmax with a sink.
 
         With SPLIT > 1 (decode: few query tokens) program ``k`` of axis 2 takes the ``k``-th chunk of the
         window keys and of the selected entries, parks its (max, sum, unnormalized output) in the
         workspace, and the last of the SPLIT programs of this (token, head block) merges them (split-KV
-        "flash decoding", one launch: the merge is done by whoever finishes last, counted on ``cnt``).
+        "flash decoding", one launch: the merge is done by whoever finishes last, counted on ``cnt``; with
+        MERGE_LAST off the partials are left for ``_attn_merge_kernel``).
 
         PACKED: the compressed entries are read in their storage format instead of ``ckv``: e4m3 bytes of
         the first NOPE dims (``cn`` [B, E, NOPE] as uint8), one ue8m0 byte per 64 of them (``cs``
@@ -832,25 +833,48 @@ if HAVE_TRITON:
             tl.store(pm_ptr + ml_offs, m_i, mask=h_mask)
             tl.store(pl_ptr + ml_offs, l_i, mask=h_mask)
             tl.store(pacc_ptr + ks.to(tl.int64) * BSH * C + o_offs, acc, mask=o_mask)
-            tl.debug_barrier()
-            prev = tl.atomic_add(cnt_ptr + bs * tl.num_programs(1) + hb, 1, sem="acq_rel", scope="gpu")
-            if prev == SPLIT - 1:
-                mx = tl.full((BH,), -1e30, dtype=tl.float32)
-                for j in tl.static_range(SPLIT):
-                    mx = tl.maximum(mx, tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30,
-                                                cache_modifier=".cg"))
-                tot_l = tl.exp(sk - mx)
-                tot = tl.zeros((BH, BC), dtype=tl.float32)
-                for j in tl.static_range(SPLIT):
-                    mj = tl.load(pm_ptr + j * BSH + bs * H + rh, mask=h_mask, other=-1e30, cache_modifier=".cg")
-                    lj = tl.load(pl_ptr + j * BSH + bs * H + rh, mask=h_mask, other=0.0, cache_modifier=".cg")
-                    aj = tl.load(pacc_ptr + j * BSH * C + o_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
-                    f = tl.exp(mj - mx)
-                    tot_l += lj * f
-                    tot += aj * f[:, None]
-                out = tot / tot_l[:, None]
-                tl.store(o_ptr + o_offs, _cast_out(out, o_ptr.dtype.element_ty), mask=o_mask)
-                tl.atomic_xchg(cnt_ptr + bs * tl.num_programs(1) + hb, 0)
+            if MERGE_LAST:
+                tl.debug_barrier()
+                prev = tl.atomic_add(cnt_ptr + bs * tl.num_programs(1) + hb, 1, sem="acq_rel", scope="gpu")
+                if prev == SPLIT - 1:
+                    _attn_merge(sk, o_ptr, pm_ptr, pl_ptr, pacc_ptr, bs * H + rh, h_mask, o_offs, o_mask, BSH, C,
+                                SPLIT, BH, BC)
+                    tl.atomic_xchg(cnt_ptr + bs * tl.num_programs(1) + hb, 0)
+
+    @triton.jit
+    def _attn_merge(sk, o_ptr, pm_ptr, pl_ptr, pacc_ptr, row, h_mask, o_offs, o_mask, BSH, C,
+                    SPLIT: tl.constexpr, BH: tl.constexpr, BCW: tl.constexpr):
+        """Merge the SPLIT partial (max, sum, unnormalized output) of heads ``row`` (= token * H + head) with the
+        sink and store the normalized output at ``o_offs`` ([BH, BCW] of the output's columns)."""
+        mx = tl.full((BH,), -1e30, dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            mx = tl.maximum(mx, tl.load(pm_ptr + j * BSH + row, mask=h_mask, other=-1e30, cache_modifier=".cg"))
+        tot_l = tl.exp(sk - mx)
+        tot = tl.zeros((BH, BCW), dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            mj = tl.load(pm_ptr + j * BSH + row, mask=h_mask, other=-1e30, cache_modifier=".cg")
+            lj = tl.load(pl_ptr + j * BSH + row, mask=h_mask, other=0.0, cache_modifier=".cg")
+            aj = tl.load(pacc_ptr + j * BSH * C + o_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
+            f = tl.exp(mj - mx)
+            tot_l += lj * f
+            tot += aj * f[:, None]
+        out = tot / tot_l[:, None]
+        tl.store(o_ptr + o_offs, _cast_out(out, o_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _attn_merge_kernel(sink_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, H, C, BSH,
+                           SPLIT: tl.constexpr, BH: tl.constexpr, BCW: tl.constexpr):
+        """The split merge of ``_sparse_attn_kernel`` as a launch of its own: program (token, head block, column
+        block) merges a [BH, BCW] slice, so the merge is spread over many programs instead of one per head
+        block (TUNE ``attn_merge_launch``)."""
+        bs = tl.program_id(0).to(tl.int64)
+        rh = tl.program_id(1) * BH + tl.arange(0, BH)
+        rc = tl.program_id(2) * BCW + tl.arange(0, BCW)
+        h_mask = rh < H
+        sk = tl.load(sink_ptr + rh, mask=h_mask, other=0.0)
+        o_offs = (bs * H + rh)[:, None] * C + rc[None, :]
+        _attn_merge(sk, o_ptr, pm_ptr, pl_ptr, pacc_ptr, bs * H + rh, h_mask, o_offs,
+                    h_mask[:, None] & (rc < C)[None, :], BSH, C, SPLIT, BH, BCW)
 
     # ---- mHC split + Sinkhorn -------------------------------------------------------------------
 
@@ -1270,7 +1294,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # top-k program width and chunk (None: 4 warps up to 1024 entries, else 8; chunk 4096); chunk 2048 from
         # decode_gemv_gpu.py on an H200 (session 6): the indexer's top-512 of 2048 visible of 16512 entries
         # 17 vs 25 us, exact
-        "topk_warps": None, "topk_chunk": 2048}
+        "topk_warps": None, "topk_chunk": 2048,
+        # decode attention: merge the key splits in a launch of their own (many programs) instead of in the
+        # last program of each head block
+        "attn_merge_launch": False}
 TC_MAX_ROWS = 16
 
 
@@ -1680,10 +1707,16 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
         cnt = _counters(q.device)
     else:
         pm = pl = pacc = cnt = sink
+    merge_launch = kv_split > 1 and bool(TUNE["attn_merge_launch"])
     _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, pm, pl, pacc, cnt,
                               S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H, *pk_args,
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
-                              SPLIT=kv_split, PACKED=packed is not None, num_warps=nw, num_stages=2)
+                              SPLIT=kv_split, PACKED=packed is not None, MERGE_LAST=not merge_launch,
+                              num_warps=nw, num_stages=2)
+    if merge_launch:
+        bcw = min(128, bc)
+        _attn_merge_kernel[(B * S, hbk, triton.cdiv(C, bcw))](sink, out, pm, pl, pacc, H, C, B * S * H,
+                                                               SPLIT=kv_split, BH=bh, BCW=bcw, num_warps=4)
     return out
 
 

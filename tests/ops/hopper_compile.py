@@ -94,6 +94,12 @@ def _cases() -> list[Case]:
         Case("sparse_attn_packed_decode", tk._sparse_attn_kernel, attn_ptrs,
              dict(BH=16, BN=16, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=8, PACKED=True),
              floats=("scale",), num_stages=2, wants_mma=True),
+        Case("attn_merge_decode", tk._attn_merge_kernel,
+             {"sink_ptr": "fp32", "o_ptr": "bf16", "pm_ptr": "fp32", "pl_ptr": "fp32", "pacc_ptr": "fp32"},
+             dict(SPLIT=16, BH=16, BCW=128)),
+        Case("sparse_attn_packed_decode_no_merge", tk._sparse_attn_kernel, attn_ptrs,
+             dict(BH=16, BN=16, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=8, PACKED=True,
+                  MERGE_LAST=False), floats=("scale",), num_stages=2, wants_mma=True),
         # prefill forms (one token per program, no split; dense and packed compressed entries)
         Case("sparse_attn_prefill", tk._sparse_attn_kernel, attn_ptrs,
              dict(BH=32, BN=32, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=1, PACKED=False),

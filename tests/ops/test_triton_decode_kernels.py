@@ -127,8 +127,11 @@ def test_linear_w16(dtype, M, split):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_split", [2, 5])
-def test_sparse_attn_split(dtype, kv_split):
-    B, S, H, C, NW, E, KC = 2, 1, 4, 64, 40, 30, 37
+@pytest.mark.parametrize("merge_launch", [False, True])
+def test_sparse_attn_split(dtype, kv_split, merge_launch, monkeypatch):
+    """Split keys merged by the last program of each head block, or by a merge launch of their own."""
+    monkeypatch.setitem(tk.TUNE, "attn_merge_launch", merge_launch)
+    B, S, H, C, NW, E, KC = 2, 1, 4, 160, 40, 30, 37  # C over one 128-wide merge block
     g = gen(30)
     q = torch.randn(B, S, H, C, generator=g).to(dtype)
     win = (torch.randn(B, NW, C, generator=g) * 2).to(dtype)
