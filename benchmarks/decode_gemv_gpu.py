@@ -61,6 +61,8 @@ VARIANTS = {
     "mhc_w2": {"hc_pre_warps": 2},
     "mhc_c512": {"hc_pre_chunk": 512},  # fewer partial mixes for the last program to sum
     "mhc_w1_c512": {"hc_pre_warps": 1, "hc_pre_chunk": 512},
+    "mhc_onepass_w8": {"hc_pre_bd": 4096, "hc_pre_warps": 8},  # the 4 x 4096 streams loaded once, early
+    "mhc_onepass_w16": {"hc_pre_bd": 4096, "hc_pre_warps": 16},
     "topk_w4": {"topk_warps": 4},
     "topk_w16": {"topk_warps": 16},
     "topk_c2048": {"topk_chunk": 2048},

@@ -1291,6 +1291,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # decode: the mHC sub-layer inputs as one dsv4c.ops.triton_mhc launch each, the post-mix einsum as an
         # Inductor reduction (load-time rewrites in dsv4c.runtime.load_rewrites)
         "hc_pre_fused": True, "hc_pre_warps": 4, "hc_pre_chunk": 128,
+        # columns of the streams per collapse step (None: 256 per warp); >= D keeps the row in registers and
+        # loads it once, before the split
+        "hc_pre_bd": None,
         # top-k program width and chunk (None: 4 warps up to 1024 entries, else 8; chunk 4096); chunk 2048 from
         # decode_gemv_gpu.py on an H200 (session 6): the indexer's top-512 of 2048 visible of 16512 entries
         # 17 vs 25 us, exact

@@ -11,7 +11,9 @@ H100). Here it is one launch of ``(rows, K / CK)`` programs:
 2. the last program of row ``r`` to arrive (an arrival counter, as in the split-K GEMVs) sums the partials in
    chunk order (so the result does not depend on timing), scales the mix by the row's RMS, runs the split
    (``_hc_split_rows``, the kernel of ``dsv4::hc_split``), collapses the streams with ``pre`` (rounded to the
-   activation dtype, as the reference does) and applies the RMSNorm with its weight.
+   activation dtype, as the reference does) and applies the RMSNorm with its weight; the streams are walked
+   twice in ``BD``-wide steps, or, when ``BD`` covers the row (``TUNE["hc_pre_bd"]``), loaded once into
+   registers before the split so their load overlaps it.
 
 Numerics: the reference's products and roundings in another fp32 summation order. :func:`hc_pre_reference`
 (``dsv4c.ops.library``) is the plain-torch contract (the model's ``hc_pre`` followed by ``rms_norm``).
@@ -38,7 +40,7 @@ if HAVE_TRITON:
     def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, w_ptr, u_ptr, post_ptr, comb_ptr, part_ptr, mix_ptr,
                        cnt_ptr, D, sx_r, sx_i, sx_d, NCH, ITERS, hc_eps, mix_eps, norm_eps,
                        N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, CK: tl.constexpr, NCHP: tl.constexpr,
-                       BD: tl.constexpr):
+                       BD: tl.constexpr, ONE_PASS: tl.constexpr):
         M: tl.constexpr = (2 + N) * N
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
@@ -57,6 +59,11 @@ if HAVE_TRITON:
         tl.debug_barrier()
         prev = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
         if prev == NCH - 1:
+            j = tl.arange(0, NP)
+            if ONE_PASS:  # the whole row of streams in registers, its load issued before the split's work
+                d1 = tl.arange(0, BD)
+                xs1 = tl.load(xr + j[:, None] * sx_i + d1[None, :] * sx_d, mask=(j < N)[:, None] & (d1 < D)[None, :],
+                              other=0.0).to(tl.float32)
             # 2. the row's last program: the mix, then the split
             ch = tl.arange(0, NCHP)
             parts = tl.load(part_ptr + (r * NCH + ch[:, None]) * MP + m[None, :], mask=(ch < NCH)[:, None],
@@ -68,7 +75,6 @@ if HAVE_TRITON:
             tl.debug_barrier()  # the split reads the mix back in its own layout
             rows = tl.zeros([1], tl.int64) + r
             pre, post, comb = _hc_split_rows(mix_ptr, rows, rows >= 0, base_ptr, scale_ptr, ITERS, hc_eps, N, NP)
-            j = tl.arange(0, NP)
             tl.store(post_ptr + r * N + j, tl.sum(post, axis=0), mask=j < N)
             i3 = j[:, None]
             j3 = j[None, :]
@@ -76,21 +82,27 @@ if HAVE_TRITON:
             pre1 = tl.sum(pre, axis=0)  # [NP]
             # 3. u = sum_i pre_i x_i rounded to the activation dtype; its RMS; then the normed, weighted u
             UDT: tl.constexpr = u_ptr.dtype.element_ty
-            usq = tl.zeros([BD], tl.float32)
-            for d0 in range(0, D, BD):
-                d = d0 + tl.arange(0, BD)
-                xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
-                             other=0.0).to(tl.float32)
-                u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
-                usq += u * u
-            rinv = 1.0 / tl.sqrt_rn(tl.sum(usq, axis=0) / D + norm_eps)
-            for d0 in range(0, D, BD):
-                d = d0 + tl.arange(0, BD)
-                xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
-                             other=0.0).to(tl.float32)
-                u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
-                wv = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-                tl.store(u_ptr + r * D + d, _cast_out(u * rinv * wv, UDT), mask=d < D)
+            if ONE_PASS:
+                u = _cast_out(tl.sum(pre1[:, None] * xs1, axis=0), UDT).to(tl.float32)
+                rinv = 1.0 / tl.sqrt_rn(tl.sum(u * u, axis=0) / D + norm_eps)
+                wv = tl.load(w_ptr + d1, mask=d1 < D, other=0.0).to(tl.float32)
+                tl.store(u_ptr + r * D + d1, _cast_out(u * rinv * wv, UDT), mask=d1 < D)
+            else:
+                usq = tl.zeros([BD], tl.float32)
+                for d0 in range(0, D, BD):
+                    d = d0 + tl.arange(0, BD)
+                    xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
+                                 other=0.0).to(tl.float32)
+                    u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
+                    usq += u * u
+                rinv = 1.0 / tl.sqrt_rn(tl.sum(usq, axis=0) / D + norm_eps)
+                for d0 in range(0, D, BD):
+                    d = d0 + tl.arange(0, BD)
+                    xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
+                                 other=0.0).to(tl.float32)
+                    u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
+                    wv = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+                    tl.store(u_ptr + r * D + d, _cast_out(u * rinv * wv, UDT), mask=d < D)
             tl.atomic_xchg(cnt_ptr + r, 0)
 
 
@@ -115,6 +127,7 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n
     comb = torch.empty((R, n, n), dtype=torch.float32, device=x.device)
     if R:
         nw = num_warps or TUNE["hc_pre_warps"]
+        bd = min(_np2(D), TUNE["hc_pre_bd"] or 256 * nw)
         ck = _np2(min(chunk or TUNE["hc_pre_chunk"], n * D))
         nch = triton.cdiv(n * D, ck)
         mp = _np2(M + 1)  # one spare slot for the sum of squares
@@ -127,7 +140,7 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n
                                  norm_w.contiguous(), u, post, comb, part, mix, cnt, D,
                                  x3.stride(0), x3.stride(1), x3.stride(2), nch, int(iters), float(hc_eps),
                                  float(mix_eps), float(norm_eps),
-                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=min(256 * nw, _np2(D)), num_warps=nw)
+                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=bd, ONE_PASS=bd >= D, num_warps=nw)
     return u.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 
