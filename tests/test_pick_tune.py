@@ -51,3 +51,11 @@ def test_faster_variants_on_other_knobs_merge_and_a_knob_is_set_once():
     name, tune = pick_tune.pick_variant(gemv)
     assert name == "mhc_w1+attn_split1"
     assert tune == {"hc_pre_warps": 1, "attn_split_target": 1}
+
+
+def test_topk_stays_on_when_it_wins_in_sum_over_the_decode_cases():
+    rows = [_topk("topk_ids B=1 S=1 E=16512 k=512 visible=2048", 0.032, 0.092),
+            _topk("topk_ids B=1 S=1 E=16512 k=512 visible=16384", 0.111, 0.093)]
+    on, why = pick_tune.pick_topk(rows)
+    assert on is True and "visible=16384" in why
+    assert pick_tune.pick_topk([rows[1]])[0] is False
