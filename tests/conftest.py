@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be switched on before triton
+# is first imported anywhere in the process (any test module may import it first, e.g. through the runtime's
+# compile-cache key); tests/ops/kernel_checks.py relies on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_params
 from dsv4c.spec import ModelSpec, get_variant
