@@ -129,7 +129,7 @@ def build_step(batch: int, blocks: int, dev) -> dict:
     x = torch.randn(batch, D, device=dev, generator=g).to(torch.bfloat16)
     step["head"].append(("head", "linear_w16", (x, w), w.numel() * 2))
     # the mHC input of each sub-layer (dsv4c_rt::hc_pre: 24 x 16384 fp32 mix weights) and the CSA block's
-    # top-512 of the indexer scores (16512 scored entries, 2048 visible at context 8k)
+    # top-512 of the indexer scores (16512 scored entries, 2048 visible at context 8k, 16384 at 64k)
     step["mhc"] = []
     for b in range(2 * blocks):
         xs = torch.randn(batch, 1, NHC, D, device=dev, generator=g).to(torch.bfloat16)
@@ -138,9 +138,11 @@ def build_step(batch: int, blocks: int, dev) -> dict:
         nw = (1 + 0.1 * torch.randn(D, device=dev, generator=g)).to(torch.bfloat16)
         step["mhc"].append((f"{b // 2}.{('attn', 'ffn')[b % 2]}_hc_pre", "hc_pre",
                             (xs, fn, base, scale, nw, NHC, 20, 1e-6, 1e-6, 1e-6), fn.numel() * 4))
+    # (timed as one part; per kind each: the 64k-context selection is the second)
     sc = torch.randn(batch, 1, 16512, device=dev, generator=g)
-    vis = torch.full((batch, 1), 2048, dtype=torch.long, device=dev)
-    step["topk"] = [("2.topk_ids", "topk_ids", (sc, 512, vis), 0)]
+    step["topk"] = [(f"2.topk_ids{tag}", "topk_ids", (sc, 512, torch.full((batch, 1), vis, dtype=torch.long,
+                                                                       device=dev)), 0)
+                    for tag, vis in (("", 2048), ("_64k", 16384))]
     return step
 
 
