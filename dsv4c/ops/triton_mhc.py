@@ -37,6 +37,14 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _collapse(xr, j, d, sx_i, sx_d, pre1, N: tl.constexpr, D, UDT: tl.constexpr):
+        """u[d] = sum_i pre_i x_i[d] for columns ``d`` of the streams at ``xr``, rounded to UDT (as the
+        reference casts it) and back to fp32."""
+        xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
+                     other=0.0).to(tl.float32)
+        return _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
+
+    @triton.jit
     def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, w_ptr, u_ptr, post_ptr, comb_ptr, part_ptr, mix_ptr,
                        cnt_ptr, D, sx_r, sx_i, sx_d, NCH, ITERS, hc_eps, mix_eps, norm_eps,
                        N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, CK: tl.constexpr, NCHP: tl.constexpr,
@@ -90,17 +98,12 @@ if HAVE_TRITON:
             else:
                 usq = tl.zeros([BD], tl.float32)
                 for d0 in range(0, D, BD):
-                    d = d0 + tl.arange(0, BD)
-                    xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
-                                 other=0.0).to(tl.float32)
-                    u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
+                    u = _collapse(xr, j, d0 + tl.arange(0, BD), sx_i, sx_d, pre1, N, D, UDT)
                     usq += u * u
                 rinv = 1.0 / tl.sqrt_rn(tl.sum(usq, axis=0) / D + norm_eps)
                 for d0 in range(0, D, BD):
                     d = d0 + tl.arange(0, BD)
-                    xs = tl.load(xr + j[:, None] * sx_i + d[None, :] * sx_d, mask=(j < N)[:, None] & (d < D)[None, :],
-                                 other=0.0).to(tl.float32)
-                    u = _cast_out(tl.sum(pre1[:, None] * xs, axis=0), UDT).to(tl.float32)
+                    u = _collapse(xr, j, d, sx_i, sx_d, pre1, N, D, UDT)
                     wv = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
                     tl.store(u_ptr + r * D + d, _cast_out(u * rinv * wv, UDT), mask=d < D)
             tl.atomic_xchg(cnt_ptr + r, 0)
