@@ -41,6 +41,27 @@ def _as_loaded(prog):
     return loaded
 
 
+def _same_step(ref_prog, new, w, ctx, seed: int, cache: bool = True) -> None:
+    """One decode step of both programs on the same random inputs: logits (and the written cache) within
+    1e-5 relative."""
+    inputs = random_inputs(ctx, "decode", seed=seed)
+    want, want_cache = run(ref_prog, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5
+    for k in want_cache if cache else ():
+        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+
+
+def _h100_decode(spec, ckpt):
+    """Reference numerics in bf16: the decode program after the h100 pipeline, and its weights."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+
+    ctx = StepContext(spec, "reference", torch.bfloat16)
+    w = to_model_params(spec, load_checkpoint(ckpt, spec), torch.bfloat16)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    return progs["decode"], w, ctx
+
+
 def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_params_fp32):
     """Exact numerics in fp32: every mHC mix (two per block, one before the head) is rewritten, and the
     decode logits and written cache agree with the matmul form to fp32 rounding."""
@@ -53,24 +74,15 @@ def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_
     assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, None)) == 0  # no shapes: no rewrite
     assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, table)) == 2 * tiny_spec.num_layers + 1
     assert _fp32_weight_mms(new, table) == 0
-    inputs = random_inputs(ctx, "decode", seed=5)
-    want, want_cache = run(ref_prog, w, ctx, inputs)
-    got, got_cache = run(new, w, ctx, inputs)
-    assert rel_err(got, want) <= 1e-5
-    for k in want_cache:
-        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+    _same_step(ref_prog, new, w, ctx, seed=5)
 
 
 def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 after the h100 pipeline: the bf16 weights applied in fp32 become
     linear_w16 and leave the fp32 mixes to the narrow rewrite; nothing is matched twice."""
-    from dsv4c.checkpoint import load_checkpoint, to_model_params
-
-    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
-    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
-    progs, _, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    table = _params_table(progs["decode"])
-    prog = _as_loaded(progs["decode"])
+    ref_prog, _, _ = _h100_decode(tiny_spec, tiny_ckpt)
+    table = _params_table(ref_prog)
+    prog = _as_loaded(ref_prog)
     gm, info = prog.graph_module, weight_info_from(prog, table)
     n_w16 = rewrite_w16_linears(gm)
     # the head, one MoE gate per block, and the compressor / indexer projections of the compressed blocks
@@ -105,28 +117,15 @@ def test_hc_rewrites_keep_the_exact_step(tiny_spec, tiny_params_fp32):
     assert _hc_rewritten(new) == (0, 0)
     # the head's mix is left to the narrow rewrite: one fp32 weight matmul remains
     assert _fp32_weight_mms(new, _params_table(ref_prog)) == 1
-    inputs = random_inputs(ctx, "decode", seed=7)
-    want, want_cache = run(ref_prog, w, ctx, inputs)
-    got, got_cache = run(new, w, ctx, inputs)
-    assert rel_err(got, want) <= 1e-5
-    for k in want_cache:
-        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+    _same_step(ref_prog, new, w, ctx, seed=7)
 
 
 def test_hc_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 (casts kept) after the h100 pipeline: the same sites match, and the graph
     computes the same step (bf16 casts at the same points as the reference)."""
-    from dsv4c.checkpoint import load_checkpoint, to_model_params
-
-    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
-    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
-    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    ref_prog = progs["decode"]
+    ref_prog, w, ctx = _h100_decode(tiny_spec, tiny_ckpt)
     new = _as_loaded(ref_prog)
     L = tiny_spec.num_layers
     assert _hc_rewritten(new) == (2 * L, 2 * L)
     assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, _params_table(ref_prog))) == 1
-    inputs = random_inputs(ctx, "decode", seed=8)
-    want, _ = run(ref_prog, w, ctx, inputs)
-    got, _ = run(new, w, ctx, inputs)
-    assert rel_err(got, want) <= 1e-5
+    _same_step(ref_prog, new, w, ctx, seed=8, cache=False)
