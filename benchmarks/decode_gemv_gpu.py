@@ -57,10 +57,11 @@ VARIANTS = {
     "attn_split1": {"attn_split_target": 1},  # fewer key splits: a cheaper merge in the last program
     "attn_bn32": {"attn_decode_bn": 32},
     "attn_merge": {"attn_merge_launch": True},  # the key splits merged by a launch of their own
-    "mhc_w1": {"hc_pre_warps": 1},  # the Sinkhorn reductions inside one warp, a narrower collapse
-    "mhc_w2": {"hc_pre_warps": 2},
+    "mhc_twopass": {"hc_pre_bd": None, "hc_pre_warps": 4},  # session 6's default: two passes over the streams
+    "mhc_w1": {"hc_pre_bd": None, "hc_pre_warps": 1},  # the Sinkhorn reductions inside one warp, a narrower collapse
+    "mhc_w2": {"hc_pre_bd": None, "hc_pre_warps": 2},
     "mhc_c512": {"hc_pre_chunk": 512},  # fewer partial mixes for the last program to sum
-    "mhc_w1_c512": {"hc_pre_warps": 1, "hc_pre_chunk": 512},
+    "mhc_w1_c512": {"hc_pre_bd": None, "hc_pre_warps": 1, "hc_pre_chunk": 512},
     "mhc_onepass_w8": {"hc_pre_bd": 4096, "hc_pre_warps": 8},  # the 4 x 4096 streams loaded once, early
     "mhc_onepass_w16": {"hc_pre_bd": 4096, "hc_pre_warps": 16},
     "topk_w4": {"topk_warps": 4},

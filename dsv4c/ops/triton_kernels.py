@@ -1290,17 +1290,19 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "triton_topk": True,
         # decode: the mHC sub-layer inputs as one dsv4c.ops.triton_mhc launch each, the post-mix einsum as an
         # Inductor reduction (load-time rewrites in dsv4c.runtime.load_rewrites)
-        "hc_pre_fused": True, "hc_pre_warps": 4, "hc_pre_chunk": 128,
+        # (H100, session 7, decode_gemv_gpu.py: the step's 8 launches 93 us with two passes over the streams
+        # at 4 warps, 66 us with the row loaded once at 8 warps, 72 us at 16 warps)
+        "hc_pre_fused": True, "hc_pre_warps": 8, "hc_pre_chunk": 128,
         # columns of the streams per collapse step (None: 256 per warp); >= D keeps the row in registers and
         # loads it once, before the split
-        "hc_pre_bd": None,
+        "hc_pre_bd": 4096,
         # top-k program width and chunk (None: 4 warps up to 1024 entries, else 8; chunk 4096); chunk 2048 from
         # decode_gemv_gpu.py on an H200 (session 6): the indexer's top-512 of 2048 visible of 16512 entries
         # 17 vs 25 us, exact
         "topk_warps": None, "topk_chunk": 2048,
         # decode attention: merge the key splits in a launch of their own (many programs) instead of in the
-        # last program of each head block
-        "attn_merge_launch": False}
+        # last program of each head block (H100, session 7: the step's 4 attention calls 81 -> 56 us)
+        "attn_merge_launch": True}
 TC_MAX_ROWS = 16
 
 

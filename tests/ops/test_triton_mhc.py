@@ -38,12 +38,16 @@ def _both(args, **kw):
     return got, want
 
 
-@pytest.mark.parametrize("lead,D,chunk,expanded,warps", [
-    ((1, 1), 64, 128, False, 4), ((1, 1), 64, 32, False, 4), ((3, 1), 96, 64, False, 4), ((2, 3), 64, 128, True, 4),
-    ((1, 1), 320, 256, False, 1),  # one warp: the collapse walks D in two 256-wide steps, the last one partial
+@pytest.mark.parametrize("lead,D,chunk,expanded,warps,bd", [
+    ((1, 1), 64, 128, False, 4, 4096), ((1, 1), 64, 32, False, 4, 4096), ((3, 1), 96, 64, False, 4, 4096),
+    ((2, 3), 64, 128, True, 4, 4096),
+    ((1, 1), 64, 128, False, 4, None), ((2, 3), 64, 128, True, 4, None),  # two passes over the streams
+    ((1, 1), 320, 256, False, 1, None),  # one warp: the collapse walks D in two 256-wide steps, the last one partial
 ])
-def test_fp32_matches_the_reference(lead, D, chunk, expanded, warps):
-    """Several chunks per row (arrival counter), a D that is not a power of two, expanded streams."""
+def test_fp32_matches_the_reference(lead, D, chunk, expanded, warps, bd, monkeypatch):
+    """Several chunks per row (arrival counter), a D that is not a power of two, expanded streams; the row
+    loaded once (``hc_pre_bd`` >= D, the default) and the two-pass collapse."""
+    monkeypatch.setitem(tk.TUNE, "hc_pre_bd", bd)
     (u, post, comb), (ru, rpost, rcomb) = _both(_inputs(lead, D, torch.float32, 1, expanded), chunk=chunk,
                                                 num_warps=warps)
     assert rel_err(u, ru) <= 1e-5
