@@ -29,3 +29,26 @@ def test_decode_kv_bytes_at_8k(storage, main, index):
     want = 4 * 128 * main + 2048 * index + 512 * main + 64 * main + STATE
     assert decode_kv_bytes(_manifest(storage), 1, 8192) == want
     assert decode_kv_bytes(_manifest(storage), 3, 8192) == 3 * want
+
+
+class _SleepyExecutor:
+    """Stands in for an artifact's executor: each decode step costs the host a fixed 3 ms."""
+
+    def run(self, entry, inputs):
+        import time  # noqa: PLC0415
+
+        time.sleep(0.003)
+        return torch.zeros((inputs["input_ids"].shape[0], 7))
+
+
+def test_bench_decode_reports_the_host_time_per_step():
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from dsv4c.bench import bench_decode  # noqa: PLC0415
+
+    eng = SimpleNamespace(_executor=_SleepyExecutor(), device=torch.device("cpu"), _static={}, cache={},
+                          vocab_size=7, lengths=[])
+    res = bench_decode(eng, batch=2, ctx=16, steps=4)
+    assert 3.0 <= res["host_ms_per_step"] < 30.0
+    assert res["step_ms"] >= res["host_ms_per_step"] * 0.99  # on the CPU the host's time is the step
+    assert res["batch"] == 2 and res["context"] == 16 and res["finite"]
