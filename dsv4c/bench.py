@@ -11,11 +11,11 @@ Measured in one run (all GPU times with CUDA events, medians over repeats):
   sizes), only the selected entries differ. Steps run back to back on the device (the next token is the
   previous step's argmax, never copied to the host), as a serving loop would; ``graph_replay_ms`` is the
   bare CUDA-graph replay, ``host_ms_per_step`` the host's time to enqueue one step (when it nears
-  ``step_ms``, Python, not the device, sets the pace). ``bytes_per_step``: what a step must move at least: every weight the step
-  reads (routed experts: the expected number of distinct experts a batch touches, E(1 - (1 - k/E)^B),
-  times one expert's bytes; embedding and hash-routing tables: the rows used) plus the KV entries it reads
-  in the allocated layout (window, all visible HCA entries, CSA indexer keys and the top-k selected
-  entries). ``hbm_fraction`` = bytes_per_step / step time / measured copy bandwidth.
+  ``step_ms``, Python, not the device, sets the pace). ``bytes_per_step``: what a step must move at
+  least: every weight the step reads (routed experts: the expected number of distinct experts a batch
+  touches, E(1 - (1 - k/E)^B), times one expert's bytes; embedding and hash-routing tables: the rows
+  used) plus the KV entries it reads in the allocated layout (window, all visible HCA entries, CSA
+  indexer keys and the top-k selected entries). ``hbm_fraction`` = bytes_per_step / step time / measured copy bandwidth.
 - ``prefill``: one sequence of ``prefill_tokens`` (8192) tokens, tokens/s and model TFLOP/s (the useful
   FLOPs of the math: every GEMM, the attention over the visible keys, the indexer scores; counted from
   the spec).
@@ -279,7 +279,6 @@ def bench_decode(eng, batch: int, ctx: int, steps: int = 20) -> dict:
         start = torch.full((batch,), ctx, dtype=torch.long, device=dev)
         times.extend(t / steps for t in _time_ms(host_timed_loop, dev, reps=1, warmup=0))
     step_ms = statistics.median(times)
-    # host_ms_per_step close to step_ms means the Python side, not the device, sets the step time
     res = {"batch": batch, "context": ctx, "step_ms": round(step_ms, 4),
            "host_ms_per_step": round(statistics.median(host), 4), "first_call_s": round(first_s, 2),
            "tokens_per_s": round(batch / step_ms * 1e3, 1), "finite": bool(torch.isfinite(logits).all())}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from dsv4c.bench import decode_kv_bytes
+from dsv4c.bench import bench_decode, decode_kv_bytes
 from dsv4c.layout import cache_tensors
 from dsv4c.spec import get_variant, truncated
 
@@ -35,17 +38,11 @@ class _SleepyExecutor:
     """Stands in for an artifact's executor: each decode step costs the host a fixed 3 ms."""
 
     def run(self, entry, inputs):
-        import time  # noqa: PLC0415
-
         time.sleep(0.003)
         return torch.zeros((inputs["input_ids"].shape[0], 7))
 
 
 def test_bench_decode_reports_the_host_time_per_step():
-    from types import SimpleNamespace  # noqa: PLC0415
-
-    from dsv4c.bench import bench_decode  # noqa: PLC0415
-
     eng = SimpleNamespace(_executor=_SleepyExecutor(), device=torch.device("cpu"), _static={}, cache={},
                           vocab_size=7, lengths=[])
     res = bench_decode(eng, batch=2, ctx=16, steps=4)
