@@ -49,6 +49,12 @@ VARIANTS = {
     "fp4_tc_w8": {"fp4_tc_warps": 8},
     "fp4_tc_s2": {"fp4_tc_stages": 2},
     "fp4_tc_s4": {"fp4_tc_stages": 4},
+    # packed FP4 on warp-level MMAs fed from registers (dsv4c.ops.triton_fp4_mma)
+    "fp4_mma": {"fp4_mma": True},
+    "fp4_mma_w8": {"fp4_mma": True, "fp4_mma_warps": 8},
+    "fp4_mma_split2": {"fp4_mma": True, "fp4_mma_split": 2},
+    "fp4_mma_split4": {"fp4_mma": True, "fp4_mma_split": 4},
+    "fp4_mma_split8": {"fp4_mma": True, "fp4_mma_split": 8},
     "fp8_s4": {"tc_stages": 4},
     "fp8_bn64": {"tc_bn": 64},
     "fp8_w8": {"tc_warps": 8},

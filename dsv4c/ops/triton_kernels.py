@@ -1285,6 +1285,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # 273 us at 64 x 2 blocks; 4 blocks per step spill: 802 us)
         "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 64, "fp4_tc_warps": 4, "fp4_tc_stages": 3,
         "fp4_tc_kblocks": 2,
+        # the same rows on warp-level e4m3 MMAs fed straight from the decoded nibbles (dsv4c.ops.triton_fp4_mma;
+        # CUDA sm_89+ only); split None: split_target programs per SM
+        "fp4_mma": False, "fp4_mma_warps": 4, "fp4_mma_split": None,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
         # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
         "triton_topk": True,
@@ -1490,6 +1493,11 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     ieee = _is_fp32(x) and not act_quant
     if direct is None:
         direct = A <= DIRECT_MAX_ROWS
+    if direct and block_m is None and act_quant and TUNE["fp4_mma"]:
+        from .triton_fp4_mma import fp4_gemv_mma, mma_supported  # noqa: PLC0415  (that module imports this one)
+
+        if mma_supported(weight, x):
+            return fp4_gemv_mma(x, expert, weight, scale, ue8m0, split_k=split_k)
     if direct and block_m is None and act_quant and TUNE["fp4_tc"]:
         from .triton_gemv import fp4_gemv_tc  # noqa: PLC0415  (that module imports this one)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from dsv4c.ops import triton_fp4_mma as fp4mma  # noqa: E402
 from dsv4c.ops import triton_gemv as gemv  # noqa: E402
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 from dsv4c.ops import triton_mhc as mhc  # noqa: E402
@@ -78,6 +80,10 @@ def _cases() -> list[Case]:
              wants_mma=True),
         *[Case(f"fp4_gemv_tc_nb{nb}", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, NB=nb), wants_mma=True)
           for nb in (1, 2, 4)],
+        *[Case(f"fp4_gemv_mma_w{w}", fp4mma._fp4_gemv_mma_kernel,
+               {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
+               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16), num_warps=w, num_stages=1,
+               wants_mma=True, extra={"lane_asm": True}) for w in (4, 8)],
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
@@ -124,9 +130,30 @@ def compile_case(case: Case) -> dict:
     compiled = triton.compile(src, target=HOPPER,
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     ptx = compiled.asm["ptx"]
-    return {"case": case.name, "seconds": round(time.perf_counter() - t0, 2),
-            "cubin_bytes": len(compiled.asm["cubin"]), "mma": ("mma.sync" in ptx) or ("wgmma" in ptx),
-            "wants_mma": case.wants_mma}
+    row = {"case": case.name, "seconds": round(time.perf_counter() - t0, 2),
+           "cubin_bytes": len(compiled.asm["cubin"]), "mma": ("mma.sync" in ptx) or ("wgmma" in ptx),
+           "wants_mma": case.wants_mma}
+    if case.extra.get("lane_asm"):
+        row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
+        row["mma_sync_count"] = ptx.count("mma.sync")
+    return row
+
+
+def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
+    """Every inline-asm op works on tensors that put element i in thread i (1-D, one element per thread):
+    the lane-level PTX of dsv4c.ops.triton_fp4_mma relies on it."""
+    layouts = dict(re.findall(r"^(#[\w.]+) = (#ttg\.blocked<[^\n]*>)", ttgir, flags=re.M))
+    want = (f"sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [{num_warps}], order = [0]")
+    seen = 0
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" not in line:
+            continue
+        for name in re.findall(r"tensor<\d+x\w+, (#[\w.]+)>", line):
+            seen += 1
+            if want not in layouts.get(name, ""):
+                return False
+    return seen > 0
+
 
 
 def main(argv: list[str]) -> int:
