@@ -58,11 +58,11 @@ def _x_load_asm() -> str:
     """Lane's activation fragments of one K tile from the scratch row (fragment order, written by this
     kernel: plain loads, not the read-only path) and the tile's activation scale. In: $9 tile start, $10
     scale (u64). Out: $0-$7 (b0, b1) of groups 0..3, $8 the scale."""
-    lines = ["{", ".reg .b32 lane, off;", ".reg .b64 xa, o64;", "mov.u32 lane, %laneid;", "and.b32 off, lane, 3;",
-             "shl.b32 off, off, 3;", "cvt.u64.u32 o64, off;", "add.u64 xa, $9, o64;"]
+    lines = ["{", ".reg .b32 lane, off;", ".reg .b64 xa, xs, o64;", "mov.u32 lane, %laneid;", "and.b32 off, lane, 3;",
+             "shl.b32 off, off, 3;", "cvt.u64.u32 o64, off;", "add.u64 xa, $9, o64;", "mov.b64 xs, $10;"]
     for q in range(4):
         lines.append(f"ld.global.v2.b32 {{${2 * q}, ${2 * q + 1}}}, [xa+{32 * q}];")
-    lines += ["ld.global.f32 $8, [$10];", "}"]
+    lines += ["ld.global.f32 $8, [xs];", "}"]
     return "\n".join(lines)
 
 
