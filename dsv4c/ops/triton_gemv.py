@@ -22,9 +22,11 @@ faster on the H100) keeps Hopper's FP8 accumulator, whose additions inside one 1
 precise than fp32; the block result is promoted to fp32 before the scales, as DeepSeek's own FP8 GEMMs do.
 Measured at Flash shapes: max error 6e-3 of the largest output with it, 6e-4 with bf16 dots.
 
-Packed FP4 experts stay on the FMA GEMV of :mod:`triton_kernels`: two tensor-core variants (a
-block-diagonal activation so the per-32 scales apply after the dot, and the bf16-dequantizing tile kernel
-with one row per tile) ran 2-3x slower there on the H100 (benchmarks/results/s3-decode-gemv-h100-*.json).
+- :func:`fp4_gemv_tc`: packed e2m1 expert rows, one row per program; the nibbles decoded to e4m3 tiles
+  and the activation laid out block-diagonally so the per-32 weight scales apply after the dot (session 5;
+  session 3's first tensor-core attempts ran 2-3x slower than the FMA GEMV,
+  benchmarks/results/s3-decode-gemv-h100-*.json). :mod:`dsv4c.ops.triton_fp4_mma` is the same product
+  on warp-level MMAs fed from registers (``TUNE["fp4_mma"]``).
 """
 
 from __future__ import annotations
