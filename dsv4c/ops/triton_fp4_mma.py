@@ -38,15 +38,23 @@ TILE_K = 128  # packed tile K (PBK): 64 bytes per row
 TILE_BYTES = TILE_ROWS * TILE_K // 2
 
 
+def _lane_offsets_asm() -> str:
+    """The lane's byte offsets, computed once: its weight word (row g of its warp's 16 rows, word t), its
+    scale byte (group t, row g) and its activation fragment (8 t). In: $3 (zero; gives the shape).
+    Out: $0 weight, $1 scale, $2 activation offset."""
+    return "\n".join([
+        "{", ".reg .b32 tid, lane, warp, g, t, row, ow, os, ox;",
+        "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;",
+        "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;", "add.u32 row, row, $3;",
+        "shl.b32 ow, row, 6;", "mad.lo.u32 ow, t, 4, ow;", f"mad.lo.u32 os, t, {TILE_ROWS}, row;", "shl.b32 ox, t, 3;",
+        "mov.b32 $0, ow;", "mov.b32 $1, os;", "mov.b32 $2, ox;", "}"])
+
+
 def _w_load_asm() -> str:
-    """Lane's weight words of one K tile: rows g and g + 8 of its warp's 16, words t, 4 + t, 8 + t, 12 + t
-    (groups 0..3); the ue8m0 scale bytes of group t for both rows. In: $10 tile row 0, $11 its group-0
-    scale byte of row 0 (u64 addresses). Out: $0-$3 row g, $4-$7 row g + 8, $8 / $9 scale bytes."""
-    lines = ["{", ".reg .b32 tid, lane, warp, g, t, row, off;", ".reg .b64 wa, sa, o64;",
-             "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;",
-             "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;",
-             "shl.b32 off, row, 6;", "mad.lo.u32 off, t, 4, off;", "cvt.u64.u32 o64, off;", "add.u64 wa, $10, o64;",
-             f"mad.lo.u32 off, t, {TILE_ROWS}, row;", "cvt.u64.u32 o64, off;", "add.u64 sa, $11, o64;"]
+    """Lane's weight words of one K tile: rows g and g + 8, words t, 4 + t, 8 + t, 12 + t (groups 0..3), and
+    the ue8m0 scale bytes of group t for both rows. In: $10 the lane's word address, $11 its scale byte
+    address (u64). Out: $0-$3 row g, $4-$7 row g + 8, $8 / $9 scale bytes."""
+    lines = ["{", ".reg .b64 wa, sa;", "mov.b64 wa, $10;", "mov.b64 sa, $11;"]
     for h in range(2):  # rows g, g + 8 (64 bytes a row)
         for q in range(4):
             lines.append(f"ld.global.nc.b32 ${4 * h + q}, [wa+{512 * h + 16 * q}];")
@@ -56,10 +64,9 @@ def _w_load_asm() -> str:
 
 def _x_load_asm() -> str:
     """Lane's activation fragments of one K tile from the scratch row (fragment order, written by this
-    kernel: plain loads, not the read-only path) and the tile's activation scale. In: $9 tile start, $10
-    scale (u64). Out: $0-$7 (b0, b1) of groups 0..3, $8 the scale."""
-    lines = ["{", ".reg .b32 lane, off;", ".reg .b64 xa, xs, o64;", "mov.u32 lane, %laneid;", "and.b32 off, lane, 3;",
-             "shl.b32 off, off, 3;", "cvt.u64.u32 o64, off;", "add.u64 xa, $9, o64;", "mov.b64 xs, $10;"]
+    kernel: plain loads, not the read-only path) and the tile's activation scale. In: $9 the lane's fragment
+    address, $10 the scale's (u64). Out: $0-$7 (b0, b1) of groups 0..3, $8 the scale."""
+    lines = ["{", ".reg .b64 xa, xs;", "mov.b64 xa, $9;", "mov.b64 xs, $10;"]
     for q in range(4):
         lines.append(f"ld.global.v2.b32 {{${2 * q}, ${2 * q + 1}}}, [xa+{32 * q}];")
     lines += ["ld.global.f32 $8, [xs];", "}"]
@@ -116,27 +123,35 @@ if HAVE_TRITON:
 
     from .triton_kernels import _quant_e4m3, _splitk_store
 
+    _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
     _X_LOAD = tl.constexpr(_x_load_asm())
     _MMA_STEP = tl.constexpr(_mma_step_asm())
     _QUAD_SUM = tl.constexpr(_quad_sum_asm())
 
     @triton.jit
-    def _w_load(w_blk, s_blk, kt, zero):
-        """The lane's weight words and scale bytes of K tile ``kt`` (inline PTX: addresses from the lane)."""
-        wt = (w_blk + kt * (128 * 64)).to(tl.int64) + zero
-        st = (s_blk + kt * (4 * 128)).to(tl.int64) + zero
+    def _lane_offsets(zero):
+        """(weight word, scale byte, activation fragment) byte offsets of each lane, as int64 tensors."""
+        ow, os, ox = tl.inline_asm_elementwise(
+            asm=_LANE_OFFS, constraints="=r,=r,=r,r", args=[zero], dtype=(tl.int32,) * 3, is_pure=True, pack=1)
+        return ow.to(tl.int64), os.to(tl.int64), ox.to(tl.int64)
+
+    @triton.jit
+    def _w_load(w_blk, s_blk, kt, ow, os):
+        """The lane's weight words and scale bytes of K tile ``kt``."""
+        wa = (w_blk + kt * (128 * 64)).to(tl.int64) + ow
+        sa = (s_blk + kt * (4 * 128)).to(tl.int64) + os
         return tl.inline_asm_elementwise(
-            asm=_W_LOAD, constraints="=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,l,l", args=[wt, st],
+            asm=_W_LOAD, constraints="=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,l,l", args=[wa, sa],
             dtype=(tl.int32,) * 10, is_pure=False, pack=1)
 
     @triton.jit
-    def _x_load(q_row, s_row, kt, zero):
+    def _x_load(q_row, s_row, kt, ox, zero):
         """The lane's activation fragments and scale of K tile ``kt`` (written by this program's prologue)."""
-        xt = (q_row + kt * 128).to(tl.int64) + zero
+        xa = (q_row + kt * 128).to(tl.int64) + ox
         xs = (s_row + kt).to(tl.int64) + zero
         return tl.inline_asm_elementwise(
-            asm=_X_LOAD, constraints="=r,=r,=r,=r,=r,=r,=r,=r,=f,l,l", args=[xt, xs],
+            asm=_X_LOAD, constraints="=r,=r,=r,=r,=r,=r,=r,=r,=f,l,l", args=[xa, xs],
             dtype=(tl.int32,) * 8 + (tl.float32,), is_pure=False, pack=1)
 
     @triton.jit
@@ -177,7 +192,8 @@ if HAVE_TRITON:
             s_blk = sw_ptr + (ev * NBLK + nb) * (K // 32) * 128 + r0
             q_row = q_ptr + a.to(tl.int64) * K
             s_row = qs_ptr + a.to(tl.int64) * KTILES
-            w_cur = _w_load(w_blk, s_blk, t0, zero)  # in flight while the activation is quantized
+            ow, os, ox = _lane_offsets(zero.to(tl.int32))
+            w_cur = _w_load(w_blk, s_blk, t0, ow, os)  # in flight while the activation is quantized
             # the activation's K tiles t0..t1 -> e4m3 codes in fragment order (K 8c + {0, 2, 4, 6} then
             # {1, 3, 5, 7} per 8) + one scale per tile
             i = tl.arange(0, TQ)
@@ -192,11 +208,11 @@ if HAVE_TRITON:
                      mask=ok[:, None])
             tl.store(s_row + kt_q, s, mask=ok)
             tl.debug_barrier()  # the stores above are what this program's lanes load next
-            x_cur = _x_load(q_row, s_row, t0, zero)
+            x_cur = _x_load(q_row, s_row, t0, ox, zero)
             for kt in range(t0, t1):
                 k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
-                w_next = _w_load(w_blk, s_blk, k_next, zero)
-                x_next = _x_load(q_row, s_row, k_next, zero)
+                w_next = _w_load(w_blk, s_blk, k_next, ow, os)
+                x_next = _x_load(q_row, s_row, k_next, ox, zero)
                 acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
                 w_cur = w_next
                 x_cur = x_next

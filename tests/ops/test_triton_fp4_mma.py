@@ -20,7 +20,8 @@ from dsv4c.ops import fused, triton_fp4_mma, triton_gemv  # noqa: E402
 ops = torch.ops.dsv4
 
 
-@pytest.mark.parametrize("make,outputs,inputs", [(triton_fp4_mma._w_load_asm, 10, 2),
+@pytest.mark.parametrize("make,outputs,inputs", [(triton_fp4_mma._lane_offsets_asm, 3, 1),
+                                                 (triton_fp4_mma._w_load_asm, 10, 2),
                                                  (triton_fp4_mma._x_load_asm, 9, 2),
                                                  (triton_fp4_mma._mma_step_asm, 2, 21),
                                                  (triton_fp4_mma._quad_sum_asm, 4, 2)])
