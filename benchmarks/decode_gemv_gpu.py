@@ -55,6 +55,12 @@ VARIANTS = {
     "fp4_mma_split2": {"fp4_mma": True, "fp4_mma_split": 2},
     "fp4_mma_split4": {"fp4_mma": True, "fp4_mma_split": 4},
     "fp4_mma_split8": {"fp4_mma": True, "fp4_mma_split": 8},
+    # FP8 decode rows on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
+    "fp8_mma": {"fp8_mma": True},
+    "fp8_mma_w8": {"fp8_mma": True, "fp8_mma_warps": 8},
+    "fp8_mma_split4": {"fp8_mma": True, "fp8_mma_split": 4},
+    "fp8_mma_split8": {"fp8_mma": True, "fp8_mma_split": 8},
+    "mma_both": {"fp4_mma": True, "fp8_mma": True},
     "fp8_s4": {"tc_stages": 4},
     "fp8_bn64": {"tc_bn": 64},
     "fp8_w8": {"tc_warps": 8},

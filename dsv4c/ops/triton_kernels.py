@@ -1194,6 +1194,11 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
         # The reference rounds the dequantized activation q * s to x.dtype before the GEMM; with non-power-
         # of-two scales that rounding is visible, so run it that way (published checkpoints use ue8m0).
         x2, act_quant = fp8_qdq(x2, QBLOCK, False), False
+    if act_quant and TUNE["fp8_mma"] and block_m is None and block_n is None:
+        from .triton_fp8_mma import fp8_gemv_mma, mma_supported  # noqa: PLC0415  (that module imports this one)
+
+        if mma_supported(x2, weight):
+            return fp8_gemv_mma(x2, weight, scale, ue8m0, split_k=split_k).view(*lead, N)
     if (M <= TC_MAX_ROWS and TUNE["gemv_tc"] and block_m is None and K % QBLOCK == 0
             and (x2.dtype == torch.bfloat16 or (act_quant and x2.dtype == torch.float32))):
         from .triton_gemv import fp8_gemv_tc  # noqa: PLC0415  (that module imports this one)
@@ -1288,6 +1293,8 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # the same rows on warp-level e4m3 MMAs fed straight from the decoded nibbles (dsv4c.ops.triton_fp4_mma;
         # CUDA sm_89+ only); split None: split_target programs per SM
         "fp4_mma": False, "fp4_mma_warps": 4, "fp4_mma_split": None,
+        # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
+        "fp8_mma": False, "fp8_mma_warps": 4, "fp8_mma_split": None,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
         # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
         "triton_topk": True,

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv4c.ops import triton_fp4_mma as fp4mma  # noqa: E402
+from dsv4c.ops import triton_fp8_mma as fp8mma  # noqa: E402
 from dsv4c.ops import triton_gemv as gemv  # noqa: E402
 from dsv4c.ops import triton_kernels as tk  # noqa: E402
 from dsv4c.ops import triton_mhc as mhc  # noqa: E402
@@ -84,6 +85,10 @@ def _cases() -> list[Case]:
                {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
                dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16), num_warps=w, num_stages=1,
                wants_mma=True, extra={"lane_asm": True}) for w in (4, 8)],
+        *[Case(f"fp8_gemv_mma_m{m}", fp8mma._fp8_gemv_mma_kernel,
+               {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
+               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc), num_stages=1, wants_mma=True,
+               extra={"lane_asm": True}) for m, mp, qc in ((1, 1, 8), (5, 8, 4))],
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
