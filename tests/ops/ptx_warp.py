@@ -37,22 +37,26 @@ def e4m3(byte: int) -> float:
 
 
 class Memory:
-    """Bytes at ``base``..: ``alloc`` hands out aligned regions."""
+    """Bytes at ``base``..: ``alloc`` hands out aligned regions with unmapped gaps between them, and a load
+    that is not inside one region fails (as an out-of-bounds read would fault or read garbage)."""
 
-    def __init__(self, size: int = 1 << 20, base: int = 0x10000):
-        self.base, self.buf, self.top = base, bytearray(size), 0
+    GAP = 1 << 16
+
+    def __init__(self, size: int = 1 << 21, base: int = 0x10000):
+        self.base, self.buf, self.top, self.regions = base, bytearray(size), 0, []
 
     def alloc(self, data: bytes, align: int = 256) -> int:
         self.top = -(-self.top // align) * align
         addr = self.base + self.top
         self.buf[self.top:self.top + len(data)] = data
-        self.top += len(data)
+        self.regions.append((addr, addr + len(data)))
+        self.top += len(data) + self.GAP
         return addr
 
     def read(self, addr: int, n: int) -> int:
+        if not any(lo <= addr and addr + n <= hi for lo, hi in self.regions):
+            raise IndexError(f"load of {n} bytes at {addr:#x} outside every allocation")
         off = addr - self.base
-        if not 0 <= off <= len(self.buf) - n:
-            raise IndexError(f"load of {n} bytes at {addr:#x} outside memory")
         return int.from_bytes(self.buf[off:off + n], "little")
 
 
