@@ -747,8 +747,14 @@ if HAVE_TRITON:
                             cn_ptr, cs_ptr, cr_ptr, NOPE, CN_SB, CN_SE, CS_SB, CS_SE, CR_SB, CR_SE,
                             BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr,
-                            SPLIT: tl.constexpr, PACKED: tl.constexpr = False, MERGE_LAST: tl.constexpr = True):
+                            SPLIT: tl.constexpr, PACKED: tl.constexpr = False, MERGE_LAST: tl.constexpr = True,
+                            WIN_SCAN: tl.constexpr = False, SCAN_KEYS: tl.constexpr = 1024):
         """One query token (b, s) and BH heads; keys = values; online softmax with a sink.
+
+        WIN_SCAN (prefill: the window keys are the ring plus every token of the call, NW = window + S, and
+        a token sees at most 2 x window of them): the token's mask row is scanned first and the key loop
+        runs over the BN blocks from its first to its last visible key only. A block with no visible key
+        leaves (max, sum, output) bit for bit as they were, so the result is the same as without the scan.
 
         With SPLIT > 1 (decode: few query tokens) program ``k`` of axis 2 takes the ``k``-th chunk of the
         window keys and of the selected entries, parks its (max, sum, unnormalized output) in the
@@ -781,6 +787,16 @@ if HAVE_TRITON:
         m_base = wmask_ptr + bs * NW
         w_lo = ks * W_CHUNK
         w_hi = tl.minimum(w_lo + W_CHUNK, NW)
+        if WIN_SCAN:
+            first = w_hi * 0 + NW  # int32 scalars carried through the loop
+            last = w_hi * 0 - 1
+            for n0 in range(w_lo, w_hi, SCAN_KEYS):
+                rs = n0 + tl.arange(0, SCAN_KEYS)
+                v = tl.load(m_base + rs, mask=rs < w_hi, other=0) != 0
+                first = tl.minimum(first, tl.min(tl.where(v, rs, NW), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(v, rs, -1), axis=0))
+            w_lo = w_lo + ((first - w_lo) // BN) * BN  # the same block boundaries as the full loop
+            w_hi = tl.minimum(w_hi, last + 1)  # none visible: an empty loop
         for n0 in range(w_lo, w_hi, BN):
             rn = n0 + tl.arange(0, BN)
             vis = tl.load(m_base + rn, mask=rn < w_hi, other=0) != 0
@@ -1312,8 +1328,12 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "topk_warps": None, "topk_chunk": 2048,
         # decode attention: merge the key splits in a launch of their own (many programs) instead of in the
         # last program of each head block (H100, session 7: the step's 4 attention calls 81 -> 56 us)
-        "attn_merge_launch": True}
+        "attn_merge_launch": True,
+        # prefill attention: scan each token's window mask and skip the key blocks it cannot see (session 7's
+        # 8k prefill spent 519 of 733 ms in attention, every token looping over all 8320 window keys)
+        "attn_win_scan": True}
 TC_MAX_ROWS = 16
+WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
 
 def _counters(device: torch.device) -> Tensor:
@@ -1728,11 +1748,13 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
     else:
         pm = pl = pacc = cnt = sink
     merge_launch = kv_split > 1 and bool(TUNE["attn_merge_launch"])
+    # prefill: most of the NW window keys are outside each token's window; loop over its visible span only
+    win_scan = kv_split == 1 and NW > 4 * bn and bool(TUNE["attn_win_scan"])
     _sparse_attn_kernel[grid](q, win_kv, wm, comp_kv, idx, sink, out, pm, pl, pacc, cnt,
                               S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H, *pk_args,
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
                               SPLIT=kv_split, PACKED=packed is not None, MERGE_LAST=not merge_launch,
-                              num_warps=nw, num_stages=2)
+                              WIN_SCAN=win_scan, SCAN_KEYS=WIN_SCAN_KEYS, num_warps=nw, num_stages=2)
     if merge_launch:
         bcw = min(128, bc)
         _attn_merge_kernel[(B * S, hbk, triton.cdiv(C, bcw))](sink, out, pm, pl, pacc, H, C, B * S * H,

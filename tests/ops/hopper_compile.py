@@ -118,8 +118,8 @@ def _cases() -> list[Case]:
                   MERGE_LAST=False), floats=("scale",), num_stages=2, wants_mma=True),
         # prefill forms (one token per program, no split; dense and packed compressed entries)
         Case("sparse_attn_prefill", tk._sparse_attn_kernel, attn_ptrs,
-             dict(BH=32, BN=32, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=1, PACKED=False),
-             floats=("scale",), num_warps=8, num_stages=2, wants_mma=True),
+             dict(BH=32, BN=32, BC=512, IEEE=False, UPCAST=False, PV_SPLIT=False, SPLIT=1, PACKED=False,
+                  WIN_SCAN=True, SCAN_KEYS=1024), floats=("scale",), num_warps=8, num_stages=2, wants_mma=True),
         Case("indexer_score_packed_decode", tk._indexer_score_packed_kernel,
              {"q_ptr": "bf16", "kc_ptr": "u8", "ks_ptr": "u8", "w_ptr": "bf16", "vis_ptr": "i64", "o_ptr": "fp32"},
              dict(D=128, BS=1, BHI=64, BE=128, HAS_VIS=True, IEEE=False, UPCAST=False), num_stages=2,

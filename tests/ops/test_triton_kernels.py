@@ -16,6 +16,7 @@ from kernel_checks import check, gen, interpreted_triton_kernels
 tk = interpreted_triton_kernels()
 
 from dsv4c import quant  # noqa: E402
+from dsv4c.ops import kv_storage  # noqa: E402
 
 ops = torch.ops.dsv4
 # rows with no visible key: exp(sink - (-1e30)) overflows to inf on purpose (output 0, as in the reference)
@@ -148,6 +149,41 @@ def test_sparse_attn_no_compressed_entries():
     idx = torch.full((B, S, 0), -1, dtype=torch.int64)
     sink = torch.randn(H, generator=g)
     check(tk.sparse_attn(q, win, mask, comp, idx, sink, 0.2), ops.sparse_attn(q, win, mask, comp, idx, sink, 0.2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparse_attn_prefill_window_scan(monkeypatch, packed):
+    """Prefill's window keys are the ring plus every token of the call; each token's visible span is found
+    by scanning its mask row (in steps of 16 here, several per row) and only those key blocks run: the
+    output is bit for bit the full loop's, and matches the reference."""
+    B, S, H, C, nw, E, KC = 2, 37, 4, 128, 8, 6, 5
+    g = gen(30)
+    q = torch.randn(B, S, H, C, generator=g).to(torch.bfloat16)
+    keys = (torch.randn(B, nw + S, C, generator=g) * 2).to(torch.bfloat16)
+    start = torch.tensor([0, 5])  # batch 1 continues after 5 tokens: 5 ring slots hold earlier keys
+    slot = torch.arange(nw)
+    ring_pos = (start[:, None] - 1) - torch.remainder(start[:, None] - 1 - slot, nw)
+    pos = start[:, None] + torch.arange(S)
+    key_pos = torch.cat((ring_pos, pos), dim=1)
+    key_ok = torch.cat((ring_pos >= 0, torch.ones_like(pos, dtype=torch.bool)), dim=1)
+    qp = pos[:, :, None]
+    mask = key_ok[:, None, :] & (key_pos[:, None, :] <= qp) & (key_pos[:, None, :] > qp - nw)
+    idx = torch.randint(-1, E, (B, S, KC), generator=g)
+    sink = torch.randn(H, generator=g)
+    monkeypatch.setattr(tk, "WIN_SCAN_KEYS", 16)
+    if packed:
+        comp = kv_storage.pack_kv_entries(torch.randn(B, E, C, generator=g) * 2, 64)
+        run = lambda: tk.sparse_attn_packed(q, keys, mask, *comp, idx, sink, C**-0.5, block_n=8, kv_split=1)  # noqa: E731
+        ref = ops.sparse_attn(q, keys, mask, kv_storage.unpack_kv_entries(*comp).to(q.dtype), idx, sink, C**-0.5)
+    else:
+        comp = (torch.randn(B, E, C, generator=g) * 2).to(torch.bfloat16)
+        run = lambda: tk.sparse_attn(q, keys, mask, comp, idx, sink, C**-0.5, block_n=8, kv_split=1)  # noqa: E731
+        ref = ops.sparse_attn(q, keys, mask, comp, idx, sink, C**-0.5)
+    scanned = run()
+    monkeypatch.setitem(tk.TUNE, "attn_win_scan", False)
+    full = run()
+    assert torch.equal(scanned, full)
+    check(scanned, ref)
 
 
 # ---- small fused ops --------------------------------------------------------------------------------
