@@ -18,12 +18,15 @@ so no byte is moved between lanes or through shared memory:
   same row write identical bytes), then streams its weight tiles, the next tile's loads in flight while
   the current one is multiplied; K is split across programs as in the other decode GEMVs.
 
-Every lane-specific step (addresses, fragment registers, the quad sums) is inline PTX that reads the
-hardware lane itself, so the result does not depend on how Triton lays the per-thread tensors out; Triton
-launches the kernel, keeps the loop and does the split-K bookkeeping. The packed tile must be 128 rows x
-128 K (``dsv4c.fp4-tiled/1``'s default). Needs sm_89+ (e4m3 MMA) and the CUDA target: the interpreter
-cannot run PTX, so CI compiles the kernel for sm_90 (tests/ops/hopper_compile.py) and the GPU suite checks
-its numbers (benchmarks/decode_gemv_gpu.py, variant ``fp4_mma``).
+Every lane-specific step (lane offsets, loads, fragment registers, the quad sums) is inline PTX that reads
+the hardware lane itself; between those steps the per-thread values travel as Triton tensors of one
+element per thread, which must stay in the thread that made them (element i in thread i, no layout
+conversion: tests/ops/test_hopper_compile.py checks the compiled kernel for it). Triton launches the
+kernel, keeps the loop and does the split-K bookkeeping. The packed tile must be 128 rows x 128 K
+(``dsv4c.fp4-tiled/1``'s default). Needs sm_89+ (e4m3 MMA) and the CUDA target: the interpreter cannot run
+PTX, so CI runs the PTX on a lane-by-lane interpreter (tests/ops/test_ptx_mma_lanes.py) and compiles the
+kernel for sm_90; the GPU checks its numbers (benchmarks/mma_probe.py, benchmarks/decode_gemv_gpu.py
+variant ``fp4_mma``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import HAVE_TRITON, INTERPRET, QBLOCK, TUNE, _pick_split, _split_buffers
+from .triton_kernels import HAVE_TRITON, INTERPRET, TUNE, _pick_split, _split_buffers
 
 TILE_ROWS = 128  # packed tile rows (PBN)
 TILE_K = 128  # packed tile K (PBK): 64 bytes per row
-TILE_BYTES = TILE_ROWS * TILE_K // 2
 
 
 def _lane_offsets_asm() -> str:

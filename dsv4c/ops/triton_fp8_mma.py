@@ -12,9 +12,11 @@ are already MMA operands, so each lane loads them with 16-byte loads straight in
 - per tile, lane (g, t) adds its four sums (rows g, g + 8 x rows 2t, 2t + 1 of the activation) times the
   weight scale and the two activation scales; K is split across programs as in the other decode GEMVs.
 
-The lane-level steps are inline PTX that reads the hardware lane itself (see triton_fp4_mma). Needs the
-CUDA target and sm_89+, N a multiple of the row block and K of 128; the interpreter cannot run PTX, so CI
-compiles it for sm_90 and the GPU suite checks it (benchmarks/decode_gemv_gpu.py, variant ``fp8_mma``).
+The lane-level steps are inline PTX that reads the hardware lane itself, with the same one-element-per-
+thread contract as triton_fp4_mma (checked on the compiled kernel). Needs the CUDA target and sm_89+, N a
+multiple of the row block and K of 128; the interpreter cannot run PTX, so CI runs the PTX lane by lane
+(tests/ops/test_ptx_mma_lanes.py) and compiles the kernel for sm_90; the GPU checks its numbers
+(benchmarks/mma_probe.py, benchmarks/decode_gemv_gpu.py variant ``fp8_mma``).
 """
 
 from __future__ import annotations
