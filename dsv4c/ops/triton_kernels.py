@@ -457,8 +457,11 @@ if HAVE_TRITON:
                     if UPCAST or IEEE:
                         a = a.to(tl.float32)
                 # weight block [BN, 128]: bytes of element pairs (2c, 2c+1), c = kb * 64 + j
-                kk = kb * 128 + 2 * j
-                col = (kk // PBK) * (PBN * (PBK // 2)) + (kk % PBK) // 2
+                if PBK % 128 == 0:  # the block lies in one packed tile: a scalar offset + j (16-byte loads)
+                    col = (kb // (PBK // 128)) * (PBN * (PBK // 2)) + (kb % (PBK // 128)) * 64 + j
+                else:
+                    kk = kb * 128 + 2 * j
+                    col = (kk // PBK) * (PBN * (PBK // 2)) + (kk % PBK) // 2
                 p = tl.load(w_base + r_in[:, None] * (PBK // 2) + col[None, :], mask=kb_ok, other=0)
                 lo = ((p & 7) << 2) | ((p & 8) << 4)
                 hi = ((p >> 2) & 0x1C) | (p & 0x80)

@@ -89,6 +89,14 @@ def _cases() -> list[Case]:
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
                dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc), num_stages=1, wants_mma=True,
                extra={"lane_asm": True}) for m, mp, qc in ((1, 1, 8), (5, 8, 4))],
+        # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
+        # copies (only the scale bytes are loaded one by one)
+        Case("fp4_packed_prefill", tk._fp4_packed_kernel,
+             {"x_ptr": "fp8e4nv", "sa_ptr": "fp32", "order_ptr": "i64", "t_exp_ptr": "i32", "t_row0_ptr": "i32",
+              "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
+             dict(PBN=128, PBK=128, ACT_MODE=1, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
+                  BM=128, BN=128), num_warps=8, num_stages=3, wants_mma=True,
+             extra={"aligned": True, "max_byte_loads": 4}),
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
@@ -131,13 +139,20 @@ def _cases() -> list[Case]:
 
 def compile_case(case: Case) -> dict:
     t0 = time.perf_counter()
-    src = ASTSource(fn=case.kernel, signature=_signature(case), constexprs=case.constexprs)
+    sig = _signature(case)
+    attrs = None
+    if case.extra.get("aligned"):  # as launched at Flash sizes: every pointer and int divisible by 16
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t != "constexpr"}
+    src = ASTSource(fn=case.kernel, signature=sig, constexprs=case.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=HOPPER,
                               options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     ptx = compiled.asm["ptx"]
     row = {"case": case.name, "seconds": round(time.perf_counter() - t0, 2),
            "cubin_bytes": len(compiled.asm["cubin"]), "mma": ("mma.sync" in ptx) or ("wgmma" in ptx),
            "wants_mma": case.wants_mma}
+    if "max_byte_loads" in case.extra:  # byte-wise global loads left (the rest vectorized)
+        row["byte_loads"] = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.[bu]8 ", ptx))
+        row["max_byte_loads"] = case.extra["max_byte_loads"]
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")
