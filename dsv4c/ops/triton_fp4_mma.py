@@ -123,7 +123,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _quant_e4m3, _splitk_store
+    from .triton_kernels import _decode_row_expert, _quant_e4m3, _splitk_store
 
     _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
@@ -171,15 +171,9 @@ if HAVE_TRITON:
                              ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers."""
-        pid_a = tl.program_id(0)
+        a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
-        if ORDERED:  # rows sorted by expert: programs that read the same expert run together (L2 hits)
-            a = tl.load(order_ptr + pid_a).to(tl.int32)
-        else:
-            a = pid_a
-        e = tl.load(e_ptr + a).to(tl.int32)
-        valid = (e >= 0) & (e < E)
         BN: tl.constexpr = NT // 2
         nb = (pid_n * BN) // 128
         r0 = (pid_n * BN) % 128

@@ -42,7 +42,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _e4m3_rne, _pow2_ceil, _quant_e4m3, _quant_e4m3_vec, _splitk_store, _w16_linear_kernel
+    from .triton_kernels import (_decode_row_expert, _e4m3_rne, _pow2_ceil, _quant_e4m3, _quant_e4m3_vec,
+                                 _splitk_store, _w16_linear_kernel)
 
     @triton.jit
     def _e2m1_to_e4m3(p, ASM: tl.constexpr):
@@ -83,15 +84,9 @@ if HAVE_TRITON:
         are laid out block-diagonally, column g holding scale group g (its 16 bytes), so
         ``lo @ XE + hi @ XO`` [BN, 16] has each group's partial sum in its own column and the per-32 scales
         apply after the dot. Larger NB: fewer dots and barriers per weight byte."""
-        pid_a = tl.program_id(0)
+        a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
-        if ORDERED:  # rows sorted by expert: programs that read the same expert run together (L2 hits)
-            a = tl.load(order_ptr + pid_a).to(tl.int32)
-        else:
-            a = pid_a
-        e = tl.load(e_ptr + a).to(tl.int32)
-        valid = (e >= 0) & (e < E)
         nb = (pid_n * BN) // PBN
         r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
         j = tl.arange(0, 64 * NB)  # byte columns of the step's NB K blocks

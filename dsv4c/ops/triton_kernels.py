@@ -486,6 +486,17 @@ if HAVE_TRITON:
     # ---- GEMV (decode, one activation row per program): plain FMAs, no tensor cores ---------------
 
     @triton.jit
+    def _decode_row_expert(e_ptr, order_ptr, E, ORDERED: tl.constexpr):
+        """The activation row of a one-row-per-program decode GEMV (axis 0), its expert id and whether the id
+        is in [0, E). ORDERED: rows taken in expert order (``order``), so programs that read the same expert
+        run together (L2 hits)."""
+        a = tl.program_id(0)
+        if ORDERED:
+            a = tl.load(order_ptr + a).to(tl.int32)
+        e = tl.load(e_ptr + a).to(tl.int32)
+        return a, e, (e >= 0) & (e < E)
+
+    @triton.jit
     def _fp4_gemv_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES,
                          NKB, KB_PER_SPLIT, PBN: tl.constexpr, PBK: tl.constexpr, ACT_Q: tl.constexpr,
                          UE8M0: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ORDERED: tl.constexpr):
@@ -496,15 +507,9 @@ if HAVE_TRITON:
         bit pattern -> fp32, FMAs; each scale group's 16 byte products are summed inside the thread and
         then scaled by 2^(b - 121) (the ue8m0 scale and the 2^6 of the pattern), so the accumulator is
         [BN, 4] (few registers, more programs per SM) and the scale costs one multiply per 16 bytes."""
-        pid_a = tl.program_id(0)
+        a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
-        if ORDERED:  # rows sorted by expert: programs that read the same expert run together (L2 hits)
-            a = tl.load(order_ptr + pid_a).to(tl.int32)
-        else:
-            a = pid_a
-        e = tl.load(e_ptr + a).to(tl.int32)
-        valid = (e >= 0) & (e < E)
         nb = (pid_n * BN) // PBN
         r_in = (pid_n * BN) % PBN + tl.arange(0, BN)
         g = tl.arange(0, 4)
