@@ -40,14 +40,20 @@ TILE_ROWS = 128  # packed tile rows (PBN)
 TILE_K = 128  # packed tile K (PBK): 64 bytes per row
 
 
+def lane_coords_ptx() -> list[str]:
+    """PTX lines (inside a block) that define the lane's coordinates from the hardware thread id: ``lane``,
+    ``warp``, ``g`` = lane / 4, ``t`` = lane % 4 and ``row`` = warp x 16 + g (its first MMA row in the
+    program). Shared by the register-fed MMA GEMVs (this module and triton_fp8_mma)."""
+    return [".reg .b32 tid, lane, warp, g, t, row;", "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
+            "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;"]
+
+
 def _lane_offsets_asm() -> str:
     """The lane's byte offsets, computed once: its weight word (row g of its warp's 16 rows, word t), its
     scale byte (group t, row g) and its activation fragment (8 t). In: $3 (zero; gives the shape).
     Out: $0 weight, $1 scale, $2 activation offset."""
     return "\n".join([
-        "{", ".reg .b32 tid, lane, warp, g, t, row, ow, os, ox;",
-        "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;",
-        "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;", "add.u32 row, row, $3;",
+        "{", *lane_coords_ptx(), ".reg .b32 ow, os, ox;", "add.u32 row, row, $3;",
         "shl.b32 ow, row, 6;", "mad.lo.u32 ow, t, 4, ow;", f"mad.lo.u32 os, t, {TILE_ROWS}, row;", "shl.b32 ox, t, 3;",
         "mov.b32 $0, ow;", "mov.b32 $1, os;", "mov.b32 $2, ox;", "}"])
 
@@ -109,13 +115,11 @@ def _mma_step_asm() -> str:
 def _quad_sum_asm() -> str:
     """The quad's four group sums added (every lane gets the total) and the lane's rows.
     In: $4 / $5 sums of rows g / g + 8. Out: $0 / $1 totals, $2 row g in the program (warp x 16 + g), $3 t."""
-    lines = ["{", ".reg .b32 tid, lane, warp, g, t, row;", ".reg .f32 vg, vh, u;", "mov.f32 vg, $4;", "mov.f32 vh, $5;"]
+    lines = ["{", ".reg .f32 vg, vh, u;", "mov.f32 vg, $4;", "mov.f32 vh, $5;"]
     for m in (1, 2):
         for v in ("vg", "vh"):
             lines += [f"shfl.sync.bfly.b32 u, {v}, {m}, 0x1f, 0xffffffff;", f"add.f32 {v}, {v}, u;"]
-    lines += ["mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;",
-              "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;",
-              "mov.f32 $0, vg;", "mov.f32 $1, vh;", "mov.b32 $2, row;", "mov.b32 $3, t;", "}"]
+    lines += [*lane_coords_ptx(), "mov.f32 $0, vg;", "mov.f32 $1, vh;", "mov.b32 $2, row;", "mov.b32 $3, t;", "}"]
     return "\n".join(lines)
 
 
@@ -223,14 +227,22 @@ if HAVE_TRITON:
                       a * tl.num_programs(1) + pid_n, A, N, SPLIT)
 
 
+def mma_device(t: Tensor) -> bool:
+    """Whether the register-fed MMA GEMVs can run on ``t``'s device: the CUDA target (not the interpreter)
+    and sm_89+ (e4m3 ``mma.sync``)."""
+    return (HAVE_TRITON and not INTERPRET and t.device.type == "cuda"
+            and torch.cuda.get_device_capability(t.device) >= (8, 9))
+
+
+def _tiles_ok(x: Tensor, weight: Tensor) -> bool:
+    """128 x 128 packed tiles that cover x's K."""
+    return tuple(weight.shape[-2:]) == (TILE_ROWS, TILE_K // 2) and weight.shape[2] * TILE_K == x.shape[-1]
+
+
 def mma_supported(weight: Tensor, x: Tensor) -> bool:
-    """Whether :func:`fp4_gemv_mma` can run these operands: the CUDA target (not the interpreter), an sm_89+
-    device and the default 128 x 128 packed tile."""
-    if not HAVE_TRITON or INTERPRET or x.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(x.device) < (8, 9):
-        return False
-    return tuple(weight.shape[-2:]) == (TILE_ROWS, TILE_K // 2)
+    """Whether :func:`fp4_gemv_mma` can run these operands: :func:`mma_device` and the default 128 x 128
+    packed tile."""
+    return mma_device(x) and _tiles_ok(x, weight)
 
 
 def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *,
@@ -238,8 +250,8 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     """fp4_grouped_linear_packed for decode rows with the activation quantized (x [A, K] contiguous, K a
     multiple of 128, the packed tile 128 x 128: see :func:`mma_supported`): one row per program."""
     A, K = x.shape
-    E, NBLK, KT, PBN, PBK2 = weight.shape
-    if (PBN, 2 * PBK2) != (TILE_ROWS, TILE_K) or KT * TILE_K != K:
+    E, NBLK, KT, PBN, _ = weight.shape
+    if not _tiles_ok(x, weight):
         raise ValueError(f"fp4_gemv_mma needs 128 x 128 packed tiles covering K = {K}, got {tuple(weight.shape)}")
     N = NBLK * PBN
     warps = TUNE["fp4_mma_warps"]

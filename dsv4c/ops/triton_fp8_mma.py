@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import HAVE_TRITON, INTERPRET, QBLOCK, TUNE, _pick_split, _split_buffers
+from .triton_fp4_mma import lane_coords_ptx, mma_device
+from .triton_kernels import HAVE_TRITON, QBLOCK, TUNE, _pick_split, _split_buffers
 
 MAX_ROWS = 8  # activation rows: the MMA's N side
 
@@ -34,9 +35,7 @@ def _lane_offsets_asm() -> str:
     scratch scale row stride (bytes). Out: $0 weight (row g, K 16t), $1 activation (row min(g, M - 1), K 16t),
     $2 / $3 activation scale rows min(2t, M - 1) / min(2t + 1, M - 1)."""
     return "\n".join([
-        "{", ".reg .b32 tid, lane, warp, g, t, row, xr, c0, c1, ow, ox, o0, o1;",
-        "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;",
-        "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;",
+        "{", *lane_coords_ptx(), ".reg .b32 xr, c0, c1, ow, ox, o0, o1;",
         "shl.b32 ow, t, 4;", "mad.lo.u32 ow, row, $4, ow;",
         "min.u32 xr, g, $5;", "shl.b32 ox, t, 4;", "mad.lo.u32 ox, xr, $4, ox;",
         "shl.b32 c0, t, 1;", "add.u32 c1, c0, 1;", "min.u32 c0, c0, $5;", "min.u32 c1, c1, $5;",
@@ -90,10 +89,7 @@ def _mma_step_asm() -> str:
 def _lane_rows_asm() -> str:
     """The lane's output coordinates. In: $2 (zero; gives the shape). Out: $0 row g of the program's rows
     (warp x 16 + g), $1 t."""
-    return "\n".join([
-        "{", ".reg .b32 tid, lane, warp, g, t, row;", "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
-        "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;",
-        "add.u32 row, row, $2;", "mov.b32 $0, row;", "mov.b32 $1, t;", "}"])
+    return "\n".join(["{", *lane_coords_ptx(), "add.u32 row, row, $2;", "mov.b32 $0, row;", "mov.b32 $1, t;", "}"])
 
 
 if HAVE_TRITON:
@@ -193,10 +189,10 @@ if HAVE_TRITON:
 def mma_supported(x2: Tensor, weight: Tensor) -> bool:
     """Whether :func:`fp8_gemv_mma` can run these operands: the CUDA target (not the interpreter), sm_89+, at
     most 8 rows, N a multiple of the row block (16 per warp) and K of 128."""
-    if not HAVE_TRITON or INTERPRET or x2.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(x2.device) < (8, 9):
-        return False
+    return mma_device(x2) and _shape_ok(x2, weight)
+
+
+def _shape_ok(x2: Tensor, weight: Tensor) -> bool:
     M, K = x2.shape
     return M <= MAX_ROWS and K % QBLOCK == 0 and weight.shape[0] % (16 * TUNE["fp8_mma_warps"]) == 0
 
@@ -206,7 +202,7 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     :func:`mma_supported`)."""
     M, K = x2.shape
     N = weight.shape[0]
-    if not (M <= MAX_ROWS and K % QBLOCK == 0 and N % (16 * TUNE["fp8_mma_warps"]) == 0):
+    if not _shape_ok(x2, weight):
         raise ValueError(f"fp8_gemv_mma needs <= 8 rows, K % 128 == 0 and N a multiple of the row block, "
                          f"got x {tuple(x2.shape)}, weight {tuple(weight.shape)}")
     warps = TUNE["fp8_mma_warps"]
