@@ -54,12 +54,18 @@ def test_not_supported_off_the_gpu():
     assert not triton_fp4_mma.mma_supported(w, torch.zeros(1, 128))
 
 
+def _calls_to(monkeypatch, name: str) -> list:
+    """Route ``triton_gemv.<name>`` through a wrapper that records each call (the list it returns)."""
+    calls = []
+    fn = getattr(triton_gemv, name)
+    monkeypatch.setattr(triton_gemv, name, lambda *a, **k: (calls.append(1), fn(*a, **k))[1])
+    return calls
+
+
 def test_fp4_rows_keep_to_the_tensor_core_gemv_off_the_gpu(monkeypatch):
     monkeypatch.setitem(tk.TUNE, "fp4_mma", True)
     monkeypatch.setitem(tk.TUNE, "fp4_tc_bn", 64)
-    calls = []
-    fn = triton_gemv.fp4_gemv_tc
-    monkeypatch.setattr(triton_gemv, "fp4_gemv_tc", lambda *a, **k: (calls.append(1), fn(*a, **k))[1])
+    calls = _calls_to(monkeypatch, "fp4_gemv_tc")
     w, s = quant.quantize_fp4_weight(torch.randn(2, 128, 256, generator=gen(20)) * 0.05)
     pw, ps = fused.pack_fp4_tiled(w, s, 128, 128)
     x = (torch.randn(3, 256, generator=gen(21))).to(torch.bfloat16)
@@ -72,9 +78,7 @@ def test_fp4_rows_keep_to_the_tensor_core_gemv_off_the_gpu(monkeypatch):
 def test_fp8_rows_keep_to_the_tensor_core_gemv_off_the_gpu(monkeypatch):
     monkeypatch.setitem(tk.TUNE, "fp8_mma", True)
     monkeypatch.setitem(tk.TUNE, "tc_bn", 64)
-    calls = []
-    fn = triton_gemv.fp8_gemv_tc
-    monkeypatch.setattr(triton_gemv, "fp8_gemv_tc", lambda *a, **k: (calls.append(1), fn(*a, **k))[1])
+    calls = _calls_to(monkeypatch, "fp8_gemv_tc")
     w, s = quant.quantize_fp8_weight(torch.randn(128, 256, generator=gen(22)) * 0.05)
     x = torch.randn(2, 256, generator=gen(23)).to(torch.bfloat16)
     assert not triton_fp8_mma.mma_supported(x, w)
