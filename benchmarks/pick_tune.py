@@ -6,7 +6,7 @@ overrides as a JSON object for ``gpu_suite.py --tune-from`` and prints why each 
 
 - the variants within tolerance (``ok``) that beat the default's total time are merged, fastest first,
   skipping any whose knobs a faster one already set (:func:`pick_variant`; no override when none is faster);
-- ``triton_topk`` is switched on when every top-k case selected exactly the reference ids and the kernel's
+- with top-k measurements, ``triton_topk`` is switched on when every top-k case selected exactly the reference ids and the kernel's
   single-token (decode) cases take less time in sum than ``torch.topk``'s (:func:`pick_topk`).
 """
 
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode launches: variant {name} {values}")
     if args.topk and Path(args.topk).exists():
         on, why = pick_topk(json.loads(Path(args.topk).read_text()).get("results", []))
-    else:
-        on, why = False, "no top-k measurements"
-    tune["triton_topk"] = on
-    print(f"triton_topk={on}: {why}")
+        tune["triton_topk"] = on
+        print(f"triton_topk={on}: {why}")
+    else:  # nothing measured in this call: the default stands
+        print("triton_topk: no top-k measurements, default kept")
     Path(args.out).write_text(json.dumps(tune))
     return 0
 

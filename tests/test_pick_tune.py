@@ -59,3 +59,10 @@ def test_topk_stays_on_when_it_wins_in_sum_over_the_decode_cases():
     on, why = pick_tune.pick_topk(rows)
     assert on is True and "visible=16384" in why
     assert pick_tune.pick_topk([rows[1]])[0] is False
+
+
+def test_without_topk_measurements_the_default_stands(tmp_path):
+    """A call that timed no top-k cases writes no triton_topk override (the kernel stays as TUNE has it)."""
+    (tmp_path / "g.json").write_text(json.dumps({"variants": {"default": _variant(1000.0)}}))
+    assert pick_tune.main(["--gemv", str(tmp_path / "g.json"), "--out", str(tmp_path / "tune.json")]) == 0
+    assert json.loads((tmp_path / "tune.json").read_text()) == {}

@@ -16,6 +16,13 @@ The first ``chunk`` entries of a row are loaded once and kept in registers for a
 it is no wider, or its visible prefix when ``lengths`` are that short); the rest of a wider row is streamed in
 ``chunk``-wide pieces per pass (5 reads). :func:`topk_ids_reference` is the plain-torch
 contract the tests compare against.
+
+A long row at decode (the indexer at a 64k context: 16384 entries, ~78 us in one CTA on an H100, streamed 5
+times) is split instead (``_topk_split_kernel``, a few rows only): program ``(r, p)`` selects the top k of its
+``seg``-wide segment (in registers, steps 1-3) and parks them, in id order, as packed 64-bit values in a
+scratch row; the row's last program to arrive (an arrival counter) runs the same selection over the
+candidates, whose scan order is the global id order, so ties resolve as in the one-CTA kernel, then step 4.
+A row whose visible length fits one segment is finished by its first program directly.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import Tensor
 
 # importing triton_kernels also applies its interpreter fix (runtime loop bounds under numpy >= 2.4)
 from . import library
-from .triton_kernels import HAVE_TRITON, TUNE, _np2
+from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2
 
 if HAVE_TRITON:
     import triton
@@ -33,6 +40,7 @@ if HAVE_TRITON:
 
 MAX_KERNEL_TOPK = 8192  # the final sort holds next_power_of_2(topk) 64-bit values in registers of one CTA
 DEFAULT_CHUNK = 4096  # rows up to this wide stay in registers
+SPLIT_MAX_ROWS = 64  # the split kernel's scratch is rows x segments x k packed values: decode batches only
 
 
 def topk_ids_reference(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:
@@ -88,6 +96,35 @@ if HAVE_TRITON:
         return seen_eq + tl.sum(eq, 0), taken + tl.sum(take, 0)
 
     @triton.jit
+    def _block_threshold(key, present, K):
+        """The radix select (step 2) over one register block: the k-th largest present key ``thr`` and how
+        many keys equal to it belong to the top k; ``thr`` is below every key when all present ones fit."""
+        prefix = tl.zeros([], tl.int32)
+        rem = tl.zeros([], tl.int32) + K
+        for p in tl.static_range(4):
+            hist = _digit_hist(key, present, prefix, 24 - 8 * p)
+            if p == 0:
+                n_present = tl.sum(hist, 0)
+                take_all = n_present <= K
+                rem = tl.minimum(rem, n_present)
+            d, rem = _pick_digit(hist, rem)
+            prefix = prefix | (d << (24 - 8 * p))
+        return tl.where(take_all, -2147483648, prefix ^ -2147483648), rem
+
+    @triton.jit
+    def _write_sorted_ids(out, taken, K, KP: tl.constexpr):
+        """Step 4: the ``taken`` packed values at ``out`` (written by other threads) sorted, decoded to ids in
+        place, -1 past them."""
+        tl.debug_barrier()
+        j = tl.arange(0, KP)
+        taken = tl.minimum(taken, K)
+        packed = tl.load(out + j, mask=j < taken, other=-9223372036854775808)
+        packed = tl.sort(packed, descending=True)
+        ids = tl.where(j < taken, 2147483647 - (packed & 0x7FFFFFFF), -1)
+        tl.debug_barrier()  # every thread has read its slots before any is overwritten
+        tl.store(out + j, ids, mask=j < K)
+
+    @triton.jit
     def _topk_ids_kernel(s_ptr, len_ptr, o_ptr, NE, s_row_stride, K,
                          CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr, HAS_LEN: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
@@ -130,15 +167,51 @@ if HAVE_TRITON:
                 key, present = _order_keys(row, start + offs, n)
                 seen_eq, taken = _compact(key, present, start + offs, thr, rem, seen_eq, taken, out, K)
 
-        # order the selection: read the packed values back (written by other threads), sort, decode
-        tl.debug_barrier()
-        j = tl.arange(0, KP)
-        taken = tl.minimum(taken, K)
-        packed = tl.load(out + j, mask=j < taken, other=-9223372036854775808)
-        packed = tl.sort(packed, descending=True)
-        ids = tl.where(j < taken, 2147483647 - (packed & 0x7FFFFFFF), -1)
-        tl.debug_barrier()  # every thread has read its slots before any is overwritten
-        tl.store(out + j, ids, mask=j < K)
+        _write_sorted_ids(out, taken, K, KP)
+
+    @triton.jit
+    def _topk_split_kernel(s_ptr, len_ptr, c_ptr, o_ptr, cnt_ptr, NE, s_row_stride, K, NSEG,
+                           SEG: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, HAS_LEN: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        row = s_ptr + r * s_row_stride
+        out = o_ptr + r * K
+        n = tl.zeros([], tl.int32) + NE
+        if HAS_LEN:
+            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
+        offs = p * SEG + tl.arange(0, SEG)
+        if n <= SEG:  # the visible row is one segment: its first program finishes it, the rest idle
+            if p == 0:
+                key, present = _order_keys(row, offs, n)
+                thr, rem = _block_threshold(key, present, K)
+                zero = tl.zeros([], tl.int32)
+                _, taken = _compact(key, present, offs, thr, rem, zero, zero, out, K)
+                _write_sorted_ids(out, taken, K, KP)
+        else:
+            # 1. this segment's top k, in id order, as packed values; absent slots below every real value
+            cand = c_ptr + (r * NSEG + p) * KP
+            key, present = _order_keys(row, offs, n)
+            thr, rem = _block_threshold(key, present, K)
+            zero = tl.zeros([], tl.int32)
+            _, taken = _compact(key, present, offs, thr, rem, zero, zero, cand, K)
+            j = tl.arange(0, KP)
+            tl.store(cand + j, tl.full([KP], -9223372036854775808, tl.int64), mask=j >= taken)
+            tl.debug_barrier()
+            prev = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
+            if prev == NSEG - 1:
+                # 2. the row's last program: the same selection over every segment's candidates, scanned in
+                # segment order (= id order), then sorted
+                c = tl.arange(0, CP)
+                live = tl.cdiv(n, SEG) * KP  # segments past the visible length parked nothing
+                packed = tl.load(c_ptr + r * NSEG * KP + c, mask=c < live, other=-9223372036854775808,
+                                 cache_modifier=".cg")
+                c_key = (packed >> 32).to(tl.int32)
+                c_present = packed != -9223372036854775808
+                c_ids = 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)
+                c_thr, c_rem = _block_threshold(c_key, c_present, K)
+                _, taken = _compact(c_key, c_present, c_ids, c_thr, c_rem, zero, zero, out, K)
+                _write_sorted_ids(out, taken, K, KP)
+                tl.atomic_xchg(cnt_ptr + r, 0)
 
 
 def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk: int | None = None,
@@ -171,9 +244,32 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
     # at least one element per thread: no replicated lanes feeding the histograms
     CHUNK = _np2(min(NE, chunk or TUNE["topk_chunk"] or DEFAULT_CHUNK), lo=32 * num_warps)
     ln = out if lengths is None else lengths.expand(lead).reshape(rows).to(torch.int64).contiguous()
+    seg = split_segment(NE, topk, rows, num_warps)
+    if seg:
+        nseg = triton.cdiv(NE, seg)
+        kp = _np2(topk)
+        cand = torch.empty((rows, nseg, kp), dtype=torch.int64, device=scores.device)
+        _topk_split_kernel[(rows, nseg)](s, ln, cand, out, _counters(scores.device), NE, s.stride(0), topk, nseg,
+                                         SEG=seg, KP=kp, CP=_np2(nseg * kp), HAS_LEN=lengths is not None,
+                                         num_warps=num_warps)
+        return out.reshape(*lead, topk)
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
                               HAS_LEN=lengths is not None, num_warps=num_warps)
     return out.reshape(*lead, topk)
+
+
+def split_segment(NE: int, topk: int, rows: int, num_warps: int) -> int | None:
+    """Segment width of the split kernel for rows of ``NE`` entries, or None to use one CTA per row:
+    ``TUNE["topk_split_seg"]`` (None: off) when a row spans at least two segments, each segment can hold
+    k candidates, all of them fit one block (``TUNE["topk_split_max"]``) and the rows are few."""
+    seg = TUNE["topk_split_seg"]
+    if not seg:
+        return None
+    seg = _np2(max(int(seg), topk), lo=32 * num_warps)
+    nseg = -(-NE // seg)
+    if nseg < 2 or rows > SPLIT_MAX_ROWS or nseg * _np2(topk) > TUNE["topk_split_max"]:
+        return None
+    return seg
 
 
 def _torch_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:

@@ -146,3 +146,44 @@ def test_row_lengths(chunk):
     out = _same(s, 8, lengths, chunk=chunk, num_warps=1)
     masked = _visible_prefix(s.reshape(6, 100), lengths.clamp(min=0).reshape(-1).tolist())
     assert torch.equal(out.reshape(6, 8), topk_ids_reference(masked, 8))
+
+
+class _Counting:
+    """Wraps a kernel and counts its launches."""
+
+    def __init__(self, kernel):  # noqa: ANN001
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("rows,NE,topk,lengths", [
+    (2, 300, 8, None),  # 5 segments of 64, many ties at the k-th value
+    (3, 1000, 64, [5, 70, 1000]),  # one row within the first segment (finished there), two split
+    (1, 257, 32, [300]),  # a last segment of one entry
+    (2, 640, 64, [0, 129]),  # nothing visible; fewer than k present in all but one segment
+])
+def test_split_rows(monkeypatch, rows, NE, topk, lengths):
+    """The split kernel (segments of 64 entries here, the last program selecting among their candidates)
+    gives exactly the reference's ids, tie order included, and leaves the arrival counters at zero."""
+    monkeypatch.setitem(tk.TUNE, "topk_split_seg", 64)
+    spy = _Counting(triton_topk._topk_split_kernel)
+    monkeypatch.setattr(triton_topk, "_topk_split_kernel", spy)
+    lens = None if lengths is None else torch.tensor(lengths)
+    for scores in (_ties(rows, NE, 12, NE + topk), torch.randn(rows, NE, generator=gen(NE))):
+        _same(scores, topk, lens, num_warps=1)
+    assert spy.launches == 2
+    assert not tk._counters(torch.device("cpu")).any()
+
+
+def test_split_only_for_few_long_rows(monkeypatch):
+    monkeypatch.setitem(tk.TUNE, "topk_split_seg", 2048)
+    assert triton_topk.split_segment(16384, 512, 1, 8) == 2048
+    assert triton_topk.split_segment(2048, 512, 1, 8) is None  # one segment
+    assert triton_topk.split_segment(16384, 512, triton_topk.SPLIT_MAX_ROWS + 1, 8) is None  # prefill rows
+    assert triton_topk.split_segment(65536, 512, 1, 8) is None  # 32 x 512 candidates > topk_split_max
+    assert triton_topk.split_segment(8192, 4096, 1, 8) == 4096  # a segment holds k candidates
+    monkeypatch.setitem(tk.TUNE, "topk_split_seg", None)
+    assert triton_topk.split_segment(16384, 512, 1, 8) is None
