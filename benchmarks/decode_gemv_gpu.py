@@ -79,7 +79,7 @@ VARIANTS = {
     "topk_w4": {"topk_warps": 4},
     "topk_w16": {"topk_warps": 16},
     "topk_c2048": {"topk_chunk": 2048},
-    "topk_nosplit": {"topk_split_seg": None},  # one CTA per row (session 7's kernel)
+    "topk_split2048": {"topk_split_seg": 2048},  # the 64k row over 9 programs, the last picking among 4608
     "topk_split4096": {"topk_split_seg": 4096},  # 5 segments of the 16512 entries instead of 9
     "split4": {"split_target": 4},
     "split8": {"split_target": 8},

@@ -1335,8 +1335,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # 17 vs 25 us, exact
         "topk_warps": None, "topk_chunk": 2048,
         # a long row of a few (decode) rows split over programs of topk_split_seg entries each, the last one
-        # selecting among their candidates (at most topk_split_max of them); None: one CTA per row
-        "topk_split_seg": 2048, "topk_split_max": 8192,
+        # selecting among their candidates (at most topk_split_max of them); None: one CTA per row (off until
+        # timed on a GPU: decode_gemv_gpu.py variants topk_split2048 / topk_split4096)
+        "topk_split_seg": None, "topk_split_max": 8192,
         # decode attention: merge the key splits in a launch of their own (many programs) instead of in the
         # last program of each head block (H100, session 7: the step's 4 attention calls 81 -> 56 us)
         "attn_merge_launch": True,
