@@ -397,14 +397,21 @@ if HAVE_TRITON:
                            part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES, NKB, KB_PER_SPLIT,
                            PBN: tl.constexpr, PBK: tl.constexpr, ACT_MODE: tl.constexpr, UE8M0: tl.constexpr,
                            IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_DIRECT: tl.constexpr,
-                           SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                           SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
         """Rows of one expert times that expert's packed e2m1 weight (``dsv4c.fp4-tiled/1``).
 
         The tile's nibbles become e4m3 bit patterns with two masks and shifts (an e2m1 value is its e4m3
         pattern times 2^6, subnormal 0.5 included), the per-32 ue8m0 scale times 2^6 is applied in bf16
         (exact), and the bf16 dot accumulates in fp32. ACT_MODE: 0 plain activations, 1 e4m3 codes with
         per-128 scales (``sa``), 2 quantize here (decode). ROWS_DIRECT: tile t is row t (decode, no sort);
-        otherwise tiles come from the expert schedule (``order``, tile tables). K is split over axis 2."""
+        otherwise tiles come from the expert schedule (``order``, tile tables). K is split over axis 2.
+
+        SWAP (prefill, ACT_MODE 0: bf16 activations): the transposed product, acc [BN, BM] = w @ a^T, so the
+        decoded weight is the MMA's register operand and the activations its shared-memory operand. The
+        weight then never goes through shared memory and the accumulator chains through the dots, which
+        lets the MMAs of one K block run while the next block is decoded (sm_90: wgmma waits with 7 groups
+        in flight instead of 0)."""
+        tl.static_assert(not SWAP or ACT_MODE == 0, "SWAP takes bf16 (quant-dequantized) activations")
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -433,7 +440,10 @@ if HAVE_TRITON:
         w_base = w_ptr + ((ev * NBLK + nb) * KTILES) * (PBN * (PBK // 2))
         s_base = sw_ptr + (ev * NBLK + nb) * K32 * PBN
         x_rows = x_ptr + src[:, None] * K
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         if valid:
             for i in range(KB_PER_SPLIT):
                 kb = ks * KB_PER_SPLIT + i
@@ -470,16 +480,27 @@ if HAVE_TRITON:
                 sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
                 if UPCAST or IEEE:
                     w = tl.reshape(tl.reshape(w8.to(tl.float32), (BN, 4, 32)) * sf[:, :, None], (BN, 128))
-                    part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                    if SWAP:
+                        acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+                    else:
+                        part = tl.dot(a, tl.trans(w), input_precision="ieee")
                 else:
                     w = tl.reshape(tl.reshape(w8.to(tl.bfloat16), (BN, 4, 32)) * sf.to(tl.bfloat16)[:, :, None],
                                    (BN, 128))
-                    part = tl.dot(a, tl.trans(w.to(a.dtype)))
-                if ACT_MODE != 0:
-                    part = part * sa[:, None]
-                acc += part
+                    if SWAP:
+                        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+                    else:
+                        part = tl.dot(a, tl.trans(w.to(a.dtype)))
+                if not SWAP:
+                    if ACT_MODE != 0:
+                        part = part * sa[:, None]
+                    acc += part
         if ROWS_DIRECT or valid:
-            _splitk_store(acc, o_ptr, part_ptr, cnt_ptr, src, r_mask, rn, n_mask, ks,
+            if SWAP:
+                res = tl.trans(acc)
+            else:
+                res = acc
+            _splitk_store(res, o_ptr, part_ptr, cnt_ptr, src, r_mask, rn, n_mask, ks,
                           t * tl.num_programs(1) + pid_n, A, N, SPLIT)
 
 
@@ -1343,7 +1364,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "attn_merge_launch": True,
         # prefill attention: scan each token's window mask and skip the key blocks it cannot see (session 7's
         # 8k prefill spent 519 of 733 ms in attention, every token looping over all 8320 window keys)
-        "attn_win_scan": True}
+        "attn_win_scan": True,
+        # prefill FP4 experts: the transposed product (decoded weight as the register operand, MMAs in flight
+        # across K blocks) on quant-dequantized bf16 activations; off until timed on a GPU
+        "fp4_prefill_swap": False}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
@@ -1555,14 +1579,20 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
         _fp4_packed_kernel[(A, nt, split)](
             x, x, expert, expert, expert, expert, weight, scale, out, part, cnt, A, N, K, E, NBLK, KT, nkb, per,
             PBN=PBN, PBK=PBK, ACT_MODE=2 if act_quant else 0, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
-            ROWS_DIRECT=True, SPLIT=split, BM=16, BN=bn,
+            ROWS_DIRECT=True, SPLIT=split, BM=16, BN=bn, SWAP=False,
             num_warps=TUNE["fp4_warps"], num_stages=TUNE["fp4_stages"])
         return out
     rows_per_expert = A / min(E, A)
     bm = block_m or (16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else
                      64 if rows_per_expert <= 96 else 128)
     bn = min(block_n or 128, PBN)
-    if act_quant:
+    # swapped product on bf16 activations: exact for ue8m0 scales (code x 2^k is a bf16 value), and for
+    # activations that are not quantized
+    swap = bool(TUNE["fp4_prefill_swap"]) and not ieee and (ue8m0 or not act_quant) and x.dtype == torch.bfloat16
+    act_mode = 1 if act_quant else 0
+    if swap and act_quant:
+        a, sa, act_mode = fp8_qdq(x, QBLOCK, True), x, 0  # sa unused
+    elif act_quant:
         a, sa = act_quant_fp8(x, ue8m0)
     else:
         a, sa = x, x  # sa unused
@@ -1572,8 +1602,8 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     nw = 8 if bm * bn >= 128 * 128 else 4
     _fp4_packed_kernel[(T, triton.cdiv(N, bn), 1)](
         a, sa, order, te, row0, row1, weight, scale, out, out, cnt, A, N, K, E, NBLK, KT, nkb, nkb,
-        PBN=PBN, PBK=PBK, ACT_MODE=1 if act_quant else 0, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
-        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, num_warps=nw, num_stages=3)
+        PBN=PBN, PBK=PBK, ACT_MODE=act_mode, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
+        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, SWAP=swap, num_warps=nw, num_stages=3)
     return out
 
 

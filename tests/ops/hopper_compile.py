@@ -95,8 +95,16 @@ def _cases() -> list[Case]:
              {"x_ptr": "fp8e4nv", "sa_ptr": "fp32", "order_ptr": "i64", "t_exp_ptr": "i32", "t_row0_ptr": "i32",
               "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
              dict(PBN=128, PBK=128, ACT_MODE=1, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
-                  BM=128, BN=128), num_warps=8, num_stages=3, wants_mma=True,
+                  BM=128, BN=128, SWAP=False), num_warps=8, num_stages=3, wants_mma=True,
              extra={"aligned": True, "max_byte_loads": 4}),
+        # the swapped form (TUNE fp4_prefill_swap): bf16 activations in shared memory, the decoded weight as
+        # the register operand; its wgmmas stay in flight across K blocks
+        Case("fp4_packed_prefill_swap", tk._fp4_packed_kernel,
+             {"x_ptr": "bf16", "sa_ptr": "bf16", "order_ptr": "i64", "t_exp_ptr": "i32", "t_row0_ptr": "i32",
+              "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
+             dict(PBN=128, PBK=128, ACT_MODE=0, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
+                  BM=128, BN=128, SWAP=True), num_warps=8, num_stages=3, wants_mma=True,
+             extra={"aligned": True, "max_byte_loads": 4, "min_wgmma_pending": 1}),
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
@@ -157,10 +165,27 @@ def compile_case(case: Case) -> dict:
     if "max_byte_loads" in case.extra:  # byte-wise global loads left (the rest vectorized)
         row["byte_loads"] = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.[bu]8 ", ptx))
         row["max_byte_loads"] = case.extra["max_byte_loads"]
+    if "min_wgmma_pending" in case.extra:  # the fewest wgmma groups left in flight at a wait inside the loop
+        row["wgmma_pending"] = _loop_wgmma_pending(ptx)
+        row["min_wgmma_pending"] = case.extra["min_wgmma_pending"]
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")
     return row
+
+
+def _loop_wgmma_pending(ptx: str) -> int:
+    """The smallest ``wgmma.wait_group`` count inside the kernel's loops (PTX between a loop header label and
+    its back edge); -1 when no loop holds a wait."""
+    counts = []
+    for header in re.finditer(r"^(\$L__BB\d+_\d+):\s*// =>This Inner Loop Header", ptx, flags=re.M):
+        label = header.group(1)
+        back = ptx.find(f"bra \t{label};", header.end())
+        if back < 0:
+            back = ptx.find(f"bra.uni \t{label};", header.end())
+        body = ptx[header.end():back if back > 0 else None]
+        counts += [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", body)]
+    return min(counts) if counts else -1
 
 
 def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:

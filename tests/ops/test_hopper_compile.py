@@ -21,7 +21,7 @@ if importlib.util.find_spec("triton") is None:
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 EXPECTED = {"fp8_gemv_tc", "w16_gemv_tc", "fp4_gemv_tc_nb1", "fp4_gemv_tc_nb2", "fp4_gemv_tc_nb4",
             "fp4_gemv_tc_bn64_nb2", "fp4_gemv_mma_w4", "fp4_gemv_mma_w8",
-            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "fp4_packed_prefill", "topk_ids_single", "topk_ids_chunked", "topk_split", "hc_split_decode", "hc_pre_decode",
+            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
             "sparse_attn_prefill", "indexer_score_packed_decode", "swiglu_clamp"}
@@ -39,6 +39,8 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
     for r in rows:
         assert r["cubin_bytes"] > 0, r
         assert r["mma"] == r["wants_mma"], r  # the tensor-core kernels really lower their dots to MMAs
+        if "wgmma_pending" in r:  # MMAs left running across the K loop
+            assert r["wgmma_pending"] >= r["min_wgmma_pending"], r
         if "byte_loads" in r:
             assert r["byte_loads"] <= r["max_byte_loads"], r
         if "asm_one_per_thread" in r:  # lane-level PTX: element i of its tensors must live in thread i

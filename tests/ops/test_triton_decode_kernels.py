@@ -81,6 +81,36 @@ def test_fp4_packed_tiles_and_splits(bn, bk):
     check(tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16), ref)
 
 
+@pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (False, True), (True, False)])
+def test_fp4_packed_prefill_swap(monkeypatch, act_quant, ue8m0):
+    """The swapped prefill product (TUNE fp4_prefill_swap: acc = w @ a^T on quant-dequantized bf16
+    activations) matches the reference and the unswapped kernel, for ue8m0 and fp32 activation scales (the
+    latter are quant-dequantized before either kernel) and unquantized activations."""
+    E, N, K, A = 3, 64, 256, 40  # expert 1 gets two 16-row tiles
+    pw, ps = _packed_experts(E, N, K, 32, 128, 24)
+    x = _act((A, K), 25, torch.bfloat16, spread=False)
+    expert = torch.tensor([1, 0, 1, 1, 2, -1, 1, 0] * 5)
+    ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
+    launches = []
+    real = tk._fp4_packed_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            def launch(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+                launches.append(kw["SWAP"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tk, "_fp4_packed_kernel", Spy())
+    plain = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=False, block_m=16)
+    monkeypatch.setitem(tk.TUNE, "fp4_prefill_swap", True)
+    swapped = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=False, block_m=16)
+    assert launches == [False, True]
+    check(swapped, ref)
+    check(swapped, plain)
+    assert not swapped[expert == -1].float().any()
+
+
 # ---- FP8, few rows --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
