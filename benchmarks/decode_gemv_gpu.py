@@ -61,6 +61,11 @@ VARIANTS = {
     "fp8_mma_split4": {"fp8_mma": True, "fp8_mma_split": 4},
     "fp8_mma_split8": {"fp8_mma": True, "fp8_mma_split": 8},
     "mma_both": {"fp4_mma": True, "fp8_mma": True},
+    "fp4_mma_w8_split2": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 2},
+    "fp4_mma_w8_split4": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4},
+    "fp4_mma_w8_split8": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 8},
+    "fp8_tc": {"fp8_mma": False},  # session 8's default: the e4m3 tensor-core dot
+    "fp8_mma_w8_split2": {"fp8_mma": True, "fp8_mma_warps": 8, "fp8_mma_split": 2},
     "fp8_s4": {"tc_stages": 4},
     "fp8_bn64": {"tc_bn": 64},
     "fp8_w8": {"tc_warps": 8},
@@ -79,6 +84,7 @@ VARIANTS = {
     "topk_w4": {"topk_warps": 4},
     "topk_w16": {"topk_warps": 16},
     "topk_c2048": {"topk_chunk": 2048},
+    "topk_nosplit": {"topk_split_seg": None},  # one CTA per row (session 8's default)
     "topk_split2048": {"topk_split_seg": 2048},  # the 64k row over 9 programs, the last picking among 4608
     "topk_split4096": {"topk_split_seg": 4096},  # 5 segments of the 16512 entries instead of 9
     "split4": {"split_target": 4},

@@ -1339,7 +1339,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # CUDA sm_89+ only); split None: split_target programs per SM
         "fp4_mma": False, "fp4_mma_warps": 4, "fp4_mma_split": None,
         # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
-        "fp8_mma": False, "fp8_mma_warps": 4, "fp8_mma_split": None,
+        # (H100, session 9: exact on mma_probe; the step's 20 FP8 launches 261 vs 271 us, max error 9e-4 vs
+        # 6e-3 of the e4m3 tensor-core dot)
+        "fp8_mma": True, "fp8_mma_warps": 4, "fp8_mma_split": None,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
         # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
         "triton_topk": True,
@@ -1356,9 +1358,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # 17 vs 25 us, exact
         "topk_warps": None, "topk_chunk": 2048,
         # a long row of a few (decode) rows split over programs of topk_split_seg entries each, the last one
-        # selecting among their candidates (at most topk_split_max of them); None: one CTA per row (off until
-        # timed on a GPU: decode_gemv_gpu.py variants topk_split2048 / topk_split4096)
-        "topk_split_seg": None, "topk_split_max": 8192,
+        # selecting among their candidates (at most topk_split_max of them); None: one CTA per row
+        # (H100, session 9, the indexer's top-512 of 16384 visible of 16512 entries: 45 us at 4096, 57 at
+        # 2048, 79 in one CTA; exact)
+        "topk_split_seg": 4096, "topk_split_max": 8192,
         # decode attention: merge the key splits in a launch of their own (many programs) instead of in the
         # last program of each head block (H100, session 7: the step's 4 attention calls 81 -> 56 us)
         "attn_merge_launch": True,
@@ -1366,8 +1369,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # 8k prefill spent 519 of 733 ms in attention, every token looping over all 8320 window keys)
         "attn_win_scan": True,
         # prefill FP4 experts: the transposed product (decoded weight as the register operand, MMAs in flight
-        # across K blocks) on quant-dequantized bf16 activations; off until timed on a GPU
-        "fp4_prefill_swap": False}
+        # across K blocks) on quant-dequantized bf16 activations, on tiles of at most 64 rows (H100, session 9,
+        # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
+        "fp4_prefill_swap": True}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
@@ -1582,13 +1586,13 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
             ROWS_DIRECT=True, SPLIT=split, BM=16, BN=bn, SWAP=False,
             num_warps=TUNE["fp4_warps"], num_stages=TUNE["fp4_stages"])
         return out
-    rows_per_expert = A / min(E, A)
-    bm = block_m or (16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else
-                     64 if rows_per_expert <= 96 else 128)
-    bn = min(block_n or 128, PBN)
     # swapped product on bf16 activations: exact for ue8m0 scales (code x 2^k is a bf16 value), and for
     # activations that are not quantized
     swap = bool(TUNE["fp4_prefill_swap"]) and not ieee and (ue8m0 or not act_quant) and x.dtype == torch.bfloat16
+    rows_per_expert = A / min(E, A)
+    bm = block_m or (16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else
+                     64 if rows_per_expert <= 96 or swap else 128)
+    bn = min(block_n or 128, PBN)
     act_mode = 1 if act_quant else 0
     if swap and act_quant:
         a, sa, act_mode = fp8_qdq(x, QBLOCK, True), x, 0  # sa unused

@@ -22,7 +22,8 @@ times) can be split instead (``TUNE["topk_split_seg"]``, a few rows only; ``_top
 ``seg``-wide segment (in registers, steps 1-3) and parks them, in id order, as packed 64-bit values in a
 scratch row; the row's last program to arrive (an arrival counter) runs the same selection over the
 candidates, whose scan order is the global id order, so ties resolve as in the one-CTA kernel, then step 4.
-A row whose visible length fits one segment is finished by its first program directly.
+A row whose visible length fits one segment is finished by its first program directly (in a block half
+as wide when it fits that).
 """
 
 from __future__ import annotations
@@ -170,8 +171,19 @@ if HAVE_TRITON:
         _write_sorted_ids(out, taken, K, KP)
 
     @triton.jit
+    def _select_prefix(row, n, K, out, W: tl.constexpr, KP: tl.constexpr):
+        """The whole selection (steps 1-4) of a row's first ``n`` <= W entries in one W-wide block."""
+        offs = tl.arange(0, W)
+        key, present = _order_keys(row, offs, n)
+        thr, rem = _block_threshold(key, present, K)
+        zero = tl.zeros([], tl.int32)
+        _, taken = _compact(key, present, offs, thr, rem, zero, zero, out, K)
+        _write_sorted_ids(out, taken, K, KP)
+
+    @triton.jit
     def _topk_split_kernel(s_ptr, len_ptr, c_ptr, o_ptr, cnt_ptr, NE, s_row_stride, K, NSEG,
-                           SEG: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, HAS_LEN: tl.constexpr):
+                           SEG: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, HAS_LEN: tl.constexpr,
+                           HALF: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         row = s_ptr + r * s_row_stride
@@ -182,11 +194,12 @@ if HAVE_TRITON:
         offs = p * SEG + tl.arange(0, SEG)
         if n <= SEG:  # the visible row is one segment: its first program finishes it, the rest idle
             if p == 0:
-                key, present = _order_keys(row, offs, n)
-                thr, rem = _block_threshold(key, present, K)
-                zero = tl.zeros([], tl.int32)
-                _, taken = _compact(key, present, offs, thr, rem, zero, zero, out, K)
-                _write_sorted_ids(out, taken, K, KP)
+                # a short visible prefix (early in a long context): a block half as wide, when that still
+                # gives every thread an element (HALF; replicated lanes would feed the histograms twice)
+                if HALF and n <= SEG // 2:
+                    _select_prefix(row, n, K, out, SEG // 2, KP)
+                else:
+                    _select_prefix(row, n, K, out, SEG, KP)
         else:
             # 1. this segment's top k, in id order, as packed values; absent slots below every real value
             cand = c_ptr + (r * NSEG + p) * KP
@@ -251,7 +264,7 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
         cand = torch.empty((rows, nseg, kp), dtype=torch.int64, device=scores.device)
         _topk_split_kernel[(rows, nseg)](s, ln, cand, out, _counters(scores.device), NE, s.stride(0), topk, nseg,
                                          SEG=seg, KP=kp, CP=_np2(nseg * kp), HAS_LEN=lengths is not None,
-                                         num_warps=num_warps)
+                                         HALF=seg // 2 >= 32 * num_warps, num_warps=num_warps)
         return out.reshape(*lead, topk)
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
                               HAS_LEN=lengths is not None, num_warps=num_warps)

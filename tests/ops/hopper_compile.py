@@ -110,10 +110,10 @@ def _cases() -> list[Case]:
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
         Case("topk_ids_chunked", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=4096, KP=512, SINGLE=False, HAS_LEN=True), num_warps=8),
-        # the indexer's top-512 at a 64k context: 9 segments of 2048, 4608 candidates in the last program
+        # the indexer's top-512 at a 64k context, 9 segments of 2048 (4608 candidates in the last program)
         Case("topk_split", topk._topk_split_kernel,
              {"s_ptr": "fp32", "len_ptr": "i64", "c_ptr": "i64", "o_ptr": "i64", "cnt_ptr": "i32"},
-             dict(SEG=2048, KP=512, CP=8192, HAS_LEN=True), num_warps=8),
+             dict(SEG=2048, KP=512, CP=8192, HAS_LEN=True, HALF=True), num_warps=8),
         Case("hc_split_decode", tk._hc_split_kernel,
              {"mix_ptr": "fp32", "base_ptr": "fp32", "scale_ptr": "fp32", "pre_ptr": "fp32", "post_ptr": "fp32",
               "comb_ptr": "fp32"}, dict(N=4, NP=4, BR=1), floats=("eps",), num_warps=1),

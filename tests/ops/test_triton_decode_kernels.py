@@ -102,6 +102,7 @@ def test_fp4_packed_prefill_swap(monkeypatch, act_quant, ue8m0):
             return launch
 
     monkeypatch.setattr(tk, "_fp4_packed_kernel", Spy())
+    monkeypatch.setitem(tk.TUNE, "fp4_prefill_swap", False)
     plain = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=False, block_m=16)
     monkeypatch.setitem(tk.TUNE, "fp4_prefill_swap", True)
     swapped = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=False, block_m=16)

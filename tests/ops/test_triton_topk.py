@@ -164,6 +164,7 @@ class _Counting:
     (3, 1000, 64, [5, 70, 1000]),  # one row within the first segment (finished there), two split
     (1, 257, 32, [300]),  # a last segment of one entry
     (2, 640, 64, [0, 129]),  # nothing visible; fewer than k present in all but one segment
+    (3, 640, 16, [40, 64, 300]),  # visible within half a segment, within one, and split
 ])
 def test_split_rows(monkeypatch, rows, NE, topk, lengths):
     """The split kernel (segments of 64 entries here, the last program selecting among their candidates)
@@ -173,7 +174,7 @@ def test_split_rows(monkeypatch, rows, NE, topk, lengths):
     monkeypatch.setattr(triton_topk, "_topk_split_kernel", spy)
     lens = None if lengths is None else torch.tensor(lengths)
     for scores in (_ties(rows, NE, 12, NE + topk), torch.randn(rows, NE, generator=gen(NE))):
-        _same(scores, topk, lens, num_warps=1)
+        _same(scores, topk, lens, num_warps=1)  # 32 threads: a 32-wide half segment keeps one key each
     assert spy.launches == 2
     assert not tk._counters(torch.device("cpu")).any()
 
