@@ -65,6 +65,7 @@ VARIANTS = {
     "fp4_mma_w8_split4": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4},
     "fp4_mma_w8_split8": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 8},
     "fp8_tc": {"fp8_mma": False},  # session 8's default: the e4m3 tensor-core dot
+    "fp4_tc": {"fp4_mma": False},  # session 8's default: the FP4 tensor-core GEMV
     "fp8_mma_w8_split2": {"fp8_mma": True, "fp8_mma_warps": 8, "fp8_mma_split": 2},
     "fp8_s4": {"tc_stages": 4},
     "fp8_bn64": {"tc_bn": 64},
