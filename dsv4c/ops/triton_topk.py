@@ -18,12 +18,12 @@ it is no wider, or its visible prefix when ``lengths`` are that short); the rest
 contract the tests compare against.
 
 A long row at decode (the indexer at a 64k context: 16384 entries, ~78 us in one CTA on an H100, streamed 5
-times) can be split instead (``TUNE["topk_split_seg"]``, a few rows only; ``_topk_split_kernel``): program ``(r, p)`` selects the top k of its
-``seg``-wide segment (in registers, steps 1-3) and parks them, in id order, as packed 64-bit values in a
-scratch row; the row's last program to arrive (an arrival counter) runs the same selection over the
-candidates, whose scan order is the global id order, so ties resolve as in the one-CTA kernel, then step 4.
-A row whose visible length fits one segment is finished by its first program directly (in a block half
-as wide when it fits that).
+times) is split instead (``TUNE["topk_split_seg"]``, a few rows only; ``_topk_split_kernel``): program
+``(r, p)`` selects the top k of its segment (in registers, steps 1-3) and parks them, in id order, as packed
+64-bit values in a scratch row; the row's last program to arrive (an arrival counter) runs the same
+selection over the candidates, whose scan order is the global id order, so ties resolve as in the one-CTA
+kernel, then step 4. A row whose visible length fits one segment is finished by its first program directly
+(in a block half as wide when it fits that).
 """
 
 from __future__ import annotations
