@@ -505,13 +505,39 @@ def phase_flash(args) -> dict:
     res["bench"] = bench.run(out, "cuda", batches=batches, contexts=contexts, prefill_tokens=args.prefill_tokens,
                              steps=16, log=lambda s: log(s), extra={"cold_build_s": res["cold_build_s"]},
                              deadline=T0 + args.deadline, engine=eng, profile=True,
-                             new_bucket_seconds=args.b32_seconds)
+                             new_bucket_seconds=args.b32_seconds,
+                             progress=lambda partial: save_partial(args, "flash", {**res, "bench": partial}))
     res["bench"]["load"] = res["warm_load"]
     res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+    if args.dump_code:
+        res["inductor_code"] = dump_inductor_code(res["bench"].get("executor", {}).get("cache_dir"), Path(args.out))
     del eng
     gc.collect()
     torch.cuda.empty_cache()
     return res
+
+
+def save_partial(args, phase: str, part: dict) -> None:  # noqa: ANN001
+    """Write ``gpu_suite.json`` with a phase's results so far (a call killed at its time limit keeps them)."""
+    RESULTS[phase] = part
+    (Path(args.out) / "gpu_suite.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def dump_inductor_code(cache_dir: str | None, out: Path) -> dict:
+    """The Python modules Inductor generated for the artifact's graphs (the Triton kernels with their
+    launch code, readable text) packed into ``out/inductor_code.tar.gz``, so the decode step's ~200 small
+    kernels can be read after the machine is gone."""
+    import tarfile
+
+    if not cache_dir or not Path(cache_dir).is_dir():
+        return {"error": f"no compile cache directory ({cache_dir})"}
+    files = sorted(Path(cache_dir).rglob("*.py"))
+    dest = out / "inductor_code.tar.gz"
+    with tarfile.open(dest, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=str(f.relative_to(cache_dir)))
+    log(f"flash: {len(files)} generated modules -> {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    return {"modules": len(files), "bytes": dest.stat().st_size}
 
 
 def phase_flash_exact(args) -> dict:
@@ -644,6 +670,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--exact-layers", type=int, default=3)
     ap.add_argument("--skip-check", action="store_true", help="flash: skip the eager comparisons")
+    ap.add_argument("--dump-code", action="store_true",
+                    help="flash: pack the Inductor-generated modules into OUT/inductor_code.tar.gz")
     ap.add_argument("--max-seq-len", type=int, default=65536 + 512)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--contexts", default="8192,65536")

@@ -309,9 +309,10 @@ def bench_prefill(eng, tokens: int, reps: int = 3) -> dict:
 def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS,
         prefill_tokens: int = PREFILL_TOKENS, steps: int = 20, extra: dict | None = None, log=print,
         deadline: float | None = None, engine=None, profile: bool = False,
-        new_bucket_seconds: float = 0.0) -> dict:
+        new_bucket_seconds: float = 0.0, progress=None) -> dict:
     """Benchmark ``artifact`` (see the module docstring). ``deadline`` (a ``time.perf_counter()`` value):
-    configurations not started by then are skipped and listed under ``skipped``."""
+    configurations not started by then are skipped and listed under ``skipped``. ``progress`` (optional) is
+    called with the results so far after each measurement, so a caller that may be killed can save them."""
     from dsv4c.artifact import open_artifact  # noqa: PLC0415
     from dsv4c.runtime import Engine  # noqa: PLC0415
 
@@ -393,6 +394,8 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
         res["decode"].append(r)
         log(f"bench: decode batch {b} context {ctx}: {r['step_ms']:.3f} ms/step"
             + (f", {100 * r['hbm_fraction']:.0f}% of HBM bandwidth" if "hbm_fraction" in r else ""))
+        if progress is not None:
+            progress(res)
 
     # batch 1 first (the bandwidth-bound case), then prefill, then the larger batches (their first step
     # compiles and captures a new bucket)
@@ -404,6 +407,8 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             res["prefill"] = bench_prefill(eng, prefill_tokens)
             log(f"bench: prefill {prefill_tokens} tokens: {res['prefill']['ms']} ms, "
                 f"{res['prefill']['tflop_per_s']} TFLOP/s")
+            if progress is not None:
+                progress(res)
             if profile and dev.type == "cuda":
                 ids = torch.randint(0, eng.vocab_size, (1, prefill_tokens))
                 try:

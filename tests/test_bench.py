@@ -49,3 +49,19 @@ def test_bench_decode_reports_the_host_time_per_step():
     assert 3.0 <= res["host_ms_per_step"] < 30.0
     assert res["step_ms"] >= res["host_ms_per_step"] * 0.99  # on the CPU the host's time is the step
     assert res["batch"] == 2 and res["context"] == 16 and res["finite"]
+
+
+def test_bench_run_reports_progress_after_each_measurement(tmp_path):
+    """``progress`` sees the results so far after every decode configuration and the prefill (what a device
+    call killed at its time limit keeps), and the final dict holds the same measurements."""
+    from dsv4c import bench
+    from dsv4c.lowering.build import BuildRequest, build
+
+    out = tmp_path / "tiny"
+    build(BuildRequest(output=out, variant="tiny", numerics="reference", dtype="fp32", max_seq_len=64, max_batch=2),
+          progress=lambda m: None)
+    seen = []
+    res = bench.run(out, "cpu", batches=(1, 2), contexts=(8,), prefill_tokens=16, steps=2, log=lambda s: None,
+                    progress=lambda r: seen.append((len(r["decode"]), "prefill" in r)))
+    assert seen == [(1, False), (1, True), (2, True)]
+    assert [r["batch"] for r in res["decode"]] == [1, 2] and res["prefill"]["tokens"] == 16
