@@ -9,7 +9,10 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
   (:func:`fuse_hc_pre`, kernel in ``dsv4c.ops.triton_mhc``), decode only;
 - the mHC post-mix ``einsum`` as a product and a 4-term sum that Inductor fuses with the residual update,
   instead of a cuBLAS batched GEMM per sub-layer (:func:`rewrite_hc_post_einsums`), decode only;
-- the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only.
+- the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only;
+- ``narrow_mix``: at prefill the mHC mixes of bf16 streams with a narrow fp32 weight run on the tensor
+  cores (the weight split into three exact bf16 terms) instead of a cuBLAS fp32 GEMM with N = 24
+  (:func:`rewrite_prefill_mixes`).
 
 Graphs loaded from an artifact's JSON carry no node metadata: shapes and dtypes of weights come from the
 manifest's params table (:func:`weight_info_from`). Every rewrite keeps the step's numbers up to fp32
@@ -74,6 +77,29 @@ def _hc_pre_cuda(x, fn, base, scale, norm_w, n, iters, hc_eps, mix_eps, norm_eps
 _CUDA_READY = False
 
 
+@torch.library.custom_op("dsv4c_rt::narrow_mix", mutates_args=())
+def narrow_mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x.float() @ weight.t()`` for a narrow fp32 ``weight`` [R, K] (an mHC mix: R = (2 + n) n)."""
+    return x.float() @ weight.t()
+
+
+@narrow_mix.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+def _narrow_mix_cuda(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """bf16 rows: the transposed product ``weight @ x^T`` through ``linear_w16`` (the fp32 weight as its
+    three-term left operand, the rows as its bf16 right operand): exact products, fp32 sums, on the tensor
+    cores. Other dtypes: the fp32 matmul."""
+    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.float32:
+        return x.float() @ weight.t()
+    rows = x.reshape(-1, x.shape[-1])
+    return tk.linear_w16(weight, rows).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 def _register_cuda() -> None:
     global _CUDA_READY
     if _CUDA_READY:
@@ -85,6 +111,7 @@ def _register_cuda() -> None:
                                       "install triton (it ships with CUDA builds of torch).")
     torch.library.register_kernel("dsv4c_rt::linear_w16", "cuda", _linear_w16_cuda)
     torch.library.register_kernel("dsv4c_rt::hc_pre", "cuda", _hc_pre_cuda)
+    torch.library.register_kernel("dsv4c_rt::narrow_mix", "cuda", _narrow_mix_cuda)
     _CUDA_READY = True
 
 
@@ -177,6 +204,26 @@ def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
             return None
         prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
         return g.call_function(aten.sum.dim_IntList, (prod, [-1]))
+
+    return _rewrite_weight_matmuls(gm, replace)
+
+
+def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
+                          max_rows: int = NARROW_MM_MAX_ROWS) -> int:
+    """``matmul(x.float(), W.t())`` with ``W`` an fp32 weight input of at most ``max_rows`` rows ->
+    ``dsv4c_rt.narrow_mix(x, W)``: the prefill's mHC mixes (8192 x 16384 streams times 24 x 16384 on Flash
+    took ~1.7 ms each as a cuBLAS fp32 GEMM on the H100, 14 ms of an 8k prefill). ``x`` keeps its own
+    dtype (the op computes in fp32 products and sums either way)."""
+
+    def replace(g: fx.Graph, a: fx.Node, w: fx.Node) -> fx.Node | None:
+        x = _fp32_cast_input(a)
+        w = _fp32_cast_input(w) or w
+        if x is None or getattr(w, "op", None) != "placeholder":
+            return None
+        wi = weight_info(w)
+        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
+            return None
+        return g.call_function(torch.ops.dsv4c_rt.narrow_mix.default, (x, w))
 
     return _rewrite_weight_matmuls(gm, replace)
 
@@ -318,8 +365,11 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
                 done["hc_pre"] = fuse_hc_pre(prog.graph_module)
                 done["hc_post_einsum"] = rewrite_hc_post_einsums(prog.graph_module)
             done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
+        elif TUNE["prefill_narrow_mix"]:
+            done["narrow_mix"] = rewrite_prefill_mixes(prog.graph_module, weight_info_from(prog, params))
     return done
 
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
-           "rewrite_narrow_fp32_mms", "weight_info_from", "linear_w16", "hc_pre"]
+           "rewrite_narrow_fp32_mms", "rewrite_prefill_mixes", "weight_info_from", "linear_w16", "hc_pre",
+           "narrow_mix"]

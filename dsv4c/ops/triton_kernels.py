@@ -1373,7 +1373,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # prefill FP4 experts: the transposed product (decoded weight as the register operand, MMAs in flight
         # across K blocks) on quant-dequantized bf16 activations, on tiles of at most 64 rows (H100, session 9,
         # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
-        "fp4_prefill_swap": True}
+        "fp4_prefill_swap": True,
+        # prefill: the mHC mixes (bf16 streams x narrow fp32 weight) through linear_w16's three-term bf16 dots
+        # instead of a cuBLAS fp32 GEMM (runtime/load_rewrites.py: rewrite_prefill_mixes); not yet timed
+        "prefill_narrow_mix": True}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 

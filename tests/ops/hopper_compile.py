@@ -79,6 +79,11 @@ def _cases() -> list[Case]:
              {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
              dict(X_SPLIT3=True, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128),
              wants_mma=True),
+        # the prefill's mHC mixes (runtime/load_rewrites.py narrow_mix): 24 fp32 rows in three bf16 terms
+        # against the bf16 streams, tiled, split-K
+        Case("w16_tiled_mix", tk._w16_linear_kernel, {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
+             dict(X_SPLIT3=True, UPCAST=False, SPLIT=3, SWAP_AB=False, BM=32, BN=64, BK=64), num_warps=4,
+             wants_mma=True),
         *[Case(f"fp4_gemv_tc_nb{nb}", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, NB=nb), wants_mma=True)
           for nb in (1, 2, 4)],
         *[Case(f"fp4_gemv_mma_w{w}", fp4mma._fp4_gemv_mma_kernel,

@@ -116,6 +116,18 @@ def test_fp4_grouped_linear_multi_tile():
     check(tk.fp4_grouped_linear(x, expert, packed.view(torch.int8), sc, True, True, block_m=16), ref)
 
 
+def test_prefill_narrow_mix_on_linear_w16():
+    """The CUDA form of the prefill's mHC mix (runtime/load_rewrites.py: ``weight @ x^T`` through linear_w16,
+    the fp32 weight as three exact bf16 terms) against the fp32 matmul: the same products, fp32 sums."""
+    from dsv4c.runtime.load_rewrites import _narrow_mix_cuda
+
+    x = (torch.randn(2, 37, 512, generator=gen(40)) * 3).to(torch.bfloat16)  # rows: 2 x 37 tokens, 4 streams x 128
+    w = torch.randn(24, 512, generator=gen(41)) * torch.logspace(-3, 1, 512)  # mantissas that need all 3 terms
+    out = _narrow_mix_cuda(x, w)
+    assert out.shape == (2, 37, 24) and out.is_contiguous()
+    check(out, x.float() @ w.t(), 1e-6)
+
+
 # ---- attention --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

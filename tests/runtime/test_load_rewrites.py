@@ -129,3 +129,29 @@ def test_hc_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     assert _hc_rewritten(new) == (2 * L, 2 * L)
     assert rewrite_narrow_fp32_mms(new.graph_module, weight_info_from(new, _params_table(ref_prog))) == 1
     _same_step(ref_prog, new, w, ctx, seed=8, cache=False)
+
+
+def test_prefill_mixes_become_narrow_mix_calls(tiny_spec, tiny_ckpt):
+    """Reference numerics in bf16 after the h100 pipeline: every mHC mix of the prefill graph (two per block,
+    one before the head) becomes a narrow_mix call on the bf16 streams, once, and the prefill's logits and
+    cache are those of the matmul form."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+    from dsv4c.runtime.load_rewrites import rewrite_prefill_mixes
+
+    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
+    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
+    progs, w, _ = passes_only({"prefill": trace(ctx, "prefill")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    ref_prog = progs["prefill"]
+    table = _params_table(ref_prog)
+    new = _as_loaded(ref_prog)
+    L = tiny_spec.num_layers
+    assert rewrite_prefill_mixes(new.graph_module, weight_info_from(new, table)) == 2 * L + 1
+    assert rewrite_prefill_mixes(new.graph_module, weight_info_from(new, table)) == 0
+    assert _fp32_weight_mms(new, table) == 0
+    assert _count(new, torch.ops.dsv4c_rt.narrow_mix.default) == 2 * L + 1
+    inputs = random_inputs(ctx, "prefill", seed=9)
+    want, want_cache = run(ref_prog, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5
+    for k in want_cache:
+        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
