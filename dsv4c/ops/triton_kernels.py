@@ -1336,7 +1336,7 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "fp4_tc": True, "fp4_tc_asm": True, "fp4_tc_bn": 64, "fp4_tc_warps": 4, "fp4_tc_stages": 3,
         "fp4_tc_kblocks": 2,
         # the same rows on warp-level e4m3 MMAs fed straight from the decoded nibbles (dsv4c.ops.triton_fp4_mma;
-        # CUDA sm_89+ only); split None: split_target programs per SM
+        # CUDA sm_89+ only); split: K split across this many programs (None: split_target programs per SM)
         # (H100, session 9: exact on mma_probe; the step's 8 FP4 launches 200 us = 53 % of HBM at 8 warps with
         # K split in 4, 271 us on the tensor-core GEMV; 462 us unsplit: 32 K tiles a program are latency-bound)
         "fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4,

@@ -102,13 +102,13 @@ def _cases() -> list[Case]:
              dict(PBN=128, PBK=128, ACT_MODE=1, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
                   BM=128, BN=128, SWAP=False), num_warps=8, num_stages=3, wants_mma=True,
              extra={"aligned": True, "max_byte_loads": 4}),
-        # the swapped form (TUNE fp4_prefill_swap): bf16 activations in shared memory, the decoded weight as
-        # the register operand; its wgmmas stay in flight across K blocks
+        # the swapped form (TUNE fp4_prefill_swap) as launched (64-row tiles, 4 warps): bf16 activations in
+        # shared memory, the decoded weight as the register operand; its wgmmas stay in flight across K blocks
         Case("fp4_packed_prefill_swap", tk._fp4_packed_kernel,
              {"x_ptr": "bf16", "sa_ptr": "bf16", "order_ptr": "i64", "t_exp_ptr": "i32", "t_row0_ptr": "i32",
               "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
              dict(PBN=128, PBK=128, ACT_MODE=0, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
-                  BM=128, BN=128, SWAP=True), num_warps=8, num_stages=3, wants_mma=True,
+                  BM=64, BN=128, SWAP=True), num_warps=4, num_stages=3, wants_mma=True,
              extra={"aligned": True, "max_byte_loads": 4, "min_wgmma_pending": 1}),
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
