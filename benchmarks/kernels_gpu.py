@@ -138,6 +138,9 @@ def cases(dev, quick: bool):
         ln = torch.full((1, 1), vis, dtype=torch.int64, device=dev)
         out.append((f"topk_ids B=1 S=1 E=16512 k=512 visible={vis}", "topk_ids", (sc, 512, ln), 0,
                     vis * 4 + 512 * 8, 0.0))
+    # a 1M context: 262144 entries (the multi-level selection)
+    sc = torch.randn(1, 1, 262144, device=dev)
+    out.append(("topk_ids B=1 S=1 E=262144 k=512", "topk_ids", (sc, 512), 0, sc.numel() * 4 + 512 * 8, 0.0))
     return out
 
 

@@ -23,7 +23,9 @@ times) is split instead (``TUNE["topk_split_seg"]``, a few rows only; ``_topk_sp
 64-bit values in a scratch row; the row's last program to arrive (an arrival counter) runs the same
 selection over the candidates, whose scan order is the global id order, so ties resolve as in the one-CTA
 kernel, then step 4. A row whose visible length fits one segment is finished by its first program directly
-(in a block half as wide when it fits that).
+(in a block half as wide when it fits that). Rows whose candidates would not fit one block (a 1M context:
+262144 entries) go through levels of ``_topk_level_kernel`` instead, each keeping k of every segment of the
+previous level's candidates (still in id order), until one block holds them.
 """
 
 from __future__ import annotations
@@ -227,6 +229,42 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + r, 0)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _topk_level_kernel(in_ptr, len_ptr, c_ptr, o_ptr, NIN, in_row_stride, K, NSEG,
+                           SEG: tl.constexpr, KP: tl.constexpr, PACKED_IN: tl.constexpr, HAS_LEN: tl.constexpr,
+                           FINAL: tl.constexpr):
+        """One level of the multi-level selection (rows too long for one split): program ``(r, p)`` keeps the
+        top k of segment ``p`` of its row, in id order, as packed values at ``c[r, p]``. The first level reads
+        the scores (and the row's length), later ones the previous level's packed candidates. FINAL (one
+        segment): the selection's ids, sorted, at ``o[r]`` instead."""
+        r = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        offs = p * SEG + tl.arange(0, SEG)
+        if PACKED_IN:
+            packed = tl.load(in_ptr + r * in_row_stride + offs, mask=offs < NIN, other=-9223372036854775808)
+            key = (packed >> 32).to(tl.int32)
+            present = packed != -9223372036854775808
+            ids = 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)
+        else:
+            n = tl.zeros([], tl.int32) + NIN
+            if HAS_LEN:
+                n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NIN).to(tl.int32)
+            key, present = _order_keys(in_ptr + r * in_row_stride, offs, n)
+            ids = offs
+        thr, rem = _block_threshold(key, present, K)
+        zero = tl.zeros([], tl.int32)
+        if FINAL:
+            _, taken = _compact(key, present, ids, thr, rem, zero, zero, o_ptr + r * K, K)
+            _write_sorted_ids(o_ptr + r * K, taken, K, KP)
+        else:
+            cand = c_ptr + (r * NSEG + p) * KP
+            _, taken = _compact(key, present, ids, thr, rem, zero, zero, cand, K)
+            j = tl.arange(0, KP)
+            tl.store(cand + j, tl.full([KP], -9223372036854775808, tl.int64), mask=j >= taken)
+
+
 def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk: int | None = None,
              num_warps: int | None = None) -> Tensor:
     """int64 [..., topk] ids of the ``topk`` largest scores of each row of fp32 ``scores`` [..., NE], by
@@ -266,6 +304,9 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
                                          SEG=seg, KP=kp, CP=_np2(nseg * kp), HAS_LEN=lengths is not None,
                                          HALF=seg // 2 >= 32 * num_warps, num_warps=num_warps)
         return out.reshape(*lead, topk)
+    if multi_level_segment(NE, topk, rows, num_warps):
+        _multi_level(s, lengths is not None, ln, out, topk, num_warps)
+        return out.reshape(*lead, topk)
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
                               HAS_LEN=lengths is not None, num_warps=num_warps)
     return out.reshape(*lead, topk)
@@ -283,6 +324,38 @@ def split_segment(NE: int, topk: int, rows: int, num_warps: int) -> int | None:
     if nseg < 2 or rows > SPLIT_MAX_ROWS or nseg * _np2(topk) > TUNE["topk_split_max"]:
         return None
     return seg
+
+
+def multi_level_segment(NE: int, topk: int, rows: int, num_warps: int) -> int | None:
+    """Segment width of the multi-level selection for rows too long for one split (their candidates would
+    exceed ``TUNE["topk_split_max"]``, e.g. the indexer at a 1M context: 262144 entries), or None. Each
+    level keeps k of every segment, so a segment must hold at least 2k for the levels to shrink."""
+    seg = TUNE["topk_split_seg"]
+    if not seg or rows > SPLIT_MAX_ROWS:
+        return None
+    seg = _np2(max(int(seg), 2 * topk), lo=32 * num_warps)
+    if 2 * seg > TUNE["topk_split_max"] or -(-NE // seg) * _np2(topk) <= TUNE["topk_split_max"]:
+        return None  # candidates of one level would not shrink, or one split does
+    return seg
+
+
+def _multi_level(s: Tensor, has_len: bool, ln: Tensor, out: Tensor, topk: int, num_warps: int) -> None:
+    """Levels of ``_topk_level_kernel`` until the candidates fit one block, then the final selection."""
+    rows, width = s.shape
+    seg = multi_level_segment(width, topk, rows, num_warps)
+    kp = _np2(topk)
+    src, packed = s, False
+    while True:
+        if packed and width <= TUNE["topk_split_max"]:  # the last level: one block, ids out
+            _topk_level_kernel[(rows, 1)](src, ln, src, out, width, src.stride(0), topk, 1, SEG=_np2(width), KP=kp,
+                                          PACKED_IN=True, HAS_LEN=False, FINAL=True, num_warps=num_warps)
+            return
+        nseg = -(-width // seg)
+        cand = torch.empty((rows, nseg * kp), dtype=torch.int64, device=s.device)
+        _topk_level_kernel[(rows, nseg)](src, ln, cand, out, width, src.stride(0), topk, nseg, SEG=seg, KP=kp,
+                                         PACKED_IN=packed, HAS_LEN=has_len and not packed, FINAL=False,
+                                         num_warps=num_warps)
+        src, packed, width = cand, True, nseg * kp
 
 
 def _torch_topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None) -> Tensor:

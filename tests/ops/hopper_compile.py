@@ -119,6 +119,11 @@ def _cases() -> list[Case]:
         Case("topk_split", topk._topk_split_kernel,
              {"s_ptr": "fp32", "len_ptr": "i64", "c_ptr": "i64", "o_ptr": "i64", "cnt_ptr": "i32"},
              dict(SEG=2048, KP=512, CP=8192, HAS_LEN=True, HALF=True), num_warps=8),
+        # the indexer's top-512 at a 1M context: a level over the scores, then the final block of candidates
+        *[Case(f"topk_level_{name}", topk._topk_level_kernel,
+               {"in_ptr": "i64" if packed else "fp32", "len_ptr": "i64", "c_ptr": "i64", "o_ptr": "i64"},
+               dict(SEG=4096, KP=512, PACKED_IN=packed, HAS_LEN=not packed, FINAL=packed), num_warps=8)
+          for name, packed in (("scores", False), ("final", True))],
         Case("hc_split_decode", tk._hc_split_kernel,
              {"mix_ptr": "fp32", "base_ptr": "fp32", "scale_ptr": "fp32", "pre_ptr": "fp32", "post_ptr": "fp32",
               "comb_ptr": "fp32"}, dict(N=4, NP=4, BR=1), floats=("eps",), num_warps=1),

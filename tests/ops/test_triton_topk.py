@@ -188,3 +188,30 @@ def test_split_only_for_few_long_rows(monkeypatch):
     assert triton_topk.split_segment(8192, 4096, 1, 8) == 4096  # a segment holds k candidates
     monkeypatch.setitem(tk.TUNE, "topk_split_seg", None)
     assert triton_topk.split_segment(16384, 512, 1, 8) is None
+
+
+@pytest.mark.parametrize("rows,NE,topk,lengths", [
+    (2, 3000, 16, None),  # 47 segments of 64 -> 752 candidates -> 192 -> the final block
+    (3, 2500, 8, [2500, 700, 3]),  # lengths: a long row, a shorter one, one inside the first segment
+])
+def test_multi_level_rows(monkeypatch, rows, NE, topk, lengths):
+    """Rows whose candidates exceed one block (topk_split_max 256 here) go through levels that each keep k
+    of every 64-entry segment of the previous level's candidates: exactly the reference's ids, ties too."""
+    monkeypatch.setitem(tk.TUNE, "topk_split_seg", 64)
+    monkeypatch.setitem(tk.TUNE, "topk_split_max", 256)
+    spy = _Counting(triton_topk._topk_level_kernel)
+    monkeypatch.setattr(triton_topk, "_topk_level_kernel", spy)
+    assert triton_topk.split_segment(NE, topk, rows, 1) is None
+    assert triton_topk.multi_level_segment(NE, topk, rows, 1) == 64
+    lens = None if lengths is None else torch.tensor(lengths)
+    for scores in (_ties(rows, NE, 40, NE + topk), torch.randn(rows, NE, generator=gen(NE + 1))):
+        _same(scores, topk, lens, num_warps=1)
+    assert spy.launches >= 2 * 3  # at least two reducing levels and the final one, per call
+
+
+def test_multi_level_only_when_one_split_cannot_hold_the_candidates(monkeypatch):
+    monkeypatch.setitem(tk.TUNE, "topk_split_seg", 4096)
+    assert triton_topk.multi_level_segment(262144, 512, 1, 8) == 4096  # 1M context: 64 segments
+    assert triton_topk.multi_level_segment(16512, 512, 1, 8) is None  # 5 segments: one split
+    assert triton_topk.multi_level_segment(262144, 512, triton_topk.SPLIT_MAX_ROWS + 1, 8) is None
+    assert triton_topk.multi_level_segment(262144, 4096, 1, 8) is None  # a segment of 2k would not fit a block
