@@ -347,7 +347,8 @@ def _multi_level(s: Tensor, has_len: bool, ln: Tensor, out: Tensor, topk: int, n
     src, packed = s, False
     while True:
         if packed and width <= TUNE["topk_split_max"]:  # the last level: one block, ids out
-            _topk_level_kernel[(rows, 1)](src, ln, src, out, width, src.stride(0), topk, 1, SEG=_np2(width), KP=kp,
+            blk = _np2(width, lo=32 * num_warps)  # every thread an element: no lane counted twice
+            _topk_level_kernel[(rows, 1)](src, ln, src, out, width, src.stride(0), topk, 1, SEG=blk, KP=kp,
                                           PACKED_IN=True, HAS_LEN=False, FINAL=True, num_warps=num_warps)
             return
         nseg = -(-width // seg)

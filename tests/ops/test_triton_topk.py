@@ -193,6 +193,7 @@ def test_split_only_for_few_long_rows(monkeypatch):
 @pytest.mark.parametrize("rows,NE,topk,lengths", [
     (2, 3000, 16, None),  # 47 segments of 64 -> 752 candidates -> 192 -> the final block
     (3, 2500, 8, [2500, 700, 3]),  # lengths: a long row, a shorter one, one inside the first segment
+    (2, 20000, 1, None),  # k = 1: the levels shrink to a final block narrower than the 32 threads
 ])
 def test_multi_level_rows(monkeypatch, rows, NE, topk, lengths):
     """Rows whose candidates exceed one block (topk_split_max 256 here) go through levels that each keep k
