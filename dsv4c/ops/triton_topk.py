@@ -65,6 +65,15 @@ if HAVE_TRITON:
         return key, present
 
     @triton.jit
+    def _row_length(len_ptr, r, NE, HAS_LEN: tl.constexpr):
+        """Entries of row ``r`` that can be selected: NE, or its length clamped to [0, NE] (only the row's
+        prefix: the kernels read no further)."""
+        n = tl.zeros([], tl.int32) + NE
+        if HAS_LEN:
+            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
+        return n
+
+    @triton.jit
     def _digit_hist(key, present, prefix, SHIFT: tl.constexpr):
         """Histogram of the 8-bit digit at SHIFT of the present keys whose higher digits equal ``prefix``'s
         (digits taken from the unsigned form of the key, ``key ^ 0x80000000``)."""
@@ -134,9 +143,7 @@ if HAVE_TRITON:
         row = s_ptr + r * s_row_stride
         out = o_ptr + r * K
         offs = tl.arange(0, CHUNK)
-        n = tl.zeros([], tl.int32) + NE  # entries of this row that can be selected
-        if HAS_LEN:  # only the row's prefix: read no further
-            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
+        n = _row_length(len_ptr, r, NE, HAS_LEN)  # entries of this row that can be selected
         # the first chunk stays in registers for every pass (the whole row when it fits: SINGLE, or a
         # short visible prefix); only the rest of a long row is streamed again per pass
         key0, present0 = _order_keys(row, offs, n)
@@ -173,14 +180,37 @@ if HAVE_TRITON:
         _write_sorted_ids(out, taken, K, KP)
 
     @triton.jit
+    def _select_sorted(key, present, ids, K, out, KP: tl.constexpr):
+        """Steps 2-4 over one register block of keys (with their ids, in id order): the sorted ids of its top
+        k at ``out``."""
+        thr, rem = _block_threshold(key, present, K)
+        zero = tl.zeros([], tl.int32)
+        _, taken = _compact(key, present, ids, thr, rem, zero, zero, out, K)
+        _write_sorted_ids(out, taken, K, KP)
+
+    @triton.jit
+    def _park_candidates(key, present, ids, K, cand, KP: tl.constexpr):
+        """Steps 2-3 over one register block: its top k as packed values at ``cand`` in id order, the slots
+        after them absent (below every real value)."""
+        thr, rem = _block_threshold(key, present, K)
+        zero = tl.zeros([], tl.int32)
+        _, taken = _compact(key, present, ids, thr, rem, zero, zero, cand, K)
+        j = tl.arange(0, KP)
+        tl.store(cand + j, tl.full([KP], -9223372036854775808, tl.int64), mask=j >= taken)
+
+    @triton.jit
+    def _unpack_candidates(packed):
+        """(key, present, id) of packed candidate values (absent: the int64 minimum)."""
+        key = (packed >> 32).to(tl.int32)
+        present = packed != -9223372036854775808
+        return key, present, 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)
+
+    @triton.jit
     def _select_prefix(row, n, K, out, W: tl.constexpr, KP: tl.constexpr):
         """The whole selection (steps 1-4) of a row's first ``n`` <= W entries in one W-wide block."""
         offs = tl.arange(0, W)
         key, present = _order_keys(row, offs, n)
-        thr, rem = _block_threshold(key, present, K)
-        zero = tl.zeros([], tl.int32)
-        _, taken = _compact(key, present, offs, thr, rem, zero, zero, out, K)
-        _write_sorted_ids(out, taken, K, KP)
+        _select_sorted(key, present, offs, K, out, KP)
 
     @triton.jit
     def _topk_split_kernel(s_ptr, len_ptr, c_ptr, o_ptr, cnt_ptr, NE, s_row_stride, K, NSEG,
@@ -190,9 +220,7 @@ if HAVE_TRITON:
         p = tl.program_id(1)
         row = s_ptr + r * s_row_stride
         out = o_ptr + r * K
-        n = tl.zeros([], tl.int32) + NE
-        if HAS_LEN:
-            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NE).to(tl.int32)
+        n = _row_length(len_ptr, r, NE, HAS_LEN)
         offs = p * SEG + tl.arange(0, SEG)
         if n <= SEG:  # the visible row is one segment: its first program finishes it, the rest idle
             if p == 0:
@@ -204,13 +232,8 @@ if HAVE_TRITON:
                     _select_prefix(row, n, K, out, SEG, KP)
         else:
             # 1. this segment's top k, in id order, as packed values; absent slots below every real value
-            cand = c_ptr + (r * NSEG + p) * KP
             key, present = _order_keys(row, offs, n)
-            thr, rem = _block_threshold(key, present, K)
-            zero = tl.zeros([], tl.int32)
-            _, taken = _compact(key, present, offs, thr, rem, zero, zero, cand, K)
-            j = tl.arange(0, KP)
-            tl.store(cand + j, tl.full([KP], -9223372036854775808, tl.int64), mask=j >= taken)
+            _park_candidates(key, present, offs, K, c_ptr + (r * NSEG + p) * KP, KP)
             tl.debug_barrier()
             prev = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
             if prev == NSEG - 1:
@@ -220,12 +243,8 @@ if HAVE_TRITON:
                 live = tl.cdiv(n, SEG) * KP  # segments past the visible length parked nothing
                 packed = tl.load(c_ptr + r * NSEG * KP + c, mask=c < live, other=-9223372036854775808,
                                  cache_modifier=".cg")
-                c_key = (packed >> 32).to(tl.int32)
-                c_present = packed != -9223372036854775808
-                c_ids = 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)
-                c_thr, c_rem = _block_threshold(c_key, c_present, K)
-                _, taken = _compact(c_key, c_present, c_ids, c_thr, c_rem, zero, zero, out, K)
-                _write_sorted_ids(out, taken, K, KP)
+                c_key, c_present, c_ids = _unpack_candidates(packed)
+                _select_sorted(c_key, c_present, c_ids, K, out, KP)
                 tl.atomic_xchg(cnt_ptr + r, 0)
 
 
@@ -244,25 +263,14 @@ if HAVE_TRITON:
         offs = p * SEG + tl.arange(0, SEG)
         if PACKED_IN:
             packed = tl.load(in_ptr + r * in_row_stride + offs, mask=offs < NIN, other=-9223372036854775808)
-            key = (packed >> 32).to(tl.int32)
-            present = packed != -9223372036854775808
-            ids = 2147483647 - (packed & 0x7FFFFFFF).to(tl.int32)
+            key, present, ids = _unpack_candidates(packed)
         else:
-            n = tl.zeros([], tl.int32) + NIN
-            if HAS_LEN:
-                n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), NIN).to(tl.int32)
-            key, present = _order_keys(in_ptr + r * in_row_stride, offs, n)
+            key, present = _order_keys(in_ptr + r * in_row_stride, offs, _row_length(len_ptr, r, NIN, HAS_LEN))
             ids = offs
-        thr, rem = _block_threshold(key, present, K)
-        zero = tl.zeros([], tl.int32)
         if FINAL:
-            _, taken = _compact(key, present, ids, thr, rem, zero, zero, o_ptr + r * K, K)
-            _write_sorted_ids(o_ptr + r * K, taken, K, KP)
+            _select_sorted(key, present, ids, K, o_ptr + r * K, KP)
         else:
-            cand = c_ptr + (r * NSEG + p) * KP
-            _, taken = _compact(key, present, ids, thr, rem, zero, zero, cand, K)
-            j = tl.arange(0, KP)
-            tl.store(cand + j, tl.full([KP], -9223372036854775808, tl.int64), mask=j >= taken)
+            _park_candidates(key, present, ids, K, c_ptr + (r * NSEG + p) * KP, KP)
 
 
 def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk: int | None = None,
@@ -304,8 +312,9 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
                                          SEG=seg, KP=kp, CP=_np2(nseg * kp), HAS_LEN=lengths is not None,
                                          HALF=seg // 2 >= 32 * num_warps, num_warps=num_warps)
         return out.reshape(*lead, topk)
-    if multi_level_segment(NE, topk, rows, num_warps):
-        _multi_level(s, lengths is not None, ln, out, topk, num_warps)
+    seg = multi_level_segment(NE, topk, rows, num_warps)
+    if seg:
+        _multi_level(s, lengths is not None, ln, out, topk, seg, num_warps)
         return out.reshape(*lead, topk)
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
                               HAS_LEN=lengths is not None, num_warps=num_warps)
@@ -339,10 +348,10 @@ def multi_level_segment(NE: int, topk: int, rows: int, num_warps: int) -> int | 
     return seg
 
 
-def _multi_level(s: Tensor, has_len: bool, ln: Tensor, out: Tensor, topk: int, num_warps: int) -> None:
-    """Levels of ``_topk_level_kernel`` until the candidates fit one block, then the final selection."""
+def _multi_level(s: Tensor, has_len: bool, ln: Tensor, out: Tensor, topk: int, seg: int, num_warps: int) -> None:
+    """Levels of ``_topk_level_kernel`` over ``seg``-wide segments until the candidates fit one block, then
+    the final selection."""
     rows, width = s.shape
-    seg = multi_level_segment(width, topk, rows, num_warps)
     kp = _np2(topk)
     src, packed = s, False
     while True:
