@@ -187,6 +187,19 @@ def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | No
     return info
 
 
+def _narrow_fp32_weight(w: fx.Node, weight_info: WeightInfo, max_rows: int) -> fx.Node | None:
+    """The graph input behind a matmul's weight operand when it is an fp32 matrix of at most ``max_rows``
+    rows (an mHC mix), else None. A cast the pipeline leaves when it runs without remove_noop_casts is
+    looked through."""
+    w = _fp32_cast_input(w) or w
+    if getattr(w, "op", None) != "placeholder":
+        return None
+    wi = weight_info(w)
+    if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
+        return None
+    return w
+
+
 def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
                             max_rows: int = NARROW_MM_MAX_ROWS) -> int:
     """``matmul(x, W.t())`` with ``W`` an fp32 weight input of at most ``max_rows`` rows ->
@@ -196,11 +209,8 @@ def rewrite_narrow_fp32_mms(gm: fx.GraphModule, weight_info: WeightInfo,
     takes one dtype). ``weight_info``: (shape, dtype) of a placeholder (:func:`weight_info_from`)."""
 
     def replace(g: fx.Graph, x: fx.Node, w: fx.Node) -> fx.Node | None:
-        w = _fp32_cast_input(w) or w  # a cast the pipeline leaves when it runs without remove_noop_casts
-        if getattr(w, "op", None) != "placeholder":
-            return None
-        wi = weight_info(w)
-        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
+        w = _narrow_fp32_weight(w, weight_info, max_rows)
+        if w is None:
             return None
         prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (x, -2)), w))
         return g.call_function(aten.sum.dim_IntList, (prod, [-1]))
@@ -217,11 +227,8 @@ def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
 
     def replace(g: fx.Graph, a: fx.Node, w: fx.Node) -> fx.Node | None:
         x = _fp32_cast_input(a)
-        w = _fp32_cast_input(w) or w
-        if x is None or getattr(w, "op", None) != "placeholder":
-            return None
-        wi = weight_info(w)
-        if wi is None or wi[1] != torch.float32 or len(wi[0]) != 2 or wi[0][0] > max_rows:
+        w = _narrow_fp32_weight(w, weight_info, max_rows)
+        if x is None or w is None:
             return None
         return g.call_function(torch.ops.dsv4c_rt.narrow_mix.default, (x, w))
 
