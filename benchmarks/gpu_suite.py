@@ -517,10 +517,15 @@ def phase_flash(args) -> dict:
     return res
 
 
-def save_partial(args, phase: str, part: dict) -> None:  # noqa: ANN001
-    """Write ``gpu_suite.json`` with a phase's results so far (a call killed at its time limit keeps them)."""
-    RESULTS[phase] = part
+def save_results(args) -> None:  # noqa: ANN001
+    """Write ``gpu_suite.json`` with everything so far."""
     (Path(args.out) / "gpu_suite.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def save_partial(args, phase: str, part: dict) -> None:  # noqa: ANN001
+    """``gpu_suite.json`` with a phase's results so far (a call killed at its time limit keeps them)."""
+    RESULTS[phase] = part
+    save_results(args)
 
 
 def dump_inductor_code(cache_dir: str | None, out: Path) -> dict:
@@ -700,7 +705,6 @@ def main() -> int:
     if args.tune_from:
         tk.TUNE.update(json.loads(Path(args.tune_from).read_text()))
     RESULTS["tune"] = dict(tk.TUNE)  # what the phases start from (the kernels phase's sweep may change it)
-    path = Path(args.out) / "gpu_suite.json"
     phases = {"kernels": phase_kernels, "exact": phase_exact, "flash_exact": phase_flash_exact,
               "flash": phase_flash, "hf": phase_hf}
     need = {"kernels": 30, "flash": 240, "hf": 40, "exact": 120, "flash_exact": 200}
@@ -727,7 +731,7 @@ def main() -> int:
             RESULTS["ratio"] = round(RESULTS["hf"]["decode_ms"] / ours, 1)
         except (KeyError, StopIteration, TypeError):
             pass
-        path.write_text(json.dumps(RESULTS, indent=1, default=str))
+        save_results(args)
     print(summary(RESULTS))
     return 0
 

@@ -6,8 +6,9 @@ overrides as a JSON object for ``gpu_suite.py --tune-from`` and prints why each 
 
 - the variants within tolerance (``ok``) that beat the default's total time are merged, fastest first,
   skipping any whose knobs a faster one already set (:func:`pick_variant`; no override when none is faster);
-- with top-k measurements, ``triton_topk`` is switched on when every top-k case selected exactly the reference ids and the kernel's
-  single-token (decode) cases take less time in sum than ``torch.topk``'s (:func:`pick_topk`).
+- with top-k measurements, ``triton_topk`` is switched on when every top-k case selected exactly the
+  reference ids and the kernel's single-token (decode) cases take less time in sum than ``torch.topk``'s
+  (:func:`pick_topk`); without them its default stands.
 """
 
 from __future__ import annotations
