@@ -7,7 +7,8 @@
 - FP4 experts (``TUNE["fp4_prefill_swap"]``): 8192 tokens routed top-6 over 256 experts through w1+w3
   (4096 x 4096) and w2 (4096 x 2048), packed 128 x 128 tiles, ue8m0 activation quantization; the swapped
   product must agree with the unswapped one within 1e-2 of the largest output (both are exact products
-  summed in fp32 in different orders), and each form's TFLOP/s is reported.
+  summed in fp32 in different orders), and each form's TFLOP/s is reported (each on the tiles its
+  launcher picks: 64 rows for the swapped form, 128 for the other at ~192 rows per expert).
 
 Exit status 1 when a pair disagrees.
 """
@@ -15,6 +16,7 @@ Exit status 1 when a pair disagrees.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,20 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def timed_pair(tune_key: str, run, bench) -> tuple[torch.Tensor, float, torch.Tensor, float]:  # noqa: ANN001
-    """(output, ms) with ``TUNE[tune_key]`` on, then off; the switch restored afterwards."""
+@contextlib.contextmanager
+def tuned(key: str, value):  # noqa: ANN001, ANN201
+    """``TUNE[key] = value`` inside the block, restored afterwards."""
     from dsv4c.ops import triton_kernels as tk
 
-    before = tk.TUNE[tune_key]
+    before = tk.TUNE[key]
+    tk.TUNE[key] = value
     try:
-        tk.TUNE[tune_key] = True
-        on = run()
-        t_on = bench(run)
-        tk.TUNE[tune_key] = False
-        off = run()
-        t_off = bench(run)
+        yield
     finally:
-        tk.TUNE[tune_key] = before
+        tk.TUNE[key] = before
+
+
+def timed_pair(tune_key: str, run, bench) -> tuple[torch.Tensor, float, torch.Tensor, float]:  # noqa: ANN001
+    """(output, ms) with ``TUNE[tune_key]`` on, then off; the switch restored afterwards."""
+    with tuned(tune_key, True):
+        on, t_on = run(), bench(run)
+    with tuned(tune_key, False):
+        off, t_off = run(), bench(run)
     return on, t_on, off, t_off
 
 
@@ -87,14 +94,8 @@ def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
         row = {"case": f"fp4 prefill {name} T={T}", "ok": err <= 1e-2 and bool(torch.isfinite(on).all()),
                "max_rel": err, "ms_on": t_on, "ms_off": t_off,
                "tflops_on": flop / t_on / 1e9, "tflops_off": flop / t_off / 1e9}
-        tk.TUNE["fp4_prefill_swap"], before = True, tk.TUNE["fp4_prefill_swap"]
-        try:  # the swapped form on 64-row tiles (the launcher takes 128 at ~192 rows per expert)
-            row["ms_on_bm64"] = bench(lambda: tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True,
-                                                                          direct=False, block_m=64))
-        finally:
-            tk.TUNE["fp4_prefill_swap"] = before
         print(f"fp4 prefill {name}: swapped vs plain max rel {err:.2e}; {t_on:.3f} ms ({row['tflops_on']:.0f} "
-              f"TFLOP/s; 64-row tiles {row['ms_on_bm64']:.3f} ms) vs {t_off:.3f} ms ({row['tflops_off']:.0f} TFLOP/s)")
+              f"TFLOP/s) vs {t_off:.3f} ms ({row['tflops_off']:.0f} TFLOP/s)")
         rows.append(row)
     return rows
 
