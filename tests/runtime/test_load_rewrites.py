@@ -155,3 +155,24 @@ def test_prefill_mixes_become_narrow_mix_calls(tiny_spec, tiny_ckpt):
     assert rel_err(got, want) <= 1e-5
     for k in want_cache:
         assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+
+
+def test_prefill_post_mixes_become_sums_with_the_same_prefill(tiny_spec, tiny_ckpt):
+    """Reference numerics in bf16 after the h100 pipeline: prepare_graph's post-mix rewrite applies to the
+    prefill graph too (two per block), and the prefill's logits and cache are those of the einsum form."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+
+    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
+    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
+    progs, w, _ = passes_only({"prefill": trace(ctx, "prefill")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    ref_prog = progs["prefill"]
+    new = _as_loaded(ref_prog)
+    L = tiny_spec.num_layers
+    assert rewrite_hc_post_einsums(new.graph_module) == 2 * L
+    assert _count(new, aten.einsum.default) == L  # wo_a's grouped projection stays
+    inputs = random_inputs(ctx, "prefill", seed=10)
+    want, want_cache = run(ref_prog, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert rel_err(got, want) <= 1e-5
+    for k in want_cache:
+        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
