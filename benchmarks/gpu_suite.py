@@ -154,6 +154,22 @@ def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: 
 
 # ---- inductor vs eager on one artifact ------------------------------------------------------------------------
 
+def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
+    """The greedy chain on the device (``Engine.decode_greedy``, CUDA graphs feeding their own argmax)
+    against a loop of ``Engine.decode`` + argmax from the same prefill: how many of the chosen ids agree,
+    and the first step where they differ (None: all agree)."""
+    ids = torch.randint(0, eng.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    first = eng.prefill(ids).argmax(-1).cpu()
+    chained = eng.decode_greedy(first, steps)[0]
+    eng.prefill(ids)
+    nxt, looped = first, []
+    for _ in range(steps):
+        nxt = eng.decode(nxt).argmax(-1).cpu()
+        looped.append(int(nxt[0]))
+    same = [int(a) == b for a, b in zip(chained.tolist(), looped)]
+    return {"steps": steps, "agree": sum(same), "first_difference": None if all(same) else same.index(False)}
+
+
 def compare_with_eager(eng, prompt_len: int, steps: int, seed: int = 0) -> dict:
     """Prefill + ``steps`` greedy decode steps through the engine (inductor) and through the eager executor
     on the same programs and weights with its own cache; the eager run picks the tokens for both."""
@@ -498,6 +514,12 @@ def phase_flash(args) -> dict:
     except Exception as e:  # noqa: BLE001
         res["eager_spread"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"flash: perturbation spread failed: {e}")
+    try:
+        res["chain_vs_loop"] = chain_vs_loop(eng, args.check_prompt, 32)
+        log(f"flash: greedy chain vs decode loop: {res['chain_vs_loop']}")
+    except Exception as e:  # noqa: BLE001
+        res["chain_vs_loop"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        log(f"flash: greedy chain vs decode loop failed: {e}")
     gc.collect()
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))

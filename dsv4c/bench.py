@@ -8,10 +8,13 @@ Measured in one run (all GPU times with CUDA events, medians over repeats):
   (N(0, 1) entries, or for a packed cache random e4m3 codes, ue8m0 scale bytes near 2^0 and random
   e2m1 pairs; plausible compressor state) and the positions set to the context length, instead of
   prefilling 8k/64k tokens: the step does the same work either way (same visible entries, same top-k
-  sizes), only the selected entries differ. Steps run back to back on the device (the next token is the
-  previous step's argmax, never copied to the host), as a serving loop would; ``graph_replay_ms`` is the
-  bare CUDA-graph replay, ``host_ms_per_step`` the host's time to enqueue one step (when it nears
-  ``step_ms``, Python, not the device, sets the pace). ``bytes_per_step``: what a step must move at
+  sizes), only the selected entries differ. Steps run back to back (the next token is the previous
+  step's argmax, never copied to the host), as a serving loop would: ``step_ms`` is the greedy chain
+  where the executor has one (``Engine.decode_greedy``: CUDA graphs that end with the argmax and feed it
+  to the next replay, ``step_source`` "device chain"), else the Python loop; ``step_ms_python_loop`` is
+  the loop of executor calls with the argmax and position update between them; ``graph_replay_ms`` is
+  the bare CUDA-graph replay, ``host_ms_per_step`` the host's time to enqueue one loop step (when it
+  nears the step time, Python, not the device, sets the pace). ``bytes_per_step``: what a step must move at
   least: every weight the step reads (routed experts: the expected number of distinct experts a batch
   touches, E(1 - (1 - k/E)^B), times one expert's bytes; embedding and hash-routing tables: the rows
   used) plus the KV entries it reads in the allocated layout (window, all visible HCA entries, CSA
@@ -278,8 +281,24 @@ def bench_decode(eng, batch: int, ctx: int, steps: int = 20) -> dict:
         ids = torch.randint(0, eng.vocab_size, (batch, 1), device=dev)
         start = torch.full((batch,), ctx, dtype=torch.long, device=dev)
         times.extend(t / steps for t in _time_ms(host_timed_loop, dev, reps=1, warmup=0))
-    step_ms = statistics.median(times)
+    loop_ms = statistics.median(times)
+    chain_ms = None
+    if getattr(ex, "use_graphs", False) and hasattr(ex, "decode_greedy"):  # the same steps chained on the device
+        chain: list[float] = []
+        for rep in range(6):  # the first run captures the chain's graph
+            _fill_cache(eng, batch, ctx)
+            inputs["input_ids"] = torch.randint(0, eng.vocab_size, (batch, 1), device=dev)
+            inputs["start_pos"] = torch.full((batch,), ctx, dtype=torch.long, device=dev)
+            _sync(dev)
+            with torch.no_grad():
+                t = _time_ms(lambda: ex.decode_greedy(inputs, steps), dev, reps=1, warmup=0)[0]
+            if rep:
+                chain.append(t / steps)
+        chain_ms = statistics.median(chain)
+    step_ms = chain_ms if chain_ms is not None else loop_ms
     res = {"batch": batch, "context": ctx, "step_ms": round(step_ms, 4),
+           "step_source": "device chain" if chain_ms is not None else "python loop",
+           "step_ms_python_loop": round(loop_ms, 4),
            "host_ms_per_step": round(statistics.median(host), 4), "first_call_s": round(first_s, 2),
            "tokens_per_s": round(batch / step_ms * 1e3, 1), "finite": bool(torch.isfinite(logits).all())}
     graphs = getattr(ex, "_decode", None)

@@ -163,6 +163,44 @@ class Engine:
         self.lengths = [L + 1 for L in self.lengths]
         return logits
 
+    def decode_greedy(self, next_ids: torch.Tensor | Sequence[int], steps: int) -> torch.Tensor:
+        """``steps`` greedy decode steps for the live sequences from ``next_ids`` ([B]): each step's input is
+        the previous step's argmax. Returns the chosen ids [B, steps]. On the inductor backend with CUDA
+        graphs the steps are chained on the device (no host round trip between steps); elsewhere it is a
+        loop of :meth:`decode`."""
+        if not self.lengths:
+            raise InputError("decode_greedy called before prefill.", "call prefill(prompts) first.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise InputError(f"steps must be a non-negative int, got {steps!r}.", "pass e.g. steps=16.")
+        ids = _as_id_tensor(next_ids, "next_ids").reshape(-1)
+        if ids.numel() != len(self.lengths):
+            raise InputError(f"decode_greedy got {ids.numel()} ids for {len(self.lengths)} live sequences.",
+                             "pass exactly one next token per sequence.")
+        self._check_ids(ids, "next_ids")
+        over = [b for b, L in enumerate(self.lengths) if L + steps > self.max_seq_len]
+        if over:
+            room = self.max_seq_len - self.lengths[over[0]]
+            raise InputError(f"{steps} steps would take sequence {over[0]} past the context limit of "
+                             f"{self.max_seq_len} tokens ({room} left).",
+                             f"ask for at most {room} steps, or rebuild with a larger --max-seq-len.")
+        chained = getattr(self._executor, "decode_greedy", None)
+        out = None
+        if chained is not None:
+            inputs = dict(self._static)
+            inputs.update({f"cache.{k}": v[:len(self.lengths)] for k, v in self.cache.items()})
+            inputs["input_ids"] = ids[:, None].to(self.device)
+            inputs["start_pos"] = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+            with torch.no_grad():
+                out = chained(inputs, steps)
+        if out is not None:
+            self.lengths = [L + steps for L in self.lengths]
+            return out.cpu()
+        cols = []
+        for _ in range(steps):
+            ids = self.decode(ids).argmax(-1)
+            cols.append(ids.cpu())
+        return torch.stack(cols, dim=1) if cols else torch.empty((len(self.lengths), 0), dtype=torch.long)
+
     def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int = 16,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_at_eos: bool = False) -> GenerationResult:
@@ -174,6 +212,12 @@ class Engine:
         logits = self.prefill(plist)
         t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in plist]
+        if temperature == 0 and not stop_at_eos:  # greedy to a fixed length: the steps chain on the device
+            first = logits.float().argmax(-1).cpu()
+            rest = self.decode_greedy(first, max_new_tokens - 1)
+            for b in range(len(plist)):
+                out[b] = [int(first[b]), *rest[b].tolist()]
+            return GenerationResult(out, t1 - t0, time.perf_counter() - t1, max_new_tokens - 1)
         done = [False] * len(plist)
         steps = 0
         for i in range(max_new_tokens):

@@ -218,8 +218,21 @@ def _widen(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, static: list, out: torch.Tensor, sig: tuple) -> None:
-        self.graph, self.static, self.out, self.sig = graph, static, out, sig
+    def __init__(self, graph: torch.cuda.CUDAGraph, static: list, out: torch.Tensor, sig: tuple,
+                 chain: "_Chain | None" = None) -> None:
+        self.graph, self.static, self.out, self.sig, self.chain = graph, static, out, sig, chain
+
+
+class _Chain:
+    """The device buffers of a greedy chain graph: which rows are live, the replay counter, the chosen ids."""
+
+    def __init__(self, bucket: int, device: torch.device) -> None:
+        self.live = torch.zeros((bucket,), dtype=torch.long, device=device)
+        self.ctr = torch.zeros((1,), dtype=torch.long, device=device)
+        self.hist = torch.zeros((bucket, GREEDY_HIST), dtype=torch.long, device=device)
+
+
+GREEDY_HIST = 256  # ids a greedy chain graph records before the host copies them out
 
 
 class CudaGraphDecode:
@@ -233,6 +246,7 @@ class CudaGraphDecode:
         self.i_start = names.index("start_pos")
         self.cache_idx = [i for i, n in enumerate(names) if n.startswith("cache.")]
         self.graphs: dict[int, _Graph] = {}
+        self.chains: dict[int, _Graph] = {}  # greedy chain graphs (see greedy)
         self.pool = None
         self.captures = 0
         self.failed: str | None = None
@@ -243,36 +257,70 @@ class CudaGraphDecode:
             out[i] = _widen(flat[i], bucket)
         return out
 
-    def run(self, flat: list[torch.Tensor]) -> torch.Tensor:
+    def _graph_for(self, flat: list[torch.Tensor], greedy: bool) -> _Graph | None:
+        """The bucket's captured graph for these cache tensors (captured now if needed), with this call's
+        ids and positions in its input buffers; None when capture failed (once: then never again)."""
         ids, start = flat[self.i_ids], flat[self.i_start]
         b = ids.shape[0]
         room = min([_room(flat[i]) for i in self.cache_idx] or [b])
         bucket = _bucket_for(b, room)
         wide = self._inputs_for(flat, bucket)
         sig = tuple(t.data_ptr() for i, t in enumerate(wide) if i not in (self.i_ids, self.i_start))
-        g = self.graphs.get(bucket)
+        graphs = self.chains if greedy else self.graphs
+        g = graphs.get(bucket)
         if g is None or g.sig != sig:
             if self.failed is not None:
-                return self.fn(*flat)
+                return None
             try:
-                g = self._capture(wide, sig, bucket, ids, start)
+                g = self._capture(wide, sig, bucket, ids, start, greedy)
             except Exception as e:  # noqa: BLE001 - run uncaptured rather than not at all, and say why
                 self.failed = f"{type(e).__name__}: {str(e)[:300]}"
                 import warnings  # noqa: PLC0415
 
                 warnings.warn(f"dsv4c: CUDA graph capture failed, decoding without graphs ({self.failed})")
                 torch.cuda.synchronize(self.device)
-                return self.fn(*flat)
+                return None
         g.static[self.i_ids][:b].copy_(ids)
         g.static[self.i_start][:b].copy_(start)
         if bucket > b:
             g.static[self.i_ids][b:].zero_()
             g.static[self.i_start][b:].zero_()
+        return g
+
+    def run(self, flat: list[torch.Tensor]) -> torch.Tensor:
+        g = self._graph_for(flat, greedy=False)
+        if g is None:
+            return self.fn(*flat)
         g.graph.replay()
-        return g.out[:b].clone()
+        return g.out[:flat[self.i_ids].shape[0]].clone()
+
+    def greedy(self, flat: list[torch.Tensor], steps: int) -> torch.Tensor:
+        """``steps`` greedy decode steps chained on the device: one replay per step of a graph that ends by
+        taking the argmax of its logits as its own next input ids and advancing the live rows' positions,
+        so that no work between replays waits on the host. Returns the chosen ids [b, steps] (device)."""
+        b = flat[self.i_ids].shape[0]
+        g = self._graph_for(flat, greedy=True)
+        if g is None:  # uncaptured: the same chain, one call per step
+            out, flat = [], list(flat)
+            for _ in range(steps):
+                nxt = self.fn(*flat).argmax(-1, keepdim=True)
+                out.append(nxt)
+                flat[self.i_ids], flat[self.i_start] = nxt, flat[self.i_start] + 1
+            return torch.cat(out, dim=1) if out else torch.empty((b, 0), dtype=torch.long, device=self.device)
+        c = g.chain
+        c.live.zero_()
+        c.live[:b] = 1
+        out = torch.empty((b, steps), dtype=torch.long, device=self.device)
+        for s0 in range(0, steps, GREEDY_HIST):
+            n = min(GREEDY_HIST, steps - s0)
+            c.ctr.zero_()
+            for _ in range(n):
+                g.graph.replay()
+            out[:, s0:s0 + n].copy_(c.hist[:b, :n])
+        return out
 
     def _capture(self, wide: list[torch.Tensor], sig: tuple, bucket: int, ids: torch.Tensor,
-                 start: torch.Tensor) -> _Graph:
+                 start: torch.Tensor, greedy: bool = False) -> _Graph:
         from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
 
         tk.prepare_device(self.device)
@@ -296,14 +344,22 @@ class CudaGraphDecode:
         del saved
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        chain = _Chain(bucket, self.device) if greedy else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(*static)
+            if chain is not None:  # the step's tail: its argmax becomes the next step's input
+                nxt = out.argmax(-1, keepdim=True)
+                static[self.i_ids].copy_(nxt)
+                static[self.i_start].add_(chain.live)
+                chain.hist.scatter_(1, chain.ctr.expand(bucket, 1), nxt)
+                chain.ctr.add_(1)
         self.captures += 1
-        g = _Graph(graph, static, out, sig)
-        old = self.graphs.pop(bucket, None)
+        g = _Graph(graph, static, out, sig, chain)
+        graphs = self.chains if greedy else self.graphs
+        old = graphs.pop(bucket, None)
         del old
-        self.graphs[bucket] = g
+        graphs[bucket] = g
         return g
 
 
@@ -368,6 +424,18 @@ class InductorExecutor:
         if first:
             self.compile_seconds[entry] = time.perf_counter() - t0
         return out
+
+
+    def decode_greedy(self, inputs: Mapping[str, torch.Tensor], steps: int) -> torch.Tensor | None:
+        """``steps`` greedy decode steps from ``inputs`` (ids [B, 1], positions [B]) chained on the device in
+        CUDA graphs (:meth:`CudaGraphDecode.greedy`); the chosen ids [B, steps]. None where decode does
+        not run in CUDA graphs (the caller loops over :meth:`run`)."""
+        if not self.use_graphs:
+            return None
+        prog = self.programs["decode"]
+        if self._decode is None:
+            self._decode = CudaGraphDecode(self._fn("decode"), prog.input_names, self.device)
+        return self._decode.greedy([inputs[n] for n in prog.input_names], steps)
 
 
 def make_executor(art: Artifact, device: torch.device) -> InductorExecutor:

@@ -11,6 +11,9 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
   instead of a cuBLAS batched GEMM per sub-layer (:func:`rewrite_hc_post_einsums`), every entry (an 8k
   prefill's batched 4 x 4 GEMMs took 1.7 ms per sub-layer on the H100);
 - the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only;
+- cache row writes as ``index_put_``, which Inductor does in place (``runtime/cache_row_writes.py``);
+- the shared expert on a second stream beside the routed experts, decode only
+  (``runtime/shared_expert_stream.py``);
 - ``narrow_mix``: at prefill the mHC mixes of bf16 streams with a narrow fp32 weight run on the tensor
   cores (the weight split into three exact bf16 terms) instead of a cuBLAS fp32 GEMM with N = 24
   (:func:`rewrite_prefill_mixes`).
@@ -113,6 +116,9 @@ def _register_cuda() -> None:
     torch.library.register_kernel("dsv4c_rt::linear_w16", "cuda", _linear_w16_cuda)
     torch.library.register_kernel("dsv4c_rt::hc_pre", "cuda", _hc_pre_cuda)
     torch.library.register_kernel("dsv4c_rt::narrow_mix", "cuda", _narrow_mix_cuda)
+    from .shared_expert_stream import register_cuda  # noqa: PLC0415
+
+    register_cuda()
     _CUDA_READY = True
 
 
@@ -368,10 +374,18 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
     done = {}
     if device.type == "cuda":
         done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
+        if TUNE["cache_index_put"]:
+            from .cache_row_writes import rows_as_index_put  # noqa: PLC0415
+
+            done["cache_index_put"] = rows_as_index_put(prog.graph_module, device)
         if prog.entry == "decode":
             if TUNE["hc_pre_fused"]:
                 done["hc_pre"] = fuse_hc_pre(prog.graph_module)
             done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
+            if TUNE["shared_expert_stream"]:
+                from .shared_expert_stream import overlap_shared_experts  # noqa: PLC0415
+
+                done["shared_expert_stream"] = overlap_shared_experts(prog.graph_module)
         elif TUNE["prefill_narrow_mix"]:
             done["narrow_mix"] = rewrite_prefill_mixes(prog.graph_module, weight_info_from(prog, params))
         # every entry: an 8k prefill ran its 8 post-mixes as cuBLAS batched 4 x 4 GEMMs, 1.7 ms each (H100)

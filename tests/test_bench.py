@@ -49,6 +49,30 @@ def test_bench_decode_reports_the_host_time_per_step():
     assert 3.0 <= res["host_ms_per_step"] < 30.0
     assert res["step_ms"] >= res["host_ms_per_step"] * 0.99  # on the CPU the host's time is the step
     assert res["batch"] == 2 and res["context"] == 16 and res["finite"]
+    assert res["step_source"] == "python loop" and res["step_ms"] == res["step_ms_python_loop"]
+
+
+class _ChainExecutor(_SleepyExecutor):
+    """...that can also chain greedy steps (as CUDA graphs do) at 1 ms of host time a step."""
+
+    use_graphs = True
+
+    def __init__(self):
+        self.chains = []
+
+    def decode_greedy(self, inputs, steps):
+        self.chains.append((inputs["input_ids"].shape[0], int(inputs["start_pos"][0]), steps))
+        time.sleep(0.001 * steps)
+        return torch.zeros((inputs["input_ids"].shape[0], steps), dtype=torch.long)
+
+
+def test_bench_decode_times_the_device_chain_where_the_executor_has_one():
+    ex = _ChainExecutor()
+    eng = SimpleNamespace(_executor=ex, device=torch.device("cpu"), _static={}, cache={}, vocab_size=7, lengths=[])
+    res = bench_decode(eng, batch=2, ctx=16, steps=4)
+    assert res["step_source"] == "device chain"
+    assert 1.0 <= res["step_ms"] < 3.0 <= res["step_ms_python_loop"]
+    assert ex.chains == [(2, 16, 4)] * 6  # every chain starts from the filled context; the first one unmeasured
 
 
 def test_bench_run_reports_progress_after_each_measurement(tmp_path):

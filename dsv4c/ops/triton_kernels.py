@@ -1375,8 +1375,15 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
         "fp4_prefill_swap": True,
         # prefill: the mHC mixes (bf16 streams x narrow fp32 weight) through linear_w16's three-term bf16 dots
-        # instead of a cuBLAS fp32 GEMM (runtime/load_rewrites.py: rewrite_prefill_mixes); not yet timed
-        "prefill_narrow_mix": True}
+        # instead of a cuBLAS fp32 GEMM (runtime/load_rewrites.py: rewrite_prefill_mixes); H100, session 10:
+        # the 8k prefill's mixes no longer among its top kernels
+        "prefill_narrow_mix": True,
+        # decode: each MoE layer's shared expert on a second stream beside the routed experts
+        # (runtime/shared_expert_stream.py)
+        "shared_expert_stream": True,
+        # every entry: the compressed-cache row writes as index_put_ (written in place) instead of scatter_
+        # (a copy of the whole cache tensor each way; runtime/cache_row_writes.py)
+        "cache_index_put": True}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 

@@ -50,3 +50,41 @@ def test_sampling_is_reproducible_with_a_seed(artifact):
     b = eng.generate([[5, 6, 7]], max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=3).tokens
     c = eng.generate([[5, 6, 7]], max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=4).tokens
     assert a == b and a != c
+
+
+def test_decode_greedy_equals_a_loop_of_decode_and_argmax(artifact):
+    prompts = [[1, 2, 3], list(range(10, 40))]
+    eng = Engine.load(artifact)
+    first = eng.prefill(prompts).argmax(-1)
+    chained = eng.decode_greedy(first, 9)
+    assert chained.shape == (2, 9) and chained.dtype == torch.long
+    assert eng.lengths == [3 + 9, 30 + 9]
+    eng.prefill(prompts)
+    ids, looped = first, []
+    for _ in range(9):
+        ids = eng.decode(ids).argmax(-1)
+        looped.append(ids)
+    assert torch.equal(chained, torch.stack(looped, dim=1))
+    # generate's greedy path (the chain) and its step-by-step path (stop_at_eos, no EOS in this range)
+    fixed = eng.generate(prompts, max_new_tokens=10).tokens
+    assert fixed == [[int(first[b]), *chained[b].tolist()] for b in range(2)]
+    eos = eng.spec.eos_token_id
+    if all(eos not in t for t in fixed):
+        assert eng.generate(prompts, max_new_tokens=10, stop_at_eos=True).tokens == fixed
+
+
+def test_decode_greedy_refuses_bad_requests(artifact):
+    from dsv4c.errors import InputError
+
+    eng = Engine.load(artifact)
+    with pytest.raises(InputError, match="before prefill"):
+        eng.decode_greedy([1], 2)
+    eng.prefill([[1, 2, 3]])
+    with pytest.raises(InputError, match="non-negative int"):
+        eng.decode_greedy([1], -1)
+    with pytest.raises(InputError, match="1 live sequences"):
+        eng.decode_greedy([1, 2], 2)
+    with pytest.raises(InputError, match=r"context limit of 256 tokens \(253 left\)"):
+        eng.decode_greedy([1], 254)
+    assert eng.lengths == [3]  # nothing ran
+    assert eng.decode_greedy([1], 0).shape == (1, 0) and eng.lengths == [3]

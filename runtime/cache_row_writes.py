@@ -1,0 +1,79 @@
+"""Cache row writes as ``index_put_`` so that Inductor writes them in place (a load-time rewrite, CUDA).
+
+The frontend writes completed compressed entries into the cache with ``scatter_`` along the row dim
+(``frontend.model._write_rows``: ``dst.scatter_(1, idx, where(ok, val, dst.gather(1, idx)))`` with ``idx`` the
+row ids expanded over the whole row). Inductor has no in-place form of ``scatter``: the functionalized graph
+copies the whole cache tensor, scatters the few rows into the copy and copies it back. On the Flash slice
+that is 10.7 MB of CSA cache read and written twice per decode step at batch 1 (~25 us on the H100), and 32
+times that at batch 32. ``index_put_`` with (batch ids, row ids) writes the same rows, and Inductor turns
+it back into an in-place write of only those rows.
+
+:func:`rows_as_index_put` rewrites exactly that pattern (the gather of the same rows under the ``where``
+marks a whole-row write, which the frontend's index spans) and leaves any other ``scatter_`` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def _is_call(n: Any, target: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
+
+
+def _row_index(idx: Any) -> fx.Node | None:
+    """``rows`` when ``idx`` is ``rows.unsqueeze(2 or -1).expand(B, W, k)``, else None."""
+    if not _is_call(idx, aten.expand.default):
+        return None
+    un = idx.args[0]
+    if not (_is_call(un, aten.unsqueeze.default) and un.args[1] in (2, -1) and len(idx.args[1]) == 3):
+        return None
+    return un.args[0]
+
+
+def _full_rows(dst: fx.Node, idx: fx.Node) -> bool:
+    """Whether the index spans dst's whole rows, where the graph carries shapes (graphs loaded from JSON do
+    not: there the pattern itself, built by ``_write_rows`` from dst's row width, is the evidence)."""
+    val = dst.meta.get("val")
+    k = idx.args[1][2]
+    return val is None or not isinstance(k, int) or val.shape[-1] == k
+
+
+def rows_as_index_put(gm: fx.GraphModule, device: torch.device) -> int:
+    """Every ``dst.scatter_(1, rows-expanded, where(ok, v, dst.gather(1, same)))`` -> ``dst.index_put_((b,
+    rows), where(ok, v, dst[b, rows]))`` with ``b`` the batch ids; returns how many were rewritten."""
+    g = gm.graph
+    done = 0
+    for n in list(g.nodes):
+        if not (_is_call(n, aten.scatter_.src) and n.args[1] == 1 and len(n.args) == 4):
+            continue
+        dst, _, idx, val = n.args
+        rows = _row_index(idx)
+        if rows is None or not _full_rows(dst, idx) or not _is_call(val, aten.where.self):
+            continue
+        ok, v, old = val.args
+        if not (_is_call(old, aten.gather.default) and old.args[0] is dst and old.args[1] == 1 and old.args[2] is idx):
+            continue
+        with g.inserting_before(n):
+            nb = g.call_function(aten.sym_size.int, (dst, 0))
+            b = g.call_function(aten.arange.default, (nb,), {"dtype": torch.long, "device": device})
+            b = g.call_function(aten.expand_as.default, (g.call_function(aten.unsqueeze.default, (b, 1)), rows))
+            cur = g.call_function(aten.index.Tensor, (dst, [b, rows]))
+            put = g.call_function(aten.index_put_.default,
+                                  (dst, [b, rows], g.call_function(aten.where.self, (ok, v, cur))))
+        n.replace_all_uses_with(put)
+        g.erase_node(n)
+        for dead in (val, old, idx):
+            if not dead.users:
+                g.erase_node(dead)
+        done += 1
+    gm.recompile()
+    return done
+
+
+__all__ = ["rows_as_index_put"]

@@ -1,0 +1,170 @@
+"""The decode step's shared expert on a second CUDA stream, beside the routed experts.
+
+At batch 1 each MoE layer streams ~25 MB of FP8 shared-expert weight and ~75 MB of FP4 routed-expert
+weight through a chain of latency-bound launches (two GEMVs and a SwiGLU each, plus the routing kernels).
+The two chains are independent until their outputs are added, so running them on two streams lets the
+one fill the memory pipe while the other waits on its own launches.
+
+:func:`overlap_shared_experts` (a load-time rewrite of the decode graph, CUDA only) replaces the chain
+``fp8_linear(w1+w3) -> split -> swiglu_clamp -> cast -> fp8_linear(w2) -> cast to fp32`` with
+
+- ``dsv4c_rt.shared_expert_fork(x, ...)`` right after ``x`` is computed (the traced graph has the chain
+  after the routed experts): on CUDA it makes a side stream wait for
+  the current one, enqueues the chain's kernels on the side stream and returns without waiting;
+- ``dsv4c_rt.stream_join(h, x)`` just before the first use of the result: the current stream waits for
+  the side stream, then the cast to fp32 that the chain ended with. ``x`` is an argument so that the
+  compiled program keeps the input alive (its memory unreused) until the side stream has read it.
+
+Inside a CUDA graph capture the wait/record pairs become graph edges, so the captured decode step runs the
+two branches concurrently. The same kernels run in the same order on each branch, so the step's numbers
+do not change (the CPU implementations run the chain in line; tests/runtime/test_shared_expert_stream.py).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
+
+aten = torch.ops.aten
+dsv4 = torch.ops.dsv4
+
+
+def _shared_chain(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                  act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype) -> torch.Tensor:
+    """The shared expert as the graph computed it: the w2 projection's output (x's dtype)."""
+    h = dsv4.fp8_linear(x, w13, s13, act_quant, ue8m0)
+    g, v = h.split([h.shape[-1] // 2] * 2, dim=-1)
+    a = dsv4.swiglu_clamp(g, v, g, limit, False).to(mid_dtype)
+    return dsv4.fp8_linear(a, w2, s2, act_quant, ue8m0)
+
+
+@torch.library.custom_op("dsv4c_rt::shared_expert_fork", mutates_args=())
+def shared_expert_fork(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                       act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype) -> torch.Tensor:
+    """The shared expert's output (x's dtype); on CUDA enqueued on the side stream (see the module doc)."""
+    return _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+
+
+@shared_expert_fork.register_fake
+def _(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+@torch.library.custom_op("dsv4c_rt::stream_join", mutates_args=())
+def stream_join(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``h`` in fp32 once the side stream's work is done; ``x`` (the fork's input) is held until then."""
+    return h.float()
+
+
+@stream_join.register_fake
+def _(h, x):
+    return h.new_empty(h.shape, dtype=torch.float32)
+
+
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    s = _SIDE.get(idx)
+    if s is None:
+        s = _SIDE[idx] = torch.cuda.Stream(device=idx)
+    return s
+
+
+def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        # allocated on the side stream: the allocator reuses these blocks for later side-stream work only
+        return _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+
+
+def _join_cuda(h, x):
+    torch.cuda.current_stream(h.device).wait_stream(_side_stream(h.device))
+    return h.float()
+
+
+_CUDA_READY = False
+
+
+def register_cuda() -> None:
+    """The CUDA kernels of the two ops (the dsv4 ops they call must be registered for CUDA already)."""
+    global _CUDA_READY
+    if not _CUDA_READY:
+        torch.library.register_kernel("dsv4c_rt::shared_expert_fork", "cuda", _fork_cuda)
+        torch.library.register_kernel("dsv4c_rt::stream_join", "cuda", _join_cuda)
+        _CUDA_READY = True
+
+
+# ---- the rewrite --------------------------------------------------------------------------------------------
+
+def _is_call(n: Any, target: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
+
+
+def _only_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _match_chain(l1: fx.Node) -> dict | None:
+    """The nodes of one shared-expert chain starting at the w1+w3 ``fp8_linear`` ``l1``, else None."""
+    x, w13, s13, aq, ue = l1.args
+    sp = _only_user(l1)
+    if not (_is_call(sp, aten.split_with_sizes.default) and sp.args[2:] in ((-1,), (1,))
+            and len(sp.args[1]) == 2 and sp.args[1][0] == sp.args[1][1]):
+        return None
+    gets = {u.args[1]: u for u in sp.users if _is_call(u, operator.getitem)}
+    if set(gets) != {0, 1}:
+        return None
+    sw = _only_user(gets[1])
+    if not (_is_call(sw, dsv4.swiglu_clamp.default) and sw.args[0] is gets[0] and sw.args[1] is gets[1]
+            and sw.args[4] is False and set(gets[0].users) == {sw}):
+        return None
+    cast = _only_user(sw)
+    if not (_is_call(cast, aten.to.dtype) and len(cast.args) == 2):
+        return None
+    l2 = _only_user(cast)
+    if not (_is_call(l2, dsv4.fp8_linear.default) and l2.args[0] is cast and l2.args[3:] == (aq, ue)):
+        return None
+    out = _only_user(l2)
+    if not (_is_call(out, aten.to.dtype) and out.args[1:] == (torch.float32,)):
+        return None
+    return {"x": x, "w13": w13, "s13": s13, "w2": l2.args[1], "s2": l2.args[2], "aq": aq, "ue": ue,
+            "limit": sw.args[3], "mid": cast.args[1], "dead": [out, l2, cast, sw, gets[0], gets[1], sp, l1],
+            "out": out}
+
+
+def overlap_shared_experts(gm: fx.GraphModule) -> int:
+    """Every shared-expert chain (see the module doc) -> a fork where it began and a join just before the
+    first node that uses its result; returns how many were rewritten."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    done = 0
+    for l1 in list(g.nodes):
+        if not _is_call(l1, dsv4.fp8_linear.default):
+            continue
+        m = _match_chain(l1)
+        if m is None:
+            continue
+        with g.inserting_after(m["x"]):  # as early as possible: the routed experts come between fork and join
+            fork = g.call_function(torch.ops.dsv4c_rt.shared_expert_fork.default,
+                                   (m["x"], m["w13"], m["s13"], m["w2"], m["s2"], m["aq"], m["ue"], m["limit"],
+                                    m["mid"]))
+        first_use = min(m["out"].users, key=order.__getitem__)
+        with g.inserting_before(first_use):
+            join = g.call_function(torch.ops.dsv4c_rt.stream_join.default, (fork, m["x"]))
+        m["out"].replace_all_uses_with(join)
+        for n in m["dead"]:
+            g.erase_node(n)
+        done += 1
+    gm.recompile()
+    return done
+
+
+__all__ = ["overlap_shared_experts", "shared_expert_fork", "stream_join", "register_cuda"]

@@ -1,0 +1,61 @@
+"""The decode graph's shared experts as fork / join pairs (runtime/shared_expert_stream.py): where the
+rewrite applies, where it puts the two ops, and that the step's numbers do not change (CPU, tiny spec)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
+
+from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trace  # noqa: E402
+
+from dsv4c.checkpoint import load_checkpoint, to_model_params  # noqa: E402
+from dsv4c.frontend.model import StepContext  # noqa: E402
+from dsv4c.program import Program  # noqa: E402
+from dsv4c.runtime.shared_expert_stream import overlap_shared_experts  # noqa: E402
+
+dsv4 = torch.ops.dsv4
+rt = torch.ops.dsv4c_rt
+
+
+def _h100_decode(spec, ckpt):
+    ctx = StepContext(spec, "reference", torch.bfloat16)
+    w = to_model_params(spec, load_checkpoint(ckpt, spec), torch.bfloat16)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    return progs["decode"], w, ctx
+
+
+def _positions(prog, target) -> list[int]:
+    return [i for i, n in enumerate(prog.graph_module.graph.nodes) if n.op == "call_function" and n.target == target]
+
+
+def test_every_shared_expert_becomes_a_fork_and_a_join_around_the_routed_experts(tiny_spec, tiny_ckpt):
+    ref, _, _ = _h100_decode(tiny_spec, tiny_ckpt)
+    new = Program.from_json(ref.to_json())  # as a load reads it (no node metadata)
+    L = tiny_spec.num_layers
+    n_fp8_before = len(_positions(new, dsv4.fp8_linear.default))
+    assert overlap_shared_experts(new.graph_module) == L
+    assert overlap_shared_experts(new.graph_module) == 0  # nothing left to match
+    assert len(_positions(new, dsv4.fp8_linear.default)) == n_fp8_before - 2 * L
+    assert len(_positions(new, dsv4.swiglu_clamp.default)) == L  # the routed experts' own
+    forks, joins = _positions(new, rt.shared_expert_fork.default), _positions(new, rt.stream_join.default)
+    routed = _positions(new, dsv4.fp4_grouped_linear_packed.default)
+    assert len(forks) == len(joins) == L and len(routed) == 2 * L
+    for i in range(L):
+        # fork, then the layer's two routed-expert launches, then the join
+        assert forks[i] < routed[2 * i] < routed[2 * i + 1] < joins[i]
+
+
+def test_the_rewritten_decode_step_computes_the_same_logits_and_cache(tiny_spec, tiny_ckpt):
+    ref, w, ctx = _h100_decode(tiny_spec, tiny_ckpt)
+    new = Program.from_json(ref.to_json())
+    assert overlap_shared_experts(new.graph_module) == tiny_spec.num_layers
+    inputs = random_inputs(ctx, "decode", seed=11)
+    want, want_cache = run(ref, w, ctx, inputs)
+    got, got_cache = run(new, w, ctx, inputs)
+    assert torch.equal(got, want)  # the same ops in the same order on the CPU
+    for k in want_cache:
+        assert torch.equal(got_cache[k], want_cache[k]), k
