@@ -9,7 +9,9 @@ times that at batch 32. ``index_put_`` with (batch ids, row ids) writes the same
 it back into an in-place write of only those rows.
 
 :func:`rows_as_index_put` rewrites exactly that pattern (the gather of the same rows under the ``where``
-marks a whole-row write, which the frontend's index spans) and leaves any other ``scatter_`` alone.
+marks a whole-row write, which the frontend's index spans) and leaves any other ``scatter_`` alone. FP8
+parts, which the frontend writes through a byte view, are written into the FP8 tensor itself (the new rows
+viewed back as FP8), since a write through the view is again a copy of the whole tensor.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def _full_rows(dst: fx.Node, idx: fx.Node) -> bool:
     return val is None or not isinstance(k, int) or val.shape[-1] == k
 
 
+def _fp8_base(dst: fx.Node) -> fx.Node | None:
+    """The FP8 tensor behind ``dst`` when ``dst`` is its byte view (``frontend.model._bytes``, which views
+    only float8_e4m3fn tensors; Inductor copies a whole tensor to write it through such a view)."""
+    if not (_is_call(dst, aten.view.dtype) and dst.args[1] == torch.uint8):
+        return None
+    base = dst.args[0]
+    val = base.meta.get("val") if isinstance(base, fx.Node) else None
+    return base if val is None or val.dtype == torch.float8_e4m3fn else None
+
+
 def rows_as_index_put(gm: fx.GraphModule, device: torch.device) -> int:
     """Every ``dst.scatter_(1, rows-expanded, where(ok, v, dst.gather(1, same)))`` -> ``dst.index_put_((b,
     rows), where(ok, v, dst[b, rows]))`` with ``b`` the batch ids; returns how many were rewritten."""
@@ -59,13 +71,16 @@ def rows_as_index_put(gm: fx.GraphModule, device: torch.device) -> int:
         ok, v, old = val.args
         if not (_is_call(old, aten.gather.default) and old.args[0] is dst and old.args[1] == 1 and old.args[2] is idx):
             continue
+        base = _fp8_base(dst)
         with g.inserting_before(n):
             nb = g.call_function(aten.sym_size.int, (dst, 0))
             b = g.call_function(aten.arange.default, (nb,), {"dtype": torch.long, "device": device})
             b = g.call_function(aten.expand_as.default, (g.call_function(aten.unsqueeze.default, (b, 1)), rows))
             cur = g.call_function(aten.index.Tensor, (dst, [b, rows]))
-            put = g.call_function(aten.index_put_.default,
-                                  (dst, [b, rows], g.call_function(aten.where.self, (ok, v, cur))))
+            new = g.call_function(aten.where.self, (ok, v, cur))
+            if base is not None:  # written into the FP8 tensor itself: a write through its byte view is copied
+                dst, new = base, g.call_function(aten.view.dtype, (new, torch.float8_e4m3fn))
+            put = g.call_function(aten.index_put_.default, (dst, [b, rows], new))
         n.replace_all_uses_with(put)
         g.erase_node(n)
         for dead in (val, old, idx):

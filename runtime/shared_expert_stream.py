@@ -11,9 +11,11 @@ one fill the memory pipe while the other waits on its own launches.
 - ``dsv4c_rt.shared_expert_fork(x, ...)`` right after ``x`` is computed (the traced graph has the chain
   after the routed experts): on CUDA it makes a side stream wait for
   the current one, enqueues the chain's kernels on the side stream and returns without waiting;
-- ``dsv4c_rt.stream_join(h, x)`` just before the first use of the result: the current stream waits for
-  the side stream, then the cast to fp32 that the chain ended with. ``x`` is an argument so that the
-  compiled program keeps the input alive (its memory unreused) until the side stream has read it.
+- ``dsv4c_rt.stream_join(h, x, routed)`` in place of the add of the two branches: the current stream
+  waits for the side stream, then ``routed + h`` in fp32. ``x`` is an argument so that the compiled
+  program keeps the input alive (its memory unreused) until the side stream has read it; ``routed`` so
+  that Inductor, which orders launches by data dependencies, cannot place the wait before the routed
+  experts (with ``(h, x)`` alone it put the join right after the fork).
 
 Inside a CUDA graph capture the wait/record pairs become graph edges, so the captured decode step runs the
 two branches concurrently. The same kernels run in the same order on each branch, so the step's numbers
@@ -56,14 +58,16 @@ def _(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
 
 
 @torch.library.custom_op("dsv4c_rt::stream_join", mutates_args=())
-def stream_join(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``h`` in fp32 once the side stream's work is done; ``x`` (the fork's input) is held until then."""
-    return h.float()
+def stream_join(h: torch.Tensor, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """``routed + h`` in fp32 once the side stream's work is done; ``x`` (the fork's input) is held until
+    then. Taking the routed experts' sum as an input keeps the compiled program from placing the join
+    (and so the wait) before the routed experts."""
+    return routed + h.float()
 
 
 @stream_join.register_fake
-def _(h, x):
-    return h.new_empty(h.shape, dtype=torch.float32)
+def _(h, x, routed):
+    return torch.empty_like(routed, dtype=torch.float32)
 
 
 _SIDE: dict[int, torch.cuda.Stream] = {}
@@ -85,9 +89,9 @@ def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
         return _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
 
 
-def _join_cuda(h, x):
+def _join_cuda(h, x, routed):
     torch.cuda.current_stream(h.device).wait_stream(_side_stream(h.device))
-    return h.float()
+    return routed + h.float()
 
 
 _CUDA_READY = False
@@ -135,16 +139,19 @@ def _match_chain(l1: fx.Node) -> dict | None:
     out = _only_user(l2)
     if not (_is_call(out, aten.to.dtype) and out.args[1:] == (torch.float32,)):
         return None
+    add = _only_user(out)  # the MoE output: routed sum + shared expert, in fp32
+    if not (_is_call(add, aten.add.Tensor) and len(add.args) == 2 and out in add.args and not add.kwargs):
+        return None
+    routed = add.args[0] if add.args[1] is out else add.args[1]
     return {"x": x, "w13": w13, "s13": s13, "w2": l2.args[1], "s2": l2.args[2], "aq": aq, "ue": ue,
-            "limit": sw.args[3], "mid": cast.args[1], "dead": [out, l2, cast, sw, gets[0], gets[1], sp, l1],
-            "out": out}
+            "limit": sw.args[3], "mid": cast.args[1], "routed": routed, "add": add,
+            "dead": [add, out, l2, cast, sw, gets[0], gets[1], sp, l1]}
 
 
 def overlap_shared_experts(gm: fx.GraphModule) -> int:
-    """Every shared-expert chain (see the module doc) -> a fork where it began and a join just before the
-    first node that uses its result; returns how many were rewritten."""
+    """Every shared-expert chain (see the module doc) -> a fork right after its input and a join in place
+    of the add with the routed experts; returns how many were rewritten."""
     g = gm.graph
-    order = {n: i for i, n in enumerate(g.nodes)}
     done = 0
     for l1 in list(g.nodes):
         if not _is_call(l1, dsv4.fp8_linear.default):
@@ -156,10 +163,9 @@ def overlap_shared_experts(gm: fx.GraphModule) -> int:
             fork = g.call_function(torch.ops.dsv4c_rt.shared_expert_fork.default,
                                    (m["x"], m["w13"], m["s13"], m["w2"], m["s2"], m["aq"], m["ue"], m["limit"],
                                     m["mid"]))
-        first_use = min(m["out"].users, key=order.__getitem__)
-        with g.inserting_before(first_use):
-            join = g.call_function(torch.ops.dsv4c_rt.stream_join.default, (fork, m["x"]))
-        m["out"].replace_all_uses_with(join)
+        with g.inserting_before(m["add"]):
+            join = g.call_function(torch.ops.dsv4c_rt.stream_join.default, (fork, m["x"], m["routed"]))
+        m["add"].replace_all_uses_with(join)
         for n in m["dead"]:
             g.erase_node(n)
         done += 1
