@@ -8,9 +8,13 @@ one fill the memory pipe while the other waits on its own launches.
 :func:`overlap_shared_experts` (a load-time rewrite of the decode graph, CUDA only) replaces the chain
 ``fp8_linear(w1+w3) -> split -> swiglu_clamp -> cast -> fp8_linear(w2) -> cast to fp32`` with
 
-- ``dsv4c_rt.shared_expert_fork(x, ...)`` right after ``x`` is computed (the traced graph has the chain
-  after the routed experts): on CUDA it makes a side stream wait for
-  the current one, enqueues the chain's kernels on the side stream and returns without waiting;
+- ``dsv4c_rt.shared_expert_fork(x, ..., gate, rows)`` in place of the router's GEMV (``linear_w16(x,
+  gate)``) and the gather of the routed experts' input rows (``x[rows]``): on CUDA it makes a side stream
+  wait for the current one, enqueues the chain's kernels on the side stream and returns without waiting,
+  then computes the router's logits and the rows on the current stream. Returning those two makes every
+  routed-expert launch depend on the fork, so the compiled program cannot issue the fork after them
+  (with the shared expert alone, Inductor placed it after the first routed GEMV; with the logits alone,
+  after the first routed GEMV of a hash-routed layer, whose experts do not depend on the router);
 - ``dsv4c_rt.stream_join(h, x, routed)`` in place of the add of the two branches: the current stream
   waits for the side stream, then ``routed + h`` in fp32. ``x`` is an argument so that the compiled
   program keeps the input alive (its memory unreused) until the side stream has read it; ``routed`` so
@@ -31,6 +35,7 @@ import torch
 import torch.fx as fx
 
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
+from dsv4c.runtime.load_rewrites import linear_w16
 
 aten = torch.ops.aten
 dsv4 = torch.ops.dsv4
@@ -47,14 +52,20 @@ def _shared_chain(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: tor
 
 @torch.library.custom_op("dsv4c_rt::shared_expert_fork", mutates_args=())
 def shared_expert_fork(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-                       act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype) -> torch.Tensor:
-    """The shared expert's output (x's dtype); on CUDA enqueued on the side stream (see the module doc)."""
-    return _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+                       act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype,
+                       gate: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the shared expert's output in x's dtype, the router's logits ``linear_w16(x, gate)``, the routed
+    experts' input rows ``x[rows]``); on CUDA the shared expert is enqueued on the side stream, the other
+    two on the current one (see the module doc)."""
+    h = _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+    return h, linear_w16(x, gate), x[rows]
 
 
 @shared_expert_fork.register_fake
-def _(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
-    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+def _(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, rows):
+    return (x.new_empty((*x.shape[:-1], w2.shape[0])),
+            x.new_empty((*x.shape[:-1], gate.shape[0]), dtype=torch.float32),
+            x.new_empty((rows.shape[0], *x.shape[1:])))
 
 
 @torch.library.custom_op("dsv4c_rt::stream_join", mutates_args=())
@@ -81,12 +92,13 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return s
 
 
-def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
+def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, rows):
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):
         # allocated on the side stream: the allocator reuses these blocks for later side-stream work only
-        return _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+        h = _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+    return h, linear_w16(x, gate), x[rows]
 
 
 def _join_cuda(h, x, routed):
@@ -116,6 +128,21 @@ def _only_user(n: fx.Node) -> fx.Node | None:
     return next(iter(n.users)) if len(n.users) == 1 else None
 
 
+def _ancestors(n: Any, limit: int = 64) -> set[fx.Node] | None:
+    """``n`` and its graph ancestors, or None when there are more than ``limit`` (the routed rows' index is
+    ``repeat_interleave(arange(T), k)``: a few nodes)."""
+    todo, seen = [n], set()
+    while todo:
+        a = todo.pop()
+        if not isinstance(a, fx.Node) or a in seen:
+            continue
+        if len(seen) == limit:
+            return None
+        seen.add(a)
+        todo.extend(a.all_input_nodes)
+    return seen
+
+
 def _match_chain(l1: fx.Node) -> dict | None:
     """The nodes of one shared-expert chain starting at the w1+w3 ``fp8_linear`` ``l1``, else None."""
     x, w13, s13, aq, ue = l1.args
@@ -143,15 +170,24 @@ def _match_chain(l1: fx.Node) -> dict | None:
     if not (_is_call(add, aten.add.Tensor) and len(add.args) == 2 and out in add.args and not add.kwargs):
         return None
     routed = add.args[0] if add.args[1] is out else add.args[1]
-    return {"x": x, "w13": w13, "s13": s13, "w2": l2.args[1], "s2": l2.args[2], "aq": aq, "ue": ue,
+    gates = [u for u in x.users if _is_call(u, torch.ops.dsv4c_rt.linear_w16.default) and u.args[0] is x]
+    picks = [u for u in x.users if _is_call(u, aten.index.Tensor) and u.args[0] is x and len(u.args[1]) == 1]
+    if len(gates) != 1 or len(picks) != 1:
+        return None
+    up = _ancestors(picks[0].args[1][0])
+    if up is None or gates[0] in up or any(a.op == "call_function" and a.is_impure() for a in up):
+        return None
+    return {"gate": gates[0], "pick": picks[0], "pick_up": up, "x": x, "w13": w13, "s13": s13, "w2": l2.args[1], "s2": l2.args[2], "aq": aq, "ue": ue,
             "limit": sw.args[3], "mid": cast.args[1], "routed": routed, "add": add,
             "dead": [add, out, l2, cast, sw, gets[0], gets[1], sp, l1]}
 
 
 def overlap_shared_experts(gm: fx.GraphModule) -> int:
-    """Every shared-expert chain (see the module doc) -> a fork right after its input and a join in place
-    of the add with the routed experts; returns how many were rewritten."""
+    """Every shared-expert chain (see the module doc) -> a fork in place of the router's GEMV and a join in
+    place of the add with the routed experts; returns how many were rewritten. Runs after
+    ``rewrite_w16_linears`` (the router's GEMV is a ``linear_w16`` by then)."""
     g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
     done = 0
     for l1 in list(g.nodes):
         if not _is_call(l1, dsv4.fp8_linear.default):
@@ -159,14 +195,23 @@ def overlap_shared_experts(gm: fx.GraphModule) -> int:
         m = _match_chain(l1)
         if m is None:
             continue
-        with g.inserting_after(m["x"]):  # as early as possible: the routed experts come between fork and join
+        gate, pick = m["gate"], m["pick"]
+        first = min(gate, pick, key=lambda n: order[n])
+        for a in sorted((a for a in m["pick_up"] if order[a] > order[first]), key=order.__getitem__):
+            first.prepend(a)  # the rows' index (pure, not downstream of the router) moves up to the fork
+        with g.inserting_before(first):  # every routed-expert node depends on the fork's outputs 1 and 2
             fork = g.call_function(torch.ops.dsv4c_rt.shared_expert_fork.default,
                                    (m["x"], m["w13"], m["s13"], m["w2"], m["s2"], m["aq"], m["ue"], m["limit"],
-                                    m["mid"]))
+                                    m["mid"], gate.args[1], pick.args[1][0]))
+            h = g.call_function(operator.getitem, (fork, 0))
+            logits = g.call_function(operator.getitem, (fork, 1))
+            rows = g.call_function(operator.getitem, (fork, 2))
+        gate.replace_all_uses_with(logits)
+        pick.replace_all_uses_with(rows)
         with g.inserting_before(m["add"]):
-            join = g.call_function(torch.ops.dsv4c_rt.stream_join.default, (fork, m["x"], m["routed"]))
+            join = g.call_function(torch.ops.dsv4c_rt.stream_join.default, (h, m["x"], m["routed"]))
         m["add"].replace_all_uses_with(join)
-        for n in m["dead"]:
+        for n in [*m["dead"], gate, pick]:
             g.erase_node(n)
         done += 1
     gm.recompile()
