@@ -11,6 +11,7 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
   instead of a cuBLAS batched GEMM per sub-layer (:func:`rewrite_hc_post_einsums`), every entry (an 8k
   prefill's batched 4 x 4 GEMMs took 1.7 ms per sub-layer on the H100);
 - the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only;
+- RoPE as one element-wise expression instead of a stack and a cat (``runtime/rope_rewrite.py``);
 - cache row writes as ``index_put_``, which Inductor does in place (``runtime/cache_row_writes.py``);
 - the shared expert on a second stream beside the routed experts, decode only
   (``runtime/shared_expert_stream.py``);
@@ -374,6 +375,10 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
     done = {}
     if device.type == "cuda":
         done["linear_w16"] = rewrite_w16_linears(prog.graph_module)
+        if TUNE["rope_one_expression"]:
+            from .rope_rewrite import rope_as_one_expression  # noqa: PLC0415
+
+            done["rope_one_expression"] = rope_as_one_expression(prog.graph_module, device)
         if TUNE["cache_index_put"]:
             from .cache_row_writes import rows_as_index_put  # noqa: PLC0415
 

@@ -1383,7 +1383,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "shared_expert_stream": True,
         # every entry: the compressed-cache row writes as index_put_ (written in place) instead of scatter_
         # (a copy of the whole cache tensor each way; runtime/cache_row_writes.py)
-        "cache_index_put": True}
+        "cache_index_put": True,
+        # every entry: apply_rope's stack + cat as one element-wise expression (runtime/rope_rewrite.py;
+        # session 10's decode ran each q / kv norm + RoPE as four kernels)
+        "rope_one_expression": True}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
