@@ -95,8 +95,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, rows):
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        # allocated on the side stream: the allocator reuses these blocks for later side-stream work only
+    from dsv4c.ops.triton_kernels import counter_set  # noqa: PLC0415
+
+    # allocated on the side stream: the allocator reuses these blocks for later side-stream work only; the
+    # split-K GEMVs count arrivals in their own counters (the routed experts' run at the same time)
+    with torch.cuda.stream(side), counter_set("side"):
         h = _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
     return h, linear_w16(x, gate), x[rows]
 

@@ -39,6 +39,7 @@ Numerics (all match the CPU reference up to fp32 summation order unless noted):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -1316,7 +1317,7 @@ SKINNY_MAX_ROWS = 64  # fp8_linear with at most this many rows takes the fused-q
 GROUPED_MM_MIN_ROWS = 4096  # FP4 expert rows from which prefill dequantizes to bf16 and calls torch._grouped_mm
 DIRECT_MAX_ROWS = 256  # fp4 expert rows up to this count run one row per tile (no sort; decode)
 COUNTER_SLOTS = 1 << 20
-_COUNTERS: dict[tuple[str, int | None], Tensor] = {}
+_COUNTERS: dict[tuple[str, int | None, str], Tensor] = {}
 # Tuning knobs of the decode kernels (the GPU suite may override them after a sweep).
 # (values from the H100 sweep of benchmarks/gpu_suite.py; split_target = programs per SM for split-K, 2 from
 # benchmarks/decode_gemv_gpu.py: the flash-4 step's weight-streaming launches 1152 vs 1232 us at 4;
@@ -1391,13 +1392,33 @@ TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
 
+COUNTER_SETS = ("main", "side")
+_counter_set = "main"
+
+
+@contextlib.contextmanager
+def counter_set(name: str):
+    """Launches inside use the arrival counters of set ``name``: kernels that may run at the same time on
+    two streams (the decode step's shared expert on its side stream, runtime/shared_expert_stream.py) must
+    not count arrivals in the same slots."""
+    global _counter_set
+    if name not in COUNTER_SETS:
+        raise ValueError(f"counter set {name!r} is not one of {COUNTER_SETS}")
+    prev, _counter_set = _counter_set, name
+    try:
+        yield
+    finally:
+        _counter_set = prev
+
+
 def _counters(device: torch.device) -> Tensor:
-    """Per-device int32 arrival counters of the split-K kernels; every launch leaves them at 0.
+    """Per-device int32 arrival counters of the split-K kernels (one buffer per :func:`counter_set`); every
+    launch leaves them at 0.
 
     Allocated (zeroed) on first use; call :func:`prepare_device` before capturing CUDA graphs so that the
     first use is not inside a capture."""
     key = (device.type, device.index if device.index is not None else
-           (torch.cuda.current_device() if device.type == "cuda" else None))
+           (torch.cuda.current_device() if device.type == "cuda" else None), _counter_set)
     c = _COUNTERS.get(key)
     if c is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -1410,7 +1431,9 @@ def _counters(device: torch.device) -> Tensor:
 
 def prepare_device(device: torch.device | str) -> None:
     """Allocate the per-device state of the kernels (split-K counters) outside any CUDA graph capture."""
-    _counters(torch.device(device))
+    for name in COUNTER_SETS:
+        with counter_set(name):
+            _counters(torch.device(device))
 
 
 def _pick_split(tiles: int, kb: int, device: torch.device, split_k: int | None, min_per: int = 1) -> tuple[int, int]:

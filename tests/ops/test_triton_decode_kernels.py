@@ -186,3 +186,21 @@ def test_split_counters_reset():
     x = _act((2, K), 32, torch.bfloat16, spread=False)
     tk.fp8_linear(x, w, s, True, True, split_k=2)
     assert not tk._counters(x.device).any()
+
+
+def test_counter_sets_are_separate_buffers():
+    """Split-K launches under counter_set("side") (the shared expert on its stream) count arrivals in a
+    buffer of their own and leave it at zero; the main set is untouched; unknown sets are refused."""
+    N, K = 64, 256
+    w, s = quant.quantize_fp8_weight(torch.randn(N, K, generator=gen(32)) * 0.05)
+    x = _act((2, K), 32, torch.bfloat16, spread=False)
+    want = tk.fp8_linear(x, w, s, True, True, split_k=2)
+    main = tk._counters(x.device)
+    with tk.counter_set("side"):
+        side = tk._counters(x.device)
+        got = tk.fp8_linear(x, w, s, True, True, split_k=2)
+    assert side.data_ptr() != main.data_ptr() and tk._counters(x.device) is main
+    assert torch.equal(got, want) and not side.any() and not main.any()
+    with pytest.raises(ValueError, match="counter set 'other'"):
+        with tk.counter_set("other"):
+            pass
