@@ -72,8 +72,9 @@ def _(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, rows):
 def stream_join(h: torch.Tensor, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
     """``routed + h`` in fp32 once the side stream's work is done; ``x`` (the fork's input) is held until
     then. Taking the routed experts' sum as an input keeps the compiled program from placing the join
-    (and so the wait) before the routed experts."""
-    return routed + h.float()
+    (and so the wait) before the routed experts. ``routed + h`` promotes h to fp32 inside the add (the
+    same values as ``routed + h.float()``, one kernel instead of two)."""
+    return routed + h
 
 
 @stream_join.register_fake
@@ -106,7 +107,7 @@ def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, ro
 
 def _join_cuda(h, x, routed):
     torch.cuda.current_stream(h.device).wait_stream(_side_stream(h.device))
-    return routed + h.float()
+    return routed + h
 
 
 _CUDA_READY = False
