@@ -534,8 +534,57 @@ def phase_flash(args) -> dict:
     if args.dump_code:
         res["inductor_code"] = dump_inductor_code(res["bench"].get("executor", {}).get("cache_dir"), Path(args.out))
     del eng
+    if args.ab:
+        gc.collect()
+        torch.cuda.empty_cache()
+        res["ab"] = ab_switches(out, args.ab.split(","), res["bench"], args.deadline)
     gc.collect()
     torch.cuda.empty_cache()
+    return res
+
+
+def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device: str = "cuda",
+                context: int = 8192) -> dict:
+    """Each boolean TUNE switch in ``flags`` flipped alone on the same artifact: a fresh Engine (its
+    load-time rewrites and decode compile see the flipped switch), decode at batch 1 and ``context``, the
+    switch restored. ``main``: the main bench's results (its copy bandwidth and, for the same batch and
+    context, the bytes a step moves and its step time). About a minute each on the H100 (decode compile +
+    capture)."""
+    from dsv4c import bench
+    from dsv4c.ops import triton_kernels as tk
+    from dsv4c.runtime import Engine
+
+    ref = next((r for r in main.get("decode", []) if r.get("batch") == 1 and r.get("context") == context), None)
+    bw = main.get("hbm", {}).get("bytes_per_s")
+    res = {}
+    for flag in flags:
+        if time.perf_counter() - T0 > deadline - 90:
+            res[flag] = {"skipped": "deadline"}
+            continue
+        if not isinstance(tk.TUNE.get(flag), bool):
+            res[flag] = {"error": f"TUNE[{flag!r}] is not a boolean switch"}
+            continue
+        tk.TUNE[flag] = not tk.TUNE[flag]
+        try:
+            eng = Engine.load(out, device=device)
+            r = bench.bench_decode(eng, 1, context, steps=16)
+            r[flag] = tk.TUNE[flag]
+            if ref is not None:
+                r["default_step_ms"] = ref["step_ms"]
+                if bw and "bytes_per_step" in ref:
+                    r["hbm_fraction"] = round(ref["bytes_per_step"]["total"] / (r["step_ms"] / 1e3) / bw, 3)
+            res[flag] = r
+            log(f"flash: A/B {flag}={tk.TUNE[flag]}: decode b=1 context {context} {r['step_ms']:.3f} ms "
+                f"(default {ref['step_ms'] if ref else '?'} ms)")
+            del eng
+        except Exception as e:  # noqa: BLE001
+            res[flag] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            log(f"flash: A/B {flag} failed: {e}")
+        finally:
+            tk.TUNE[flag] = not tk.TUNE[flag]
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return res
 
 
@@ -709,6 +758,9 @@ def main() -> int:
     ap.add_argument("--hf-steps", type=int, default=12)
     ap.add_argument("--deadline", type=float, default=560, help="seconds from start after which optional steps skip")
     ap.add_argument("--b32-seconds", type=float, default=190, help="time a batch-32 bucket needs (compile + capture)")
+    ap.add_argument("--ab", default="",
+                    help="flash: TUNE switches to flip one at a time for a decode b=1 8k A/B on the same artifact, "
+                         "e.g. shared_expert_stream,rope_one_expression")
     ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")

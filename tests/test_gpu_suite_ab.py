@@ -1,0 +1,46 @@
+"""``gpu_suite.py --ab``: each TUNE switch flipped alone for a decode A/B on the same artifact, then restored
+(run here on the CPU with an eager tiny artifact; on the GPU the flipped switch changes the load-time
+rewrites of a fresh inductor engine)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+
+from dsv4c.lowering.build import BuildRequest, build  # noqa: E402
+from dsv4c.ops import triton_kernels as tk  # noqa: E402
+from dsv4c.runtime import Engine  # noqa: E402
+
+
+def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
+    out = tmp_path / "tiny"
+    build(BuildRequest(output=out, variant="tiny", numerics="reference", dtype="fp32", max_seq_len=128,
+                       max_batch=1), progress=lambda m: None)
+    before = dict(tk.TUNE)
+    main = {"hbm": {"bytes_per_s": 1e12},
+            "decode": [{"batch": 1, "context": 64, "step_ms": 2.0, "bytes_per_step": {"total": 10 ** 9}}]}
+    seen = {}
+    load = Engine.load
+
+    def spy(path, device="cpu"):  # what the switch reads while the engine loads
+        seen["shared_expert_stream"] = tk.TUNE["shared_expert_stream"]
+        return load(path, device=device)
+
+    monkeypatch.setattr(Engine, "load", spy)
+    res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch"], main,
+                                deadline=1e9, device="cpu", context=64)
+    assert seen == {"shared_expert_stream": not before["shared_expert_stream"]}
+    assert tk.TUNE == before  # every switch restored
+    r = res["shared_expert_stream"]
+    assert r["shared_expert_stream"] is (not before["shared_expert_stream"]) and r["batch"] == 1
+    assert r["context"] == 64 and r["default_step_ms"] == 2.0 and r["step_ms"] > 0
+    assert r["hbm_fraction"] == round(1e9 / (r["step_ms"] / 1e3) / 1e12, 3)
+    assert "not a boolean switch" in res["fp4_mma_warps"]["error"]
+    assert "not a boolean switch" in res["no_such_switch"]["error"]
+    assert torch.isfinite(torch.tensor(r["step_ms"]))
