@@ -22,7 +22,9 @@ one fill the memory pipe while the other waits on its own launches.
   experts (with ``(h, x)`` alone it put the join right after the fork).
 
 Inside a CUDA graph capture the wait/record pairs become graph edges, so the captured decode step runs the
-two branches concurrently. The same kernels run in the same order on each branch, so the step's numbers
+two branches concurrently. The side stream's split-K GEMVs count their programs' arrivals in counters of
+their own (``triton_kernels.counter_set("side")``): with one set for both streams, concurrent GEMVs
+corrupted each other's counts (NaN logits on the H100, session 10). The same kernels run in the same order on each branch, so the step's numbers
 do not change (the CPU implementations run the chain in line; tests/runtime/test_shared_expert_stream.py).
 """
 
