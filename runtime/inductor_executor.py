@@ -425,7 +425,6 @@ class InductorExecutor:
             self.compile_seconds[entry] = time.perf_counter() - t0
         return out
 
-
     def decode_greedy(self, inputs: Mapping[str, torch.Tensor], steps: int) -> torch.Tensor | None:
         """``steps`` greedy decode steps from ``inputs`` (ids [B, 1], positions [B]) chained on the device in
         CUDA graphs (:meth:`CudaGraphDecode.greedy`); the chosen ids [B, steps]. None where decode does
