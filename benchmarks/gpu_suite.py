@@ -154,6 +154,31 @@ def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: 
 
 # ---- inductor vs eager on one artifact ------------------------------------------------------------------------
 
+def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) -> dict:
+    """Microseconds of ``logits.argmax(-1, keepdim=True)`` on fp32 logits [B, vocab], replayed from a CUDA
+    graph of ``reps`` calls (no launch gaps from the host): the greedy tail of each chained decode step.
+    The chained steps (and the Python loop) run ~50 us slower than a bare graph replay; this says how much
+    of that the argmax is."""
+    out = {}
+    for b in batches:
+        x = torch.randn(b, vocab, device="cuda")
+        x.argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                x.argmax(-1, keepdim=True)
+        g.replay()
+        torch.cuda.synchronize()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        out[f"b{b}"] = round(a.elapsed_time(e) * 1e3 / reps, 2)
+    return out
+
+
 def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
     """The greedy chain on the device (``Engine.decode_greedy``, CUDA graphs feeding their own argmax)
     against a loop of ``Engine.decode`` + argmax from the same prefill: how many of the chosen ids agree,
@@ -520,6 +545,11 @@ def phase_flash(args) -> dict:
     except Exception as e:  # noqa: BLE001
         res["chain_vs_loop"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         log(f"flash: greedy chain vs decode loop failed: {e}")
+    try:
+        res["argmax_us"] = time_argmax(eng.vocab_size)
+        log(f"flash: argmax over the logits (the greedy tail of every step): {res['argmax_us']} us")
+    except Exception as e:  # noqa: BLE001
+        res["argmax_us"] = {"error": f"{type(e).__name__}: {e}"}
     gc.collect()
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))
