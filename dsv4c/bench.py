@@ -247,11 +247,15 @@ def _fill_cache(eng, rows: int, ctx: int, seed: int = 0) -> None:
 def bench_decode(eng, batch: int, ctx: int, steps: int = 20) -> dict:
     ex = eng._executor
     dev = eng.device
-    _fill_cache(eng, batch, ctx)
+
+    def fresh_start():  # every timed run decodes from the same context length: cache re-filled, new ids
+        _fill_cache(eng, batch, ctx)
+        return (torch.randint(0, eng.vocab_size, (batch, 1), device=dev),
+                torch.full((batch,), ctx, dtype=torch.long, device=dev))
+
+    ids, start = fresh_start()
     inputs = dict(eng._static)
     inputs.update({f"cache.{k}": v[:batch] for k, v in eng.cache.items()})
-    ids = torch.randint(0, eng.vocab_size, (batch, 1), device=dev)
-    start = torch.full((batch,), ctx, dtype=torch.long, device=dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         inputs["input_ids"], inputs["start_pos"] = ids, start
@@ -273,22 +277,17 @@ def bench_decode(eng, batch: int, ctx: int, steps: int = 20) -> dict:
         loop()
         host.append((time.perf_counter() - t) * 1e3 / steps)
 
-    # re-fill before each timed loop so every loop decodes from the same context length
     times: list[float] = []
     host: list[float] = []
     for _ in range(5):
-        _fill_cache(eng, batch, ctx)
-        ids = torch.randint(0, eng.vocab_size, (batch, 1), device=dev)
-        start = torch.full((batch,), ctx, dtype=torch.long, device=dev)
+        ids, start = fresh_start()
         times.extend(t / steps for t in _time_ms(host_timed_loop, dev, reps=1, warmup=0))
     loop_ms = statistics.median(times)
     chain_ms = None
     if getattr(ex, "use_graphs", False) and hasattr(ex, "decode_greedy"):  # the same steps chained on the device
         chain: list[float] = []
         for rep in range(6):  # the first run captures the chain's graph
-            _fill_cache(eng, batch, ctx)
-            inputs["input_ids"] = torch.randint(0, eng.vocab_size, (batch, 1), device=dev)
-            inputs["start_pos"] = torch.full((batch,), ctx, dtype=torch.long, device=dev)
+            inputs["input_ids"], inputs["start_pos"] = fresh_start()
             _sync(dev)
             with torch.no_grad():
                 t = _time_ms(lambda: ex.decode_greedy(inputs, steps), dev, reps=1, warmup=0)[0]

@@ -21,19 +21,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from dsv4c.runtime.load_rewrites import call_nodes, is_call, replace_node
+
 aten = torch.ops.aten
-
-
-def _is_call(n: Any, target: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
 
 
 def _row_index(idx: Any) -> fx.Node | None:
     """``rows`` when ``idx`` is ``rows.unsqueeze(2 or -1).expand(B, W, k)``, else None."""
-    if not _is_call(idx, aten.expand.default):
+    if not is_call(idx, aten.expand.default):
         return None
     un = idx.args[0]
-    if not (_is_call(un, aten.unsqueeze.default) and un.args[1] in (2, -1) and len(idx.args[1]) == 3):
+    if not (is_call(un, aten.unsqueeze.default) and un.args[1] in (2, -1) and len(idx.args[1]) == 3):
         return None
     return un.args[0]
 
@@ -49,7 +47,7 @@ def _full_rows(dst: fx.Node, idx: fx.Node) -> bool:
 def _fp8_base(dst: fx.Node) -> fx.Node | None:
     """The FP8 tensor behind ``dst`` when ``dst`` is its byte view (``frontend.model._bytes``, which views
     only float8_e4m3fn tensors; Inductor copies a whole tensor to write it through such a view)."""
-    if not (_is_call(dst, aten.view.dtype) and dst.args[1] == torch.uint8):
+    if not (is_call(dst, aten.view.dtype) and dst.args[1] == torch.uint8):
         return None
     base = dst.args[0]
     val = base.meta.get("val") if isinstance(base, fx.Node) else None
@@ -61,15 +59,15 @@ def rows_as_index_put(gm: fx.GraphModule, device: torch.device) -> int:
     rows), where(ok, v, dst[b, rows]))`` with ``b`` the batch ids; returns how many were rewritten."""
     g = gm.graph
     done = 0
-    for n in list(g.nodes):
-        if not (_is_call(n, aten.scatter_.src) and n.args[1] == 1 and len(n.args) == 4):
+    for n in call_nodes(g, aten.scatter_.src):
+        if not (n.args[1] == 1 and len(n.args) == 4):
             continue
         dst, _, idx, val = n.args
         rows = _row_index(idx)
-        if rows is None or not _full_rows(dst, idx) or not _is_call(val, aten.where.self):
+        if rows is None or not _full_rows(dst, idx) or not is_call(val, aten.where.self):
             continue
         ok, v, old = val.args
-        if not (_is_call(old, aten.gather.default) and old.args[0] is dst and old.args[1] == 1 and old.args[2] is idx):
+        if not (is_call(old, aten.gather.default) and old.args[0] is dst and old.args[1] == 1 and old.args[2] is idx):
             continue
         base = _fp8_base(dst)
         with g.inserting_before(n):
@@ -81,8 +79,7 @@ def rows_as_index_put(gm: fx.GraphModule, device: torch.device) -> int:
             if base is not None:  # written into the FP8 tensor itself: a write through its byte view is copied
                 dst, new = base, g.call_function(aten.view.dtype, (new, torch.float8_e4m3fn))
             put = g.call_function(aten.index_put_.default, (dst, [b, rows], new))
-        n.replace_all_uses_with(put)
-        g.erase_node(n)
+        replace_node(n, put)
         for dead in (val, old, idx):
             if not dead.users:
                 g.erase_node(dead)

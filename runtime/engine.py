@@ -104,13 +104,28 @@ class Engine:
                              f"split the batch, or rebuild with --max-batch {b}.")
 
     # ---- serving ------------------------------------------------------------------------------
-    def _run(self, entry: str, ids: torch.Tensor, start: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _inputs(self, ids: torch.Tensor, start: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        """A program's inputs: weights and constants, the cache rows of these sequences, ids, positions."""
         inputs = dict(self._static)
         inputs.update({f"cache.{k}": v[rows] for k, v in self.cache.items()})
         inputs["input_ids"] = ids.to(self.device, torch.long)
         inputs["start_pos"] = start.to(self.device, torch.long)
+        return inputs
+
+    def _run(self, entry: str, ids: torch.Tensor, start: torch.Tensor, rows: slice) -> torch.Tensor:
         with torch.no_grad():
-            return self._executor.run(entry, inputs)
+            return self._executor.run(entry, self._inputs(ids, start, rows))
+
+    def _live_next_ids(self, next_ids: torch.Tensor | Sequence[int], what: str) -> torch.Tensor:
+        """``next_ids`` as one checked id per live sequence ([B]), for :meth:`decode` / :meth:`decode_greedy`."""
+        if not self.lengths:
+            raise InputError(f"{what} called before prefill.", "call prefill(prompts) first.")
+        ids = _as_id_tensor(next_ids, "next_ids").reshape(-1)
+        if ids.numel() != len(self.lengths):
+            raise InputError(f"{what} got {ids.numel()} ids for {len(self.lengths)} live sequences.",
+                             "pass exactly one next token per sequence.")
+        self._check_ids(ids, "next_ids")
+        return ids
 
     def prefill(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Start new sequences: ``ids`` [B, S] or a list of B prompts of any lengths. Returns the last
@@ -147,13 +162,7 @@ class Engine:
 
     def decode(self, next_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """One token per live sequence ([B]); returns logits [B, vocab]."""
-        if not self.lengths:
-            raise InputError("decode called before prefill.", "call prefill(prompts) first.")
-        ids = _as_id_tensor(next_ids, "next_ids").reshape(-1)
-        if ids.numel() != len(self.lengths):
-            raise InputError(f"decode got {ids.numel()} ids for {len(self.lengths)} live sequences.",
-                             "pass exactly one next token per sequence.")
-        self._check_ids(ids, "next_ids")
+        ids = self._live_next_ids(next_ids, "decode")
         full = [b for b, L in enumerate(self.lengths) if L >= self.max_seq_len]
         if full:
             raise InputError(f"sequence {full[0]} is at the context limit of {self.max_seq_len} tokens.",
@@ -168,15 +177,9 @@ class Engine:
         the previous step's argmax. Returns the chosen ids [B, steps]. On the inductor backend with CUDA
         graphs the steps are chained on the device (no host round trip between steps); elsewhere it is a
         loop of :meth:`decode`."""
-        if not self.lengths:
-            raise InputError("decode_greedy called before prefill.", "call prefill(prompts) first.")
+        ids = self._live_next_ids(next_ids, "decode_greedy")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise InputError(f"steps must be a non-negative int, got {steps!r}.", "pass e.g. steps=16.")
-        ids = _as_id_tensor(next_ids, "next_ids").reshape(-1)
-        if ids.numel() != len(self.lengths):
-            raise InputError(f"decode_greedy got {ids.numel()} ids for {len(self.lengths)} live sequences.",
-                             "pass exactly one next token per sequence.")
-        self._check_ids(ids, "next_ids")
         over = [b for b, L in enumerate(self.lengths) if L + steps > self.max_seq_len]
         if over:
             room = self.max_seq_len - self.lengths[over[0]]
@@ -186,10 +189,7 @@ class Engine:
         chained = getattr(self._executor, "decode_greedy", None)
         out = None
         if chained is not None:
-            inputs = dict(self._static)
-            inputs.update({f"cache.{k}": v[:len(self.lengths)] for k, v in self.cache.items()})
-            inputs["input_ids"] = ids[:, None].to(self.device)
-            inputs["start_pos"] = torch.tensor(self.lengths, dtype=torch.long, device=self.device)
+            inputs = self._inputs(ids[:, None], torch.tensor(self.lengths), slice(0, len(self.lengths)))
             with torch.no_grad():
                 out = chained(inputs, steps)
         if out is not None:

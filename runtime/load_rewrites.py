@@ -123,13 +123,26 @@ def _register_cuda() -> None:
     _CUDA_READY = True
 
 
-def _is_call(n: Any, target: Any) -> bool:
+def is_call(n: Any, target: Any) -> bool:
+    """Whether ``n`` is a graph node calling ``target`` (the rewrites' matching predicate)."""
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
+
+
+def call_nodes(g: fx.Graph, target: Any) -> list[fx.Node]:
+    """The nodes calling ``target``, in graph order, taken before a rewrite inserts or erases any."""
+    return list(g.find_nodes(op="call_function", target=target))
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """``new`` (which computes ``old``'s value) takes over ``old``'s users and metadata; ``old`` is erased."""
+    new.meta.update(old.meta)
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
 
 
 def _fp32_cast_input(n: Any) -> fx.Node | None:
     """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None."""
-    if _is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
+    if is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
         return n.args[0]
     return None
 
@@ -140,16 +153,14 @@ def _rewrite_weight_matmuls(gm: fx.GraphModule,
     replaced by that node; returns how many were."""
     g = gm.graph
     n_done = 0
-    for n in list(g.nodes):
-        if not _is_call(n, aten.matmul.default) or len(n.args) != 2 or not _is_call(n.args[1], aten.t.default):
+    for n in call_nodes(g, aten.matmul.default):
+        if len(n.args) != 2 or not is_call(n.args[1], aten.t.default):
             continue
         with g.inserting_before(n):
             new = replace(g, n.args[0], n.args[1].args[0])
         if new is None:
             continue
-        new.meta.update(n.meta)
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
+        replace_node(n, new)
         n_done += 1
     g.eliminate_dead_code()
     gm.recompile()
@@ -244,27 +255,27 @@ def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
 
 
 def _skip_casts(n: Any) -> Any:
-    while _is_call(n, aten.to.dtype):
+    while is_call(n, aten.to.dtype):
         n = n.args[0]
     return n
 
 
 def _only_cast_users(n: fx.Node) -> fx.Node:
     """``n`` followed down through single-user ``aten.to.dtype`` nodes (the casts the reference makes)."""
-    while len(n.users) == 1 and _is_call(next(iter(n.users)), aten.to.dtype):
+    while len(n.users) == 1 and is_call(next(iter(n.users)), aten.to.dtype):
         n = next(iter(n.users))
     return n
 
 
 def _rms_eps(rs: Any, x: Any) -> float | None:
     """eps when ``rs`` is ``rsqrt(mean(x ** 2, -1, keepdim) + eps)``, else None."""
-    if not _is_call(rs, aten.rsqrt.default) or not _is_call(rs.args[0], aten.add.Tensor):
+    if not is_call(rs, aten.rsqrt.default) or not is_call(rs.args[0], aten.add.Tensor):
         return None
     mean, eps = rs.args[0].args
-    if not (_is_call(mean, aten.mean.dim) and list(mean.args[1]) == [-1] and mean.args[2:] == (True,)):
+    if not (is_call(mean, aten.mean.dim) and list(mean.args[1]) == [-1] and mean.args[2:] == (True,)):
         return None
     sq = mean.args[0]
-    if not (_is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 and sq.args[0] is x):
+    if not (is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 and sq.args[0] is x):
         return None
     return float(eps) if isinstance(eps, (int, float)) else None
 
@@ -274,40 +285,40 @@ def _match_hc_pre(split: fx.Node) -> dict | None:
     mix = (xf @ fn.t()) * rsqrt(mean(xf ** 2) + eps); pre, post, comb = hc_split(mix, ...);
     u = (pre[..., None] * x).sum(2), cast; y = u * rsqrt(mean(u ** 2) + eps) * w, cast."""
     mix, base, scale, n, iters, hc_eps = split.args
-    if not _is_call(mix, aten.mul.Tensor):
+    if not is_call(mix, aten.mul.Tensor):
         return None
     mm, rs = mix.args
-    if not (_is_call(mm, aten.matmul.default) and _is_call(mm.args[1], aten.t.default)):
+    if not (is_call(mm, aten.matmul.default) and is_call(mm.args[1], aten.t.default)):
         return None
     xf, fn = mm.args[0], _skip_casts(mm.args[1].args[0])
     flat = _fp32_cast_input(xf) or xf
-    if not (_is_call(flat, aten.flatten.using_ints) and flat.args[1:] == (2,)) or fn.op != "placeholder":
+    if not (is_call(flat, aten.flatten.using_ints) and flat.args[1:] == (2,)) or fn.op != "placeholder":
         return None
     x = flat.args[0]
     mix_eps = _rms_eps(rs, xf)
-    gets = {u.args[1]: u for u in split.users if _is_call(u, operator.getitem)}
+    gets = {u.args[1]: u for u in split.users if is_call(u, operator.getitem)}
     if mix_eps is None or set(gets) != {0, 1, 2} or len(gets[0].users) != 1:
         return None
     unsq = next(iter(gets[0].users))
-    if not (_is_call(unsq, aten.unsqueeze.default) and unsq.args[1] in (3, -1) and len(unsq.users) == 1):
+    if not (is_call(unsq, aten.unsqueeze.default) and unsq.args[1] in (3, -1) and len(unsq.users) == 1):
         return None
     prod = next(iter(unsq.users))
-    if not (_is_call(prod, aten.mul.Tensor) and prod.args[0] is unsq
+    if not (is_call(prod, aten.mul.Tensor) and prod.args[0] is unsq
             and (_fp32_cast_input(prod.args[1]) or prod.args[1]) is x and len(prod.users) == 1):
         return None
     tot = next(iter(prod.users))
-    if not (_is_call(tot, aten.sum.dim_IntList) and list(tot.args[1]) == [2] and len(tot.args) == 2):
+    if not (is_call(tot, aten.sum.dim_IntList) and list(tot.args[1]) == [2] and len(tot.args) == 2):
         return None
     uf = _only_cast_users(tot)  # u rounded to the activation dtype and back to fp32 (bf16 graphs)
-    pw = [u for u in uf.users if _is_call(u, aten.pow.Tensor_Scalar)]
-    nm = [u for u in uf.users if _is_call(u, aten.mul.Tensor)]
+    pw = [u for u in uf.users if is_call(u, aten.pow.Tensor_Scalar)]
+    nm = [u for u in uf.users if is_call(u, aten.mul.Tensor)]
     if len(uf.users) != 2 or len(pw) != 1 or len(nm) != 1 or nm[0].args[0] is not uf:
         return None
     norm_eps = _rms_eps(nm[0].args[1], uf)
     if norm_eps is None or len(nm[0].users) != 1:
         return None
     wmul = next(iter(nm[0].users))
-    if not (_is_call(wmul, aten.mul.Tensor) and wmul.args[0] is nm[0]):
+    if not (is_call(wmul, aten.mul.Tensor) and wmul.args[0] is nm[0]):
         return None
     w = _skip_casts(wmul.args[1])
     if getattr(w, "op", None) != "placeholder":
@@ -322,9 +333,7 @@ def fuse_hc_pre(gm: fx.GraphModule) -> int:
     ``dsv4c_rt.hc_pre`` call; returns how many. The head's collapse (no split, no norm) is not one."""
     g = gm.graph
     n_done = 0
-    for split in list(g.nodes):
-        if not _is_call(split, dsv4.hc_split.default):
-            continue
+    for split in call_nodes(g, dsv4.hc_split.default):
         m = _match_hc_pre(split)
         if m is None:
             continue
@@ -351,16 +360,15 @@ def rewrite_hc_post_einsums(gm: fx.GraphModule) -> int:
     kernel instead of running a cuBLAS batched GEMM (plus a copy of its input) per sub-layer."""
     g = gm.graph
     n_done = 0
-    for n in list(g.nodes):
-        if not (_is_call(n, aten.einsum.default) and n.args[0] == HC_POST_EQUATION and len(n.args[1]) == 2):
+    for n in call_nodes(g, aten.einsum.default):
+        if not (n.args[0] == HC_POST_EQUATION and len(n.args[1]) == 2):
             continue
         comb, x = n.args[1]
         with g.inserting_before(n):
             prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (comb, -1)),
                                                      g.call_function(aten.unsqueeze.default, (x, 3))))
             new = g.call_function(aten.sum.dim_IntList, (prod, [2]))
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
+        replace_node(n, new)
         n_done += 1
     gm.recompile()
     return n_done
@@ -400,4 +408,4 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
            "rewrite_narrow_fp32_mms", "rewrite_prefill_mixes", "weight_info_from", "linear_w16", "hc_pre",
-           "narrow_mix"]
+           "narrow_mix", "is_call", "call_nodes", "replace_node"]

@@ -14,9 +14,9 @@ interleave, the pass-through part), ~40 of the step's ~250 launches on the Flash
 
 with ``cos[j]`` / ``sin[j]`` built by views (each value twice, zeros in front) and ``y[d ^ 1]`` by a flip of
 ``y``'s pairs, so that every index is affine (a gather there tripped Inductor's index range analysis): one
-element-wise expression over the head that Inductor can fuse with the RMSNorm producing ``y``. Each output element is the same two products as before,
-added in an order IEEE addition does not distinguish (``a - b`` is ``a + (-b)``, ``a + b`` is ``b + a``), so
-the values do not change (tests/runtime/test_rope_rewrite.py).
+element-wise expression over the head that Inductor can fuse with the RMSNorm producing ``y``. Each output
+element is the same two products as before, added in an order IEEE addition does not distinguish (``a - b`` is
+``a + (-b)``, ``a + b`` is ``b + a``), so the values do not change (tests/runtime/test_rope_rewrite.py).
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from dsv4c.runtime.load_rewrites import call_nodes, is_call, replace_node
+
 aten = torch.ops.aten
 _END = 2 ** 63 - 1  # slice's "to the end"
 
 
-def _is_call(n: Any, target: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
-
-
 def _slice(n: Any) -> tuple | None:
     """(input, dim, start, end, step) of an ``aten.slice.Tensor`` node, else None."""
-    if not _is_call(n, aten.slice.Tensor):
+    if not is_call(n, aten.slice.Tensor):
         return None
     a = list(n.args) + [0, None, None, 1][len(n.args) - 1:]
     return a[0], a[1], a[2], _END if a[3] is None else a[3], a[4]
@@ -45,10 +43,10 @@ def _slice(n: Any) -> tuple | None:
 
 def _products(n: Any, op: Any) -> tuple | None:
     """((p, q), (s, t)) when ``n`` is ``op(mul(p, q), mul(s, t))``."""
-    if not _is_call(n, op) or len(n.args) != 2 or n.kwargs:
+    if not is_call(n, op) or len(n.args) != 2 or n.kwargs:
         return None
     m1, m2 = n.args
-    if not (_is_call(m1, aten.mul.Tensor) and _is_call(m2, aten.mul.Tensor)):
+    if not (is_call(m1, aten.mul.Tensor) and is_call(m2, aten.mul.Tensor)):
         return None
     return tuple(m1.args), tuple(m2.args)
 
@@ -62,13 +60,13 @@ def _match(cat: fx.Node) -> dict | None:
     if sn is None or sn[2] != 0 or not isinstance(sn[3], int) or sn[3] >= 0 or sn[4] != 1:
         return None
     y, dim, r = sn[0], sn[1], -sn[3]
-    if (cat.args[1] if len(cat.args) > 1 else 0) not in (dim, -1) or not _is_call(back, aten.to.dtype):
+    if (cat.args[1] if len(cat.args) > 1 else 0) not in (dim, -1) or not is_call(back, aten.to.dtype):
         return None
     fl = back.args[0]
-    if not (_is_call(fl, aten.flatten.using_ints) and len(fl.args) == 2 and fl.args[1] == -2):
+    if not (is_call(fl, aten.flatten.using_ints) and len(fl.args) == 2 and fl.args[1] == -2):
         return None
     st = fl.args[0]
-    if not (_is_call(st, aten.stack.default) and len(st.args) == 2 and st.args[1] == -1 and len(st.args[0]) == 2):
+    if not (is_call(st, aten.stack.default) and len(st.args) == 2 and st.args[1] == -1 and len(st.args[0]) == 2):
         return None
     re, im = st.args[0]
     pr, pi = _products(re, aten.sub.Tensor), _products(im, aten.add.Tensor)
@@ -81,7 +79,7 @@ def _match(cat: fx.Node) -> dict | None:
     if sa is None or sb is None or sa[0] is not sb[0] or sa[1:] != (dim, 0, _END, 2) or sb[1:] != (dim, 1, _END, 2):
         return None
     rot = sa[0]
-    if not (_is_call(rot, aten.to.dtype) and rot.args[1] == torch.float32):
+    if not (is_call(rot, aten.to.dtype) and rot.args[1] == torch.float32):
         return None
     sr = _slice(rot.args[0])
     if sr is None or sr[0] is not y or sr[1:] != (dim, -r, _END, 1) or r % 2:
@@ -94,9 +92,7 @@ def rope_as_one_expression(gm: fx.GraphModule, device: torch.device) -> int:
     many were rewritten."""
     g = gm.graph
     done = 0
-    for cat in list(g.nodes):
-        if not _is_call(cat, aten.cat.default):
-            continue
+    for cat in call_nodes(g, aten.cat.default):
         m = _match(cat)
         if m is None:
             continue
@@ -122,9 +118,7 @@ def rope_as_one_expression(gm: fx.GraphModule, device: torch.device) -> int:
             rot = f(aten.add.Tensor, f(aten.mul.Tensor, yf, per_dim(m["cos"])),
                     f(aten.mul.Tensor, signed, per_dim(m["sin"])))
             out = f(aten.where.self, f(aten.lt.Scalar, d, keep), y, f(aten.to.dtype, rot, m["dtype"]))
-        out.meta.update(cat.meta)
-        cat.replace_all_uses_with(out)
-        g.erase_node(cat)
+        replace_node(cat, out)
         done += 1
     g.eliminate_dead_code()
     gm.recompile()

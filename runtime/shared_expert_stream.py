@@ -24,8 +24,9 @@ one fill the memory pipe while the other waits on its own launches.
 Inside a CUDA graph capture the wait/record pairs become graph edges, so the captured decode step runs the
 two branches concurrently. The side stream's split-K GEMVs count their programs' arrivals in counters of
 their own (``triton_kernels.counter_set("side")``): with one set for both streams, concurrent GEMVs
-corrupted each other's counts (NaN logits on the H100, session 10). The same kernels run in the same order on each branch, so the step's numbers
-do not change (the CPU implementations run the chain in line; tests/runtime/test_shared_expert_stream.py).
+corrupted each other's counts (NaN logits on the H100, session 10). The same kernels run in the same order on
+each branch, so the step's numbers do not change (the CPU implementations run the chain in line;
+tests/runtime/test_shared_expert_stream.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import torch.fx as fx
 
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
-from dsv4c.runtime.load_rewrites import linear_w16
+from dsv4c.runtime.load_rewrites import call_nodes, is_call, linear_w16
 
 aten = torch.ops.aten
 dsv4 = torch.ops.dsv4
@@ -126,10 +127,6 @@ def register_cuda() -> None:
 
 # ---- the rewrite --------------------------------------------------------------------------------------------
 
-def _is_call(n: Any, target: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target == target
-
-
 def _only_user(n: fx.Node) -> fx.Node | None:
     return next(iter(n.users)) if len(n.users) == 1 else None
 
@@ -153,39 +150,39 @@ def _match_chain(l1: fx.Node) -> dict | None:
     """The nodes of one shared-expert chain starting at the w1+w3 ``fp8_linear`` ``l1``, else None."""
     x, w13, s13, aq, ue = l1.args
     sp = _only_user(l1)
-    if not (_is_call(sp, aten.split_with_sizes.default) and sp.args[2:] in ((-1,), (1,))
+    if not (is_call(sp, aten.split_with_sizes.default) and sp.args[2:] in ((-1,), (1,))
             and len(sp.args[1]) == 2 and sp.args[1][0] == sp.args[1][1]):
         return None
-    gets = {u.args[1]: u for u in sp.users if _is_call(u, operator.getitem)}
+    gets = {u.args[1]: u for u in sp.users if is_call(u, operator.getitem)}
     if set(gets) != {0, 1}:
         return None
     sw = _only_user(gets[1])
-    if not (_is_call(sw, dsv4.swiglu_clamp.default) and sw.args[0] is gets[0] and sw.args[1] is gets[1]
+    if not (is_call(sw, dsv4.swiglu_clamp.default) and sw.args[0] is gets[0] and sw.args[1] is gets[1]
             and sw.args[4] is False and set(gets[0].users) == {sw}):
         return None
     cast = _only_user(sw)
-    if not (_is_call(cast, aten.to.dtype) and len(cast.args) == 2):
+    if not (is_call(cast, aten.to.dtype) and len(cast.args) == 2):
         return None
     l2 = _only_user(cast)
-    if not (_is_call(l2, dsv4.fp8_linear.default) and l2.args[0] is cast and l2.args[3:] == (aq, ue)):
+    if not (is_call(l2, dsv4.fp8_linear.default) and l2.args[0] is cast and l2.args[3:] == (aq, ue)):
         return None
     out = _only_user(l2)
-    if not (_is_call(out, aten.to.dtype) and out.args[1:] == (torch.float32,)):
+    if not (is_call(out, aten.to.dtype) and out.args[1:] == (torch.float32,)):
         return None
     add = _only_user(out)  # the MoE output: routed sum + shared expert, in fp32
-    if not (_is_call(add, aten.add.Tensor) and len(add.args) == 2 and out in add.args and not add.kwargs):
+    if not (is_call(add, aten.add.Tensor) and len(add.args) == 2 and out in add.args and not add.kwargs):
         return None
     routed = add.args[0] if add.args[1] is out else add.args[1]
-    gates = [u for u in x.users if _is_call(u, torch.ops.dsv4c_rt.linear_w16.default) and u.args[0] is x]
-    picks = [u for u in x.users if _is_call(u, aten.index.Tensor) and u.args[0] is x and len(u.args[1]) == 1]
+    gates = [u for u in x.users if is_call(u, torch.ops.dsv4c_rt.linear_w16.default) and u.args[0] is x]
+    picks = [u for u in x.users if is_call(u, aten.index.Tensor) and u.args[0] is x and len(u.args[1]) == 1]
     if len(gates) != 1 or len(picks) != 1:
         return None
     up = _ancestors(picks[0].args[1][0])
     if up is None or gates[0] in up or any(a.op == "call_function" and a.is_impure() for a in up):
         return None
-    return {"gate": gates[0], "pick": picks[0], "pick_up": up, "x": x, "w13": w13, "s13": s13, "w2": l2.args[1], "s2": l2.args[2], "aq": aq, "ue": ue,
-            "limit": sw.args[3], "mid": cast.args[1], "routed": routed, "add": add,
-            "dead": [add, out, l2, cast, sw, gets[0], gets[1], sp, l1]}
+    return {"gate": gates[0], "pick": picks[0], "pick_up": up, "x": x, "w13": w13, "s13": s13, "w2": l2.args[1],
+            "s2": l2.args[2], "aq": aq, "ue": ue, "limit": sw.args[3], "mid": cast.args[1], "routed": routed,
+            "add": add, "dead": [add, out, l2, cast, sw, gets[0], gets[1], sp, l1]}
 
 
 def overlap_shared_experts(gm: fx.GraphModule) -> int:
@@ -195,9 +192,7 @@ def overlap_shared_experts(gm: fx.GraphModule) -> int:
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     done = 0
-    for l1 in list(g.nodes):
-        if not _is_call(l1, dsv4.fp8_linear.default):
-            continue
+    for l1 in call_nodes(g, dsv4.fp8_linear.default):
         m = _match_chain(l1)
         if m is None:
             continue

@@ -93,6 +93,38 @@ PRODUCT_PASSES = ("fuse_compress_indexer", "rewrite_swiglu_clamp", "pack_fp4_exp
                   "schedule_expert_waves")
 
 
+def h100_program(spec, ckpt, entry: str, numerics: str = "reference", dtype: torch.dtype = torch.bfloat16):
+    """(program, weights, ctx): one entry point after the h100 pipeline with every product pass, as a GPU
+    build makes it, and the checkpoint's weights as that pipeline leaves them."""
+    from dsv4c.checkpoint import load_checkpoint, to_model_params
+
+    ctx = StepContext(spec, numerics, dtype)
+    w = to_model_params(spec, load_checkpoint(ckpt, spec), dtype)
+    progs, w, _ = passes_only({entry: trace(ctx, entry)}, w, ctx, set(PRODUCT_PASSES), target="h100")
+    return progs[entry], w, ctx
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (FP8 tensors compared as their bytes: torch.equal has no float8 kernel)."""
+    as_bytes = (lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)  # noqa: E731
+    return a.dtype == b.dtype and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def assert_same_step(ref: Program, new: Program, weights, ctx: StepContext, entry: str, seed: int) -> None:
+    """One step of both programs on the same random inputs: logits and written cache bit for bit equal."""
+    inputs = random_inputs(ctx, entry, seed=seed)
+    want, want_cache = run(ref, weights, ctx, inputs)
+    got, got_cache = run(new, weights, ctx, inputs)
+    assert torch.equal(got, want)
+    for k in want_cache:
+        assert bitwise_equal(got_cache[k], want_cache[k]), k
+
+
+def call_positions(prog: Program, target) -> list[int]:
+    """Graph positions of the nodes calling ``target``."""
+    return [i for i, n in enumerate(prog.graph_module.graph.nodes) if n.op == "call_function" and n.target == target]
+
+
 def expected_sites(spec) -> dict[str, dict[str, int]]:
     """Exact rewrite sites per entry point, from the spec alone (the traced step runs the main blocks)."""
     L = spec.num_layers

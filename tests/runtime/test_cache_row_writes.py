@@ -11,44 +11,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
 
-from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trace  # noqa: E402
+from passes_helpers import assert_same_step, call_positions, h100_program  # noqa: E402
 
-from dsv4c.checkpoint import load_checkpoint, to_model_params  # noqa: E402
-from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
 from dsv4c.runtime.cache_row_writes import rows_as_index_put  # noqa: E402
 
 aten = torch.ops.aten
 
 
-def _count(prog, target) -> int:
-    return sum(n.op == "call_function" and n.target == target for n in prog.graph_module.graph.nodes)
-
-
 @pytest.mark.parametrize("numerics, dtype, storage", [("reference", torch.bfloat16, "packed"),
                                                       ("exact", torch.float32, None)])
 @pytest.mark.parametrize("entry", ["decode", "prefill"])
 def test_row_writes_become_index_puts_with_the_same_step(tiny_spec, tiny_ckpt, entry, numerics, dtype, storage):
-    ctx = StepContext(tiny_spec, numerics, dtype)
+    ref, w, ctx = h100_program(tiny_spec, tiny_ckpt, entry, numerics, dtype)
     assert (ctx.kv_storage == "packed") == (storage == "packed")
-    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), dtype)
-    progs, w, _ = passes_only({entry: trace(ctx, entry)}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    ref = progs[entry]
     new = Program.from_json(ref.to_json())  # as a load reads it (no shapes: the pattern is the evidence)
     # compressed blocks: packed entries are 3 parts (FP8 nope, scales, rope) + 2 indexer parts (codes, scales)
     # in a CSA block, 3 in an HCA block; unpacked: one tensor each
     kinds = [tiny_spec.attn_kind(i) for i in range(tiny_spec.num_layers)]
     per = {"csa": 5, "hca": 3} if storage == "packed" else {"csa": 2, "hca": 1}
     want = sum(per.get(k, 0) for k in kinds)
-    assert _count(new, aten.scatter_.src) == want
+    assert len(call_positions(new, aten.scatter_.src)) == want
     assert rows_as_index_put(new.graph_module, torch.device("cpu")) == want
-    assert _count(new, aten.scatter_.src) == 0 and _count(new, aten.index_put_.default) == want
+    assert not call_positions(new, aten.scatter_.src)
+    assert len(call_positions(new, aten.index_put_.default)) == want
     assert rows_as_index_put(new.graph_module, torch.device("cpu")) == 0
-    inputs = random_inputs(ctx, entry, seed=12)
-    got, got_cache = run(new, w, ctx, inputs)
-    want_logits, want_cache = run(ref, w, ctx, inputs)
-    assert torch.equal(got, want_logits)
-    for k in want_cache:
-        assert torch.equal(got_cache[k].view(torch.uint8) if got_cache[k].dtype == torch.float8_e4m3fn else got_cache[k],
-                           want_cache[k].view(torch.uint8) if want_cache[k].dtype == torch.float8_e4m3fn
-                           else want_cache[k]), k
+    assert_same_step(ref, new, w, ctx, entry, seed=12)

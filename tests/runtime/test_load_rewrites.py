@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
 
-from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trace  # noqa: E402
+from passes_helpers import (  # noqa: E402
+    PRODUCT_PASSES, call_positions, h100_program, passes_only, random_inputs, run, trace)
 
 from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
@@ -41,25 +42,15 @@ def _as_loaded(prog):
     return loaded
 
 
-def _same_step(ref_prog, new, w, ctx, seed: int, cache: bool = True) -> None:
-    """One decode step of both programs on the same random inputs: logits (and the written cache) within
-    1e-5 relative."""
-    inputs = random_inputs(ctx, "decode", seed=seed)
+def _same_step(ref_prog, new, w, ctx, seed: int, cache: bool = True, entry: str = "decode") -> None:
+    """One step of both programs on the same random inputs: logits (and the written cache) within 1e-5
+    relative."""
+    inputs = random_inputs(ctx, entry, seed=seed)
     want, want_cache = run(ref_prog, w, ctx, inputs)
     got, got_cache = run(new, w, ctx, inputs)
     assert rel_err(got, want) <= 1e-5
     for k in want_cache if cache else ():
         assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
-
-
-def _h100_decode(spec, ckpt):
-    """Reference numerics in bf16: the decode program after the h100 pipeline, and its weights."""
-    from dsv4c.checkpoint import load_checkpoint, to_model_params
-
-    ctx = StepContext(spec, "reference", torch.bfloat16)
-    w = to_model_params(spec, load_checkpoint(ckpt, spec), torch.bfloat16)
-    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    return progs["decode"], w, ctx
 
 
 def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_params_fp32):
@@ -80,7 +71,7 @@ def test_narrow_fp32_mms_become_reductions_with_the_same_logits(tiny_spec, tiny_
 def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 after the h100 pipeline: the bf16 weights applied in fp32 become
     linear_w16 and leave the fp32 mixes to the narrow rewrite; nothing is matched twice."""
-    ref_prog, _, _ = _h100_decode(tiny_spec, tiny_ckpt)
+    ref_prog, _, _ = h100_program(tiny_spec, tiny_ckpt, "decode")
     table = _params_table(ref_prog)
     prog = _as_loaded(ref_prog)
     gm, info = prog.graph_module, weight_info_from(prog, table)
@@ -90,10 +81,6 @@ def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     assert rewrite_narrow_fp32_mms(gm, info) == 2 * tiny_spec.num_layers + 1
     assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm, info) == 0
     assert _fp32_weight_mms(prog, table) == 0
-
-
-def _count(prog, target) -> int:
-    return sum(n.op == "call_function" and n.target == target for n in prog.graph_module.graph.nodes)
 
 
 def _hc_rewritten(prog):
@@ -109,11 +96,11 @@ def test_hc_rewrites_keep_the_exact_step(tiny_spec, tiny_params_fp32):
     ref_prog = progs["decode"]
     new = _as_loaded(ref_prog)
     L = tiny_spec.num_layers
-    assert _count(new, aten.einsum.default) == 3 * L  # post-mix twice per block, wo_a once
+    assert len(call_positions(new, aten.einsum.default)) == 3 * L  # post-mix twice per block, wo_a once
     assert _hc_rewritten(new) == (2 * L, 2 * L)
-    assert _count(new, torch.ops.dsv4.hc_split.default) == 0
-    assert _count(new, torch.ops.dsv4c_rt.hc_pre.default) == 2 * L
-    assert _count(new, aten.einsum.default) == L  # wo_a's grouped projection is not a post-mix
+    assert len(call_positions(new, torch.ops.dsv4.hc_split.default)) == 0
+    assert len(call_positions(new, torch.ops.dsv4c_rt.hc_pre.default)) == 2 * L
+    assert len(call_positions(new, aten.einsum.default)) == L  # wo_a's grouped projection is not a post-mix
     assert _hc_rewritten(new) == (0, 0)
     # the head's mix is left to the narrow rewrite: one fp32 weight matmul remains
     assert _fp32_weight_mms(new, _params_table(ref_prog)) == 1
@@ -123,7 +110,7 @@ def test_hc_rewrites_keep_the_exact_step(tiny_spec, tiny_params_fp32):
 def test_hc_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 (casts kept) after the h100 pipeline: the same sites match, and the graph
     computes the same step (bf16 casts at the same points as the reference)."""
-    ref_prog, w, ctx = _h100_decode(tiny_spec, tiny_ckpt)
+    ref_prog, w, ctx = h100_program(tiny_spec, tiny_ckpt, "decode")
     new = _as_loaded(ref_prog)
     L = tiny_spec.num_layers
     assert _hc_rewritten(new) == (2 * L, 2 * L)
@@ -135,44 +122,25 @@ def test_prefill_mixes_become_narrow_mix_calls(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 after the h100 pipeline: every mHC mix of the prefill graph (two per block,
     one before the head) becomes a narrow_mix call on the bf16 streams, once, and the prefill's logits and
     cache are those of the matmul form."""
-    from dsv4c.checkpoint import load_checkpoint, to_model_params
     from dsv4c.runtime.load_rewrites import rewrite_prefill_mixes
 
-    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
-    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
-    progs, w, _ = passes_only({"prefill": trace(ctx, "prefill")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    ref_prog = progs["prefill"]
+    ref_prog, w, ctx = h100_program(tiny_spec, tiny_ckpt, "prefill")
     table = _params_table(ref_prog)
     new = _as_loaded(ref_prog)
     L = tiny_spec.num_layers
     assert rewrite_prefill_mixes(new.graph_module, weight_info_from(new, table)) == 2 * L + 1
     assert rewrite_prefill_mixes(new.graph_module, weight_info_from(new, table)) == 0
     assert _fp32_weight_mms(new, table) == 0
-    assert _count(new, torch.ops.dsv4c_rt.narrow_mix.default) == 2 * L + 1
-    inputs = random_inputs(ctx, "prefill", seed=9)
-    want, want_cache = run(ref_prog, w, ctx, inputs)
-    got, got_cache = run(new, w, ctx, inputs)
-    assert rel_err(got, want) <= 1e-5
-    for k in want_cache:
-        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+    assert len(call_positions(new, torch.ops.dsv4c_rt.narrow_mix.default)) == 2 * L + 1
+    _same_step(ref_prog, new, w, ctx, seed=9, entry="prefill")
 
 
 def test_prefill_post_mixes_become_sums_with_the_same_prefill(tiny_spec, tiny_ckpt):
     """Reference numerics in bf16 after the h100 pipeline: prepare_graph's post-mix rewrite applies to the
     prefill graph too (two per block), and the prefill's logits and cache are those of the einsum form."""
-    from dsv4c.checkpoint import load_checkpoint, to_model_params
-
-    ctx = StepContext(tiny_spec, "reference", torch.bfloat16)
-    w = to_model_params(tiny_spec, load_checkpoint(tiny_ckpt, tiny_spec), torch.bfloat16)
-    progs, w, _ = passes_only({"prefill": trace(ctx, "prefill")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    ref_prog = progs["prefill"]
+    ref_prog, w, ctx = h100_program(tiny_spec, tiny_ckpt, "prefill")
     new = _as_loaded(ref_prog)
     L = tiny_spec.num_layers
     assert rewrite_hc_post_einsums(new.graph_module) == 2 * L
-    assert _count(new, aten.einsum.default) == L  # wo_a's grouped projection stays
-    inputs = random_inputs(ctx, "prefill", seed=10)
-    want, want_cache = run(ref_prog, w, ctx, inputs)
-    got, got_cache = run(new, w, ctx, inputs)
-    assert rel_err(got, want) <= 1e-5
-    for k in want_cache:
-        assert rel_err(got_cache[k], want_cache[k]) <= 1e-5, k
+    assert len(call_positions(new, aten.einsum.default)) == L  # wo_a's grouped projection stays
+    _same_step(ref_prog, new, w, ctx, seed=10, entry="prefill")

@@ -10,10 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))  # passes_helpers.py (tests/ has no packages)
 
-from passes_helpers import PRODUCT_PASSES, passes_only, random_inputs, run, trace  # noqa: E402
+from passes_helpers import assert_same_step, call_positions, h100_program, random_inputs  # noqa: E402
 
-from dsv4c.checkpoint import load_checkpoint, to_model_params  # noqa: E402
-from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
 from dsv4c.runtime.load_rewrites import rewrite_w16_linears  # noqa: E402
 from dsv4c.runtime.shared_expert_stream import overlap_shared_experts  # noqa: E402
@@ -22,32 +20,21 @@ dsv4 = torch.ops.dsv4
 rt = torch.ops.dsv4c_rt
 
 
-def _h100_decode(spec, ckpt):
-    ctx = StepContext(spec, "reference", torch.bfloat16)
-    w = to_model_params(spec, load_checkpoint(ckpt, spec), torch.bfloat16)
-    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, w, ctx, set(PRODUCT_PASSES), target="h100")
-    return progs["decode"], w, ctx
-
-
-def _positions(prog, target) -> list[int]:
-    return [i for i, n in enumerate(prog.graph_module.graph.nodes) if n.op == "call_function" and n.target == target]
-
-
 def test_every_shared_expert_becomes_a_fork_and_a_join_around_the_routed_experts(tiny_spec, tiny_ckpt):
-    ref, _, _ = _h100_decode(tiny_spec, tiny_ckpt)
+    ref, _, _ = h100_program(tiny_spec, tiny_ckpt, "decode")
     new = Program.from_json(ref.to_json())  # as a load reads it (no node metadata)
     L = tiny_spec.num_layers
     assert overlap_shared_experts(new.graph_module) == 0  # the router's GEMV is not a linear_w16 yet
     rewrite_w16_linears(new.graph_module)
-    n_w16 = len(_positions(new, rt.linear_w16.default))
-    n_fp8_before = len(_positions(new, dsv4.fp8_linear.default))
+    n_w16 = len(call_positions(new, rt.linear_w16.default))
+    n_fp8_before = len(call_positions(new, dsv4.fp8_linear.default))
     assert overlap_shared_experts(new.graph_module) == L
     assert overlap_shared_experts(new.graph_module) == 0  # nothing left to match
-    assert len(_positions(new, dsv4.fp8_linear.default)) == n_fp8_before - 2 * L
-    assert len(_positions(new, dsv4.swiglu_clamp.default)) == L  # the routed experts' own
-    assert len(_positions(new, rt.linear_w16.default)) == n_w16 - L  # the routers' GEMVs are in the forks
-    forks, joins = _positions(new, rt.shared_expert_fork.default), _positions(new, rt.stream_join.default)
-    routed = _positions(new, dsv4.fp4_grouped_linear_packed.default)
+    assert len(call_positions(new, dsv4.fp8_linear.default)) == n_fp8_before - 2 * L
+    assert len(call_positions(new, dsv4.swiglu_clamp.default)) == L  # the routed experts' own
+    assert len(call_positions(new, rt.linear_w16.default)) == n_w16 - L  # the routers' GEMVs are in the forks
+    forks, joins = call_positions(new, rt.shared_expert_fork.default), call_positions(new, rt.stream_join.default)
+    routed = call_positions(new, dsv4.fp4_grouped_linear_packed.default)
     assert len(forks) == len(joins) == L and len(routed) == 2 * L
     for i in range(L):
         # fork, then the layer's two routed-expert launches, then the join, which takes their sum
@@ -58,17 +45,13 @@ def test_every_shared_expert_becomes_a_fork_and_a_join_around_the_routed_experts
 
 
 def test_the_rewritten_decode_step_computes_the_same_logits_and_cache(tiny_spec, tiny_ckpt):
-    ref, w, ctx = _h100_decode(tiny_spec, tiny_ckpt)
+    ref, w, ctx = h100_program(tiny_spec, tiny_ckpt, "decode")
     new = Program.from_json(ref.to_json())
     rewrite_w16_linears(new.graph_module)
     assert overlap_shared_experts(new.graph_module) == tiny_spec.num_layers
-    inputs = random_inputs(ctx, "decode", seed=11)
     rewrite_w16_linears(ref.graph_module)  # the reference: the same graph without the fork / join pairs
-    want, want_cache = run(ref, w, ctx, inputs)
-    got, got_cache = run(new, w, ctx, inputs)
-    assert torch.equal(got, want)  # the same ops in the same order on the CPU (an fp32 add commutes)
-    for k in want_cache:
-        assert torch.equal(got_cache[k], want_cache[k]), k
+    # the same ops in the same order on the CPU (an fp32 add commutes)
+    assert_same_step(ref, new, w, ctx, "decode", seed=11)
 
 
 def test_inductor_issues_each_fork_before_and_each_join_after_its_routed_experts(tiny_spec, tiny_ckpt):
@@ -82,7 +65,7 @@ def test_inductor_issues_each_fork_before_and_each_join_after_its_routed_experts
     from dsv4c.frontend.model import constants
     from dsv4c.runtime.inductor_executor import compile_program
 
-    ref, w, ctx = _h100_decode(tiny_spec, tiny_ckpt)
+    ref, w, ctx = h100_program(tiny_spec, tiny_ckpt, "decode")
     prog = Program.from_json(ref.to_json())
     rewrite_w16_linears(prog.graph_module)
     assert overlap_shared_experts(prog.graph_module) == tiny_spec.num_layers
