@@ -154,6 +154,17 @@ def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: 
 
 # ---- inductor vs eager on one artifact ------------------------------------------------------------------------
 
+def attempt(what: str, fn) -> dict:  # noqa: ANN001
+    """``fn()``'s result, logged; or its error and traceback, so that one failed check leaves the rest."""
+    try:
+        r = fn()
+    except Exception as e:  # noqa: BLE001
+        log(f"flash: {what} failed: {e}")
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    log(f"flash: {what}: {r}")
+    return r
+
+
 def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) -> dict:
     """Microseconds of ``logits.argmax(-1, keepdim=True)`` on fp32 logits [B, vocab], replayed from a CUDA
     graph of ``reps`` calls (no launch gaps from the host): the greedy tail of each chained decode step.
@@ -539,17 +550,9 @@ def phase_flash(args) -> dict:
     except Exception as e:  # noqa: BLE001
         res["eager_spread"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"flash: perturbation spread failed: {e}")
-    try:
-        res["chain_vs_loop"] = chain_vs_loop(eng, args.check_prompt, 32)
-        log(f"flash: greedy chain vs decode loop: {res['chain_vs_loop']}")
-    except Exception as e:  # noqa: BLE001
-        res["chain_vs_loop"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-        log(f"flash: greedy chain vs decode loop failed: {e}")
-    try:
-        res["argmax_us"] = time_argmax(eng.vocab_size)
-        log(f"flash: argmax over the logits (the greedy tail of every step): {res['argmax_us']} us")
-    except Exception as e:  # noqa: BLE001
-        res["argmax_us"] = {"error": f"{type(e).__name__}: {e}"}
+    res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 32))
+    res["argmax_us"] = attempt("argmax over the logits (us; the greedy tail of every step)",
+                               lambda: time_argmax(eng.vocab_size))
     gc.collect()
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))
