@@ -177,6 +177,17 @@ def register_decompositions() -> None:
         idec.decompositions[getattr(dsv4, name).default] = fn
 
 
+def inductor_pdl_options(device: torch.device) -> dict:
+    """Inductor options that launch its generated kernels with programmatic dependent launch (TUNE
+    ``inductor_pdl``): CUDA sm_90+ and a torch whose Inductor has ``triton.enable_pdl``; nothing otherwise."""
+    import torch._inductor.config as icfg  # noqa: PLC0415
+    from dsv4c.ops.triton_kernels import TUNE  # noqa: PLC0415
+
+    if not (TUNE["inductor_pdl"] and device.type == "cuda" and hasattr(icfg.triton, "enable_pdl")):
+        return {}
+    return {"triton.enable_pdl": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
+
+
 def compile_program(prog: Program, device: torch.device, dynamic: bool) -> Callable:
     import torch._dynamo  # noqa: PLC0415
 
@@ -189,6 +200,7 @@ def compile_program(prog: Program, device: torch.device, dynamic: bool) -> Calla
 
     if hasattr(icfg, "emulate_precision_casts"):  # round intermediates to bf16 where eager does
         options["emulate_precision_casts"] = True
+    options.update(inductor_pdl_options(device))
     return torch.compile(prog.graph_module, backend="inductor", options=options,
                          dynamic=None if dynamic else False, fullgraph=True)
 
@@ -322,6 +334,7 @@ class CudaGraphDecode:
     def _capture(self, wide: list[torch.Tensor], sig: tuple, bucket: int, ids: torch.Tensor,
                  start: torch.Tensor, greedy: bool = False) -> _Graph:
         from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+        from dsv4c.ops.triton_argmax import argmax_rows  # noqa: PLC0415
 
         tk.prepare_device(self.device)
         b = ids.shape[0]
@@ -349,8 +362,7 @@ class CudaGraphDecode:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(*static)
             if chain is not None:  # the step's tail: its argmax becomes the next step's input
-                nxt = out.argmax(-1, keepdim=True)
-                static[self.i_ids].copy_(nxt)
+                nxt = argmax_rows(out, out=static[self.i_ids])
                 static[self.i_start].add_(chain.live)
                 chain.hist.scatter_(1, chain.ctr.expand(bucket, 1), nxt)
                 chain.ctr.add_(1)

@@ -105,8 +105,27 @@ QBLOCK = 128  # activation quantization block along K; also the FP8 weight block
 # =================================================================================================
 
 if HAVE_TRITON:
+    try:  # grid dependency control (programmatic dependent launch, sm_90+)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older triton: pdl_launch() is then always False
+        gdc_launch_dependents = gdc_wait = None
 
     # ---- shared device helpers ------------------------------------------------------------------
+
+    @triton.jit
+    def _pdl_release(PDL: tl.constexpr):
+        """Programmatic dependent launch: the next kernel on the stream may launch once every program of
+        this one has passed here. It waits (its own :func:`_pdl_wait`) before it reads what this one writes."""
+        if PDL:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel on the stream has finished and its writes are visible. Under
+        programmatic dependent launch nothing before this may read what an earlier kernel wrote, or write
+        anything: only immutable data (weights) may be loaded ahead of it."""
+        if PDL:
+            gdc_wait()
 
     @triton.jit
     def _pow2_ceil(a):
@@ -701,10 +720,13 @@ if HAVE_TRITON:
     @triton.jit
     def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
                            X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
         """o (fp32) = x @ w^T with w bf16 and fp32 arithmetic: bf16 x is exact in a bf16 dot (fp32
         accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots.
-        SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed."""
+        SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed.
+        PDL: launched as a programmatic dependent (see :func:`_pdl_wait`)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -1387,9 +1409,33 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "cache_index_put": True,
         # every entry: apply_rope's stack + cat as one element-wise expression (runtime/rope_rewrite.py;
         # session 10's decode ran each q / kv norm + RoPE as four kernels)
-        "rope_one_expression": True}
+        "rope_one_expression": True,
+        # decode: the MMA GEMVs (FP8, FP4) and the W16 GEMV launched with programmatic dependent launch
+        # (sm_90+): each lets the next kernel launch as soon as all its programs run, and waits for the
+        # previous kernel only before its first dependent access; the FP8 GEMV's first weight tile is
+        # loaded before that wait (see :func:`pdl_launch`)
+        "pdl": False,
+        # Inductor's own kernels with programmatic dependent launch (its ``triton.enable_pdl``, where this
+        # torch has it; runtime/inductor_executor.py compile_program)
+        "inductor_pdl": False,
+        # the greedy chain's argmax over the logits as one Triton launch (dsv4c.ops.triton_argmax) instead
+        # of torch.argmax, written straight into the next step's input ids
+        "triton_argmax": False}
 TC_MAX_ROWS = 16
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether the decode GEMVs launch on ``device`` with programmatic dependent launch (TUNE ``pdl``):
+    compiled CUDA on sm_90+ only; the interpreter and older GPUs launch them plainly."""
+    return (bool(TUNE["pdl"]) and HAVE_TRITON and not INTERPRET and gdc_wait is not None
+            and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_options(pdl: bool) -> dict:
+    """Launch options of a kernel whose constexpr PDL is ``pdl`` (nothing extra for a plain launch, which
+    the interpreter's launcher also accepts)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 COUNTER_SETS = ("main", "side")
@@ -1684,8 +1730,9 @@ def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n
     nw = 8 if bm * bn >= 128 * 128 else TUNE["w16_warps"]
     _w16_linear_kernel[(mt, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
-        SPLIT=split, SWAP_AB=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=TUNE["w16_stages"])
+        SPLIT=split, SWAP_AB=False, BM=bm, BN=bn, BK=bk, PDL=False, num_warps=nw, num_stages=TUNE["w16_stages"])
     return out.view(*lead, N)
+
 
 def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0: bool, *,
                        block_m: int | None = None, block_n: int | None = None) -> Tensor:

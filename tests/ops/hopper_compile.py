@@ -24,6 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from dsv4c.ops import triton_argmax as argmax  # noqa: E402
 from dsv4c.ops import triton_fp4_mma as fp4mma  # noqa: E402
 from dsv4c.ops import triton_fp8_mma as fp8mma  # noqa: E402
 from dsv4c.ops import triton_gemv as gemv  # noqa: E402
@@ -77,23 +78,30 @@ def _cases() -> list[Case]:
              wants_mma=True),
         Case("w16_gemv_tc", tk._w16_linear_kernel,
              {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
-             dict(X_SPLIT3=True, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128),
+             dict(X_SPLIT3=True, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=False),
              wants_mma=True),
+        # the head's GEMV as a programmatic dependent (TUNE pdl): it waits before any access
+        Case("w16_gemv_tc_pdl", tk._w16_linear_kernel,
+             {"x_ptr": "bf16", "w_ptr": "bf16", **gemv_bufs},
+             dict(X_SPLIT3=False, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=True),
+             wants_mma=True, extra={"pdl": "wait_first"}),
         # the prefill's mHC mixes (runtime/load_rewrites.py narrow_mix): 24 fp32 rows in three bf16 terms
         # against the bf16 streams, tiled, split-K
         Case("w16_tiled_mix", tk._w16_linear_kernel, {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
-             dict(X_SPLIT3=True, UPCAST=False, SPLIT=3, SWAP_AB=False, BM=32, BN=64, BK=64), num_warps=4,
+             dict(X_SPLIT3=True, UPCAST=False, SPLIT=3, SWAP_AB=False, BM=32, BN=64, BK=64, PDL=False), num_warps=4,
              wants_mma=True),
         *[Case(f"fp4_gemv_tc_nb{nb}", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, NB=nb), wants_mma=True)
           for nb in (1, 2, 4)],
-        *[Case(f"fp4_gemv_mma_w{w}", fp4mma._fp4_gemv_mma_kernel,
+        *[Case(f"fp4_gemv_mma_w{w}{'_pdl' if pdl else ''}", fp4mma._fp4_gemv_mma_kernel,
                {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16), num_warps=w, num_stages=1,
-               wants_mma=True, extra={"lane_asm": True}) for w in (4, 8)],
-        *[Case(f"fp8_gemv_mma_m{m}", fp8mma._fp8_gemv_mma_kernel,
+               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl), num_warps=w, num_stages=1,
+               wants_mma=True, extra={"lane_asm": True, **({"pdl": "wait_first"} if pdl else {})})
+          for w, pdl in ((4, False), (8, False), (8, True))],
+        *[Case(f"fp8_gemv_mma_m{m}{'_pdl' if pdl else ''}", fp8mma._fp8_gemv_mma_kernel,
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc), num_stages=1, wants_mma=True,
-               extra={"lane_asm": True}) for m, mp, qc in ((1, 1, 8), (5, 8, 4))],
+               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl), num_stages=1, wants_mma=True,
+               extra={"lane_asm": True, **({"pdl": "weights_first"} if pdl else {})})
+          for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
         # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
         # copies (only the scale bytes are loaded one by one)
         Case("fp4_packed_prefill", tk._fp4_packed_kernel,
@@ -154,6 +162,10 @@ def _cases() -> list[Case]:
              {"q_ptr": "bf16", "kc_ptr": "u8", "ks_ptr": "u8", "w_ptr": "bf16", "vis_ptr": "i64", "o_ptr": "fp32"},
              dict(D=128, BS=1, BHI=64, BE=128, HAS_VIS=True, IEEE=False, UPCAST=False), num_stages=2,
              wants_mma=True),
+        # the greedy tail's argmax over the Flash vocabulary (32 slices per row)
+        Case("argmax_rows", argmax._argmax_kernel,
+             {"x_ptr": "fp32", "pv_ptr": "fp32", "pi_ptr": "i32", "cnt_ptr": "i32", "o_ptr": "i64"},
+             dict(P=32, PP=32, CHUNK=argmax.CHUNK)),
         Case("swiglu_clamp", tk._swiglu_kernel, {"g_ptr": "bf16", "v_ptr": "bf16", "w_ptr": "fp32", "o_ptr": "bf16"},
              dict(HAS_W=True, BR=16, BN=128), floats=("limit",)),
     ]
@@ -178,6 +190,8 @@ def compile_case(case: Case) -> dict:
     if "min_wgmma_pending" in case.extra:  # the fewest wgmma groups left in flight at a wait inside the loop
         row["wgmma_pending"] = _loop_wgmma_pending(ptx)
         row["min_wgmma_pending"] = case.extra["min_wgmma_pending"]
+    if "pdl" in case.extra:
+        row.update(_pdl_order(ptx))
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")
@@ -196,6 +210,20 @@ def _loop_wgmma_pending(ptx: str) -> int:
         body = ptx[header.end():back if back > 0 else None]
         counts += [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", body)]
     return min(counts) if counts else -1
+
+
+def _pdl_order(ptx: str) -> dict:
+    """What a programmatic-dependent kernel does before it waits for the previous kernel: whether it lets
+    the next kernel launch first, and its global loads (non-coherent ``.nc`` ones: weights) and stores
+    ahead of the first ``griddepcontrol.wait``."""
+    wait = ptx.find("griddepcontrol.wait")
+    release = ptx.find("griddepcontrol.launch_dependents")
+    head = ptx[:wait] if wait >= 0 else ptx
+    loads = re.findall(r"\bld\.global(?:\.[\w:]+)*", head)
+    return {"pdl_wait": wait >= 0, "pdl_release_first": 0 <= release < (wait if wait >= 0 else len(ptx)),
+            "pdl_loads_before_wait": len(loads),
+            "pdl_plain_loads_before_wait": sum(".nc" not in ld for ld in loads),
+            "pdl_stores_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", head))}
 
 
 def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
