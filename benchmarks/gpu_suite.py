@@ -166,19 +166,20 @@ def attempt(what: str, fn) -> dict:  # noqa: ANN001
 
 
 def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) -> dict:
-    """Microseconds of ``logits.argmax(-1, keepdim=True)`` on fp32 logits [B, vocab], replayed from a CUDA
-    graph of ``reps`` calls (no launch gaps from the host): the greedy tail of each chained decode step.
-    The chained steps (and the Python loop) run ~50 us slower than a bare graph replay; this says how much
-    of that the argmax is."""
-    out = {}
-    for b in batches:
-        x = torch.randn(b, vocab, device="cuda")
-        x.argmax(-1, keepdim=True)
+    """Microseconds of the argmax over fp32 logits [B, vocab], ``torch.argmax`` and the Triton kernel of
+    the greedy tail (dsv4c.ops.triton_argmax, checked equal here), each replayed from a CUDA graph of
+    ``reps`` calls (no launch gaps from the host). The chained steps (and the Python loop) ran ~50 us slower
+    than a bare graph replay in session 10; this says how much of that the argmax is."""
+    from dsv4c.ops import triton_argmax
+    from dsv4c.ops import triton_kernels as tk
+
+    def graph_us(fn) -> float:  # noqa: ANN001
+        fn()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for _ in range(reps):
-                x.argmax(-1, keepdim=True)
+                fn()
         g.replay()
         torch.cuda.synchronize()
         a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -186,7 +187,21 @@ def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) 
         g.replay()
         e.record()
         e.synchronize()
-        out[f"b{b}"] = round(a.elapsed_time(e) * 1e3 / reps, 2)
+        return round(a.elapsed_time(e) * 1e3 / reps, 2)
+
+    out = {}
+    saved = tk.TUNE["triton_argmax"]
+    tk.TUNE["triton_argmax"] = True
+    try:
+        for b in batches:
+            x = torch.randn(b, vocab, device="cuda")
+            x[:, 7] = x[:, vocab - 5] = x.max() + 1  # a tie: the first index must win
+            ids = torch.empty((b, 1), dtype=torch.long, device="cuda")
+            out[f"b{b}"] = graph_us(lambda: x.argmax(-1, keepdim=True))
+            out[f"b{b}_triton"] = graph_us(lambda: triton_argmax.argmax_rows(x, out=ids))
+            out[f"b{b}_triton_equal"] = bool(torch.equal(ids, x.argmax(-1, keepdim=True)))
+    finally:
+        tk.TUNE["triton_argmax"] = saved
     return out
 
 
@@ -204,6 +219,35 @@ def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
         looped.append(int(nxt[0]))
     same = [int(a) == b for a, b in zip(chained.tolist(), looped)]
     return {"steps": steps, "agree": sum(same), "first_difference": None if all(same) else same.index(False)}
+
+
+def decode_probe(eng, ctx: int, steps: int = 8, seed: int = 2) -> torch.Tensor:
+    """Logits [steps, vocab] (fp32, CPU) of ``steps`` decode steps at batch 1 from the bench's seeded cache
+    fill at context ``ctx``, fed fixed random ids (not their own argmax): a fingerprint of the decode step
+    that two engines on the same artifact can compare bit for bit (the A/B of a launch-only switch must
+    not change a bit)."""
+    from dsv4c import bench
+
+    bench.fill_cache(eng, 1, ctx)
+    ids = torch.randint(0, eng.vocab_size, (steps, 1, 1), generator=torch.Generator().manual_seed(seed))
+    inputs = dict(eng._static)
+    inputs.update({f"cache.{k}": v[:1] for k, v in eng.cache.items()})
+    out = []
+    with torch.no_grad():
+        for t in range(steps):
+            inputs["input_ids"] = ids[t].to(eng.device)
+            inputs["start_pos"] = torch.tensor([ctx + t], dtype=torch.long, device=eng.device)
+            out.append(eng._executor.run("decode", inputs).float().cpu().reshape(1, -1))
+    return torch.cat(out)
+
+
+def probe_agreement(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """How two decode probes compare: bitwise-equal steps, the largest relative error (norm of the
+    difference over the norm of ``want``, per step) and the argmax agreement."""
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    return {"steps": len(errs), "bitwise_equal_steps": sum(bool(torch.equal(g, w)) for g, w in zip(got, want)),
+            "max_rel_err": max(errs), "argmax_agree": int((got.argmax(-1) == want.argmax(-1)).sum()),
+            "finite": bool(torch.isfinite(got).all())}
 
 
 def compare_with_eager(eng, prompt_len: int, steps: int, seed: int = 0) -> dict:
@@ -553,6 +597,13 @@ def phase_flash(args) -> dict:
     res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 32))
     res["argmax_us"] = attempt("argmax over the logits (us; the greedy tail of every step)",
                                lambda: time_argmax(eng.vocab_size))
+    probe = None
+    if args.ab:
+        try:
+            probe = decode_probe(eng, 8192)
+        except Exception as e:  # noqa: BLE001
+            res["ab_probe"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            log(f"flash: decode probe failed: {e}")
     gc.collect()
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))
@@ -570,19 +621,20 @@ def phase_flash(args) -> dict:
     if args.ab:
         gc.collect()
         torch.cuda.empty_cache()
-        res["ab"] = ab_switches(out, args.ab.split(","), res["bench"], args.deadline)
+        res["ab"] = ab_switches(out, args.ab.split(","), res["bench"], args.deadline, probe=probe)
     gc.collect()
     torch.cuda.empty_cache()
     return res
 
 
 def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device: str = "cuda",
-                context: int = 8192) -> dict:
-    """Each boolean TUNE switch in ``flags`` flipped alone on the same artifact: a fresh Engine (its
-    load-time rewrites and decode compile see the flipped switch), decode at batch 1 and ``context``, the
-    switch restored. ``main``: the main bench's results (its copy bandwidth and, for the same batch and
-    context, the bytes a step moves and its step time). About a minute each on the H100 (decode compile +
-    capture)."""
+                context: int = 8192, probe: torch.Tensor | None = None) -> dict:
+    """Each entry of ``flags`` flipped on the same artifact: a boolean TUNE switch, or several joined by
+    ``+`` flipped together; a fresh Engine (its load-time rewrites and decode compile see the flipped
+    switches), decode at batch 1 and ``context``, the switches restored. ``main``: the main bench's results
+    (its copy bandwidth and, for the same batch and context, the bytes a step moves and its step time).
+    ``probe``: the default engine's :func:`decode_probe` at ``context``; the flipped engine's is compared
+    with it (``vs_default``). About a minute each on the H100 (decode compile + capture)."""
     from dsv4c import bench
     from dsv4c.ops import triton_kernels as tk
     from dsv4c.runtime import Engine
@@ -590,31 +642,38 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
     ref = next((r for r in main.get("decode", []) if r.get("batch") == 1 and r.get("context") == context), None)
     bw = main.get("hbm", {}).get("bytes_per_s")
     res = {}
-    for flag in flags:
+    for entry in flags:
+        names = entry.split("+")
         if time.perf_counter() - T0 > deadline - 90:
-            res[flag] = {"skipped": "deadline"}
+            res[entry] = {"skipped": "deadline"}
             continue
-        if not isinstance(tk.TUNE.get(flag), bool):
-            res[flag] = {"error": f"TUNE[{flag!r}] is not a boolean switch"}
+        bad = [n for n in names if not isinstance(tk.TUNE.get(n), bool)]
+        if bad:
+            res[entry] = {"error": f"TUNE[{bad[0]!r}] is not a boolean switch"}
             continue
-        tk.TUNE[flag] = not tk.TUNE[flag]
+        for n in names:
+            tk.TUNE[n] = not tk.TUNE[n]
         try:
             eng = Engine.load(out, device=device)
             r = bench.bench_decode(eng, 1, context, steps=16)
-            r[flag] = tk.TUNE[flag]
+            r.update({n: tk.TUNE[n] for n in names})
+            if probe is not None:
+                r["vs_default"] = probe_agreement(decode_probe(eng, context, steps=probe.shape[0]), probe)
             if ref is not None:
                 r["default_step_ms"] = ref["step_ms"]
                 if bw and "bytes_per_step" in ref:
                     r["hbm_fraction"] = round(ref["bytes_per_step"]["total"] / (r["step_ms"] / 1e3) / bw, 3)
-            res[flag] = r
-            log(f"flash: A/B {flag}={tk.TUNE[flag]}: decode b=1 context {context} {r['step_ms']:.3f} ms "
-                f"(default {ref['step_ms'] if ref else '?'} ms)")
+            res[entry] = r
+            log(f"flash: A/B {entry} -> {[tk.TUNE[n] for n in names]}: decode b=1 context {context} "
+                f"{r['step_ms']:.3f} ms (default {ref['step_ms'] if ref else '?'} ms); logits vs default "
+                f"{r.get('vs_default')}")
             del eng
         except Exception as e:  # noqa: BLE001
-            res[flag] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-            log(f"flash: A/B {flag} failed: {e}")
+            res[entry] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            log(f"flash: A/B {entry} failed: {e}")
         finally:
-            tk.TUNE[flag] = not tk.TUNE[flag]
+            for n in names:
+                tk.TUNE[n] = not tk.TUNE[n]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -792,8 +851,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=560, help="seconds from start after which optional steps skip")
     ap.add_argument("--b32-seconds", type=float, default=190, help="time a batch-32 bucket needs (compile + capture)")
     ap.add_argument("--ab", default="",
-                    help="flash: TUNE switches to flip one at a time for a decode b=1 8k A/B on the same artifact, "
-                         "e.g. shared_expert_stream,rope_one_expression")
+                    help="flash: TUNE switches to flip one at a time (or joined by +, together) for a decode b=1 "
+                         "8k A/B on the same artifact, e.g. shared_expert_stream,pdl+inductor_pdl")
     ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")

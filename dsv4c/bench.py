@@ -229,7 +229,9 @@ def prefill_flops(spec: dict, S: int) -> float:
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
-def _fill_cache(eng, rows: int, ctx: int, seed: int = 0) -> None:
+def fill_cache(eng, rows: int, ctx: int, seed: int = 0) -> None:
+    """Rows ``:rows`` of the engine's cache filled with seeded random entries (as if ``ctx`` tokens were
+    decoded): a decode step's inputs without a prefill."""
     g = torch.Generator(device=eng.device).manual_seed(seed)
     for name, t in eng.cache.items():
         v = t[:rows]
@@ -249,7 +251,7 @@ def bench_decode(eng, batch: int, ctx: int, steps: int = 20) -> dict:
     dev = eng.device
 
     def fresh_start():  # every timed run decodes from the same context length: cache re-filled, new ids
-        _fill_cache(eng, batch, ctx)
+        fill_cache(eng, batch, ctx)
         return (torch.randint(0, eng.vocab_size, (batch, 1), device=dev),
                 torch.full((batch,), ctx, dtype=torch.long, device=dev))
 

@@ -29,18 +29,35 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     load = Engine.load
 
     def spy(path, device="cpu"):  # what the switch reads while the engine loads
-        seen["shared_expert_stream"] = tk.TUNE["shared_expert_stream"]
+        seen.setdefault("shared_expert_stream", tk.TUNE["shared_expert_stream"])  # the first A/B flips it
         return load(path, device=device)
 
+    probe = gpu_suite.decode_probe(Engine.load(out, device="cpu"), 64, steps=3)
+    assert probe.shape == (3, 256) and torch.isfinite(probe).all()
     monkeypatch.setattr(Engine, "load", spy)
-    res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch"], main,
-                                deadline=1e9, device="cpu", context=64)
+    res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch", "pdl+triton_argmax"],
+                                main, deadline=1e9, device="cpu", context=64, probe=probe)
     assert seen == {"shared_expert_stream": not before["shared_expert_stream"]}
     assert tk.TUNE == before  # every switch restored
     r = res["shared_expert_stream"]
     assert r["shared_expert_stream"] is (not before["shared_expert_stream"]) and r["batch"] == 1
     assert r["context"] == 64 and r["default_step_ms"] == 2.0 and r["step_ms"] > 0
     assert r["hbm_fraction"] == round(1e9 / (r["step_ms"] / 1e3) / 1e12, 3)
+    # the switch only rewrites CUDA graphs: on the CPU the probe's logits are the same bits
+    assert r["vs_default"] == {"steps": 3, "bitwise_equal_steps": 3, "max_rel_err": 0.0, "argmax_agree": 3,
+                               "finite": True}
+    both = res["pdl+triton_argmax"]  # flipped together
+    assert both["pdl"] is (not before["pdl"]) and both["triton_argmax"] is (not before["triton_argmax"])
+    assert both["vs_default"]["bitwise_equal_steps"] == 3
     assert "not a boolean switch" in res["fp4_mma_warps"]["error"]
     assert "not a boolean switch" in res["no_such_switch"]["error"]
     assert torch.isfinite(torch.tensor(r["step_ms"]))
+
+
+def test_probe_agreement_counts_bitwise_steps_and_argmax():
+    want = torch.tensor([[0.0, 1.0, 2.0], [3.0, 1.0, 0.5]])
+    got = want.clone()
+    got[1, 0] = 0.25  # step 1 changes its argmax
+    r = gpu_suite.probe_agreement(got, want)
+    assert r["steps"] == 2 and r["bitwise_equal_steps"] == 1 and r["argmax_agree"] == 1 and r["finite"]
+    assert abs(r["max_rel_err"] - gpu_suite.rel_err(got[1], want[1])) < 1e-12 and r["max_rel_err"] > 0.5
