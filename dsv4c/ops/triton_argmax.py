@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import HAVE_TRITON, INTERPRET, TUNE, _counters
+from .triton_kernels import HAVE_TRITON, INTERPRET, TUNE, _counters, pdl_kwargs
 
 CHUNK = 4096  # entries per program
 
@@ -20,9 +20,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .triton_kernels import _pdl_release, _pdl_wait
+
     @triton.jit
     def _argmax_kernel(x_ptr, pv_ptr, pi_ptr, cnt_ptr, o_ptr, V, SX, P: tl.constexpr, PP: tl.constexpr,
-                       CHUNK: tl.constexpr):
+                       CHUNK: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         row = tl.program_id(0)
         p = tl.program_id(1)
         offs = p * CHUNK + tl.arange(0, CHUNK)
@@ -69,7 +73,8 @@ def argmax_rows(x: Tensor, out: Tensor | None = None) -> Tensor:
     pv = torch.empty((B, P), dtype=torch.float32, device=x.device)
     pi = torch.empty((B, P), dtype=torch.int32, device=x.device)
     _argmax_kernel[(B, P)](x, pv, pi, _counters(x.device), out, V, x.stride(0), P=P,
-                           PP=triton.next_power_of_2(P), CHUNK=CHUNK, num_warps=4)
+                           PP=triton.next_power_of_2(P), CHUNK=CHUNK, num_warps=4,
+                           **pdl_kwargs(x.device))
     return out
 
 

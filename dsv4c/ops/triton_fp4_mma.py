@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import HAVE_TRITON, INTERPRET, TUNE, _pick_split, _split_buffers, pdl_launch, pdl_options
+from .triton_kernels import HAVE_TRITON, INTERPRET, TUNE, _pick_split, _split_buffers, pdl_kwargs
 
 TILE_ROWS = 128  # packed tile rows (PBN)
 TILE_K = 128  # packed tile K (PBK): 64 bytes per row
@@ -172,7 +172,7 @@ if HAVE_TRITON:
     @triton.jit
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
                              A, N, K, E, NBLK, KTILES, T_PER_SPLIT, UE8M0: tl.constexpr, SPLIT: tl.constexpr,
-                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr):
+                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
         launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first)."""
@@ -268,11 +268,10 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     qs = torch.empty((A, KT), dtype=torch.float32, device=x.device)
     ordered = A > TUNE["fp4_order_rows"]
     order = torch.sort(expert).indices if ordered else expert
-    pdl = pdl_launch(x.device)
     _fp4_gemv_mma_kernel[(A, nt, split)](
         x, expert, order, weight, scale, q, qs, out, part, cnt, A, N, K, E, NBLK, KT, per, UE8M0=bool(ue8m0),
-        SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), PDL=pdl, num_warps=warps,
-        num_stages=1, **pdl_options(pdl))
+        SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), num_warps=warps,
+        num_stages=1, **pdl_kwargs(x.device))
     return out
 
 

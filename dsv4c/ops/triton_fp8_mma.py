@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .triton_fp4_mma import lane_coords_ptx, mma_device
-from .triton_kernels import HAVE_TRITON, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_launch, pdl_options
+from .triton_kernels import HAVE_TRITON, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_kwargs
 
 MAX_ROWS = 8  # activation rows: the MMA's N side
 
@@ -128,7 +128,7 @@ if HAVE_TRITON:
     @triton.jit
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB,
                              T_PER_SPLIT, SW_STRIDE, UE8M0: tl.constexpr, SPLIT: tl.constexpr, NT: tl.constexpr,
-                             MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr):
+                             MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False):
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
         ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. PDL: launched as
         a programmatic dependent, the first weight tile loaded before the wait for the previous kernel."""
@@ -219,10 +219,9 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     qs = torch.empty((M, kb), dtype=torch.float32, device=x2.device)
     mp = triton.next_power_of_2(M)
     qc = max(1, min(triton.next_power_of_2(per), 32 // mp))  # tiles quantized per prologue step
-    pdl = pdl_launch(x2.device)
     _fp8_gemv_mma_kernel[(nt, split)](
         x2, weight, scale, q, qs, out, part, cnt, M, N, K, kb, per, scale.stride(0), UE8M0=bool(ue8m0),
-        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, PDL=pdl, num_warps=warps, num_stages=1, **pdl_options(pdl))
+        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, num_warps=warps, num_stages=1, **pdl_kwargs(x2.device))
     return out
 
 

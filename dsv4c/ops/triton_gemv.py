@@ -34,8 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import (HAVE_TRITON, INTERPRET, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_launch,
-                             pdl_options)
+from .triton_kernels import (HAVE_TRITON, INTERPRET, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_kwargs)
 
 ROWS = 16  # activation rows per program, padded (the MMA's smallest N side in Triton)
 
@@ -273,11 +272,10 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     split, per = _pick_split(nt, nkb, x2.device, split_k)
     out = torch.empty((M, N), dtype=torch.float32, device=x2.device)
     part, cnt = _split_buffers(split, M, N, x2.device)
-    pdl = pdl_launch(x2.device)
     _w16_linear_kernel[(1, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
-        SPLIT=split, SWAP_AB=True, BM=ROWS, BN=bn, BK=bk, PDL=pdl, num_warps=TUNE["tc_warps"],
-        num_stages=TUNE["tc_stages"], **pdl_options(pdl))
+        SPLIT=split, SWAP_AB=True, BM=ROWS, BN=bn, BK=bk, num_warps=TUNE["tc_warps"],
+        num_stages=TUNE["tc_stages"], **pdl_kwargs(x2.device))
     return out
 
 

@@ -217,8 +217,10 @@ if HAVE_TRITON:
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NB,
                           BLOCK_M: tl.constexpr, QB: tl.constexpr, UE8M0: tl.constexpr,
-                          DEQUANT: tl.constexpr):
+                          DEQUANT: tl.constexpr, PDL: tl.constexpr = False):
         """x [M, K] -> e4m3 codes q [M, K] + fp32 scales s [M, NB] (or, with DEQUANT, q * s in q's dtype)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         pid_m = tl.program_id(0)
         kb = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -720,7 +722,7 @@ if HAVE_TRITON:
     @triton.jit
     def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
                            X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
         """o (fp32) = x @ w^T with w bf16 and fp32 arithmetic: bf16 x is exact in a bf16 dot (fp32
         accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots.
         SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed.
@@ -800,7 +802,8 @@ if HAVE_TRITON:
                             BH: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr, PV_SPLIT: tl.constexpr,
                             SPLIT: tl.constexpr, PACKED: tl.constexpr = False, MERGE_LAST: tl.constexpr = True,
-                            WIN_SCAN: tl.constexpr = False, SCAN_KEYS: tl.constexpr = 1024):
+                            WIN_SCAN: tl.constexpr = False, SCAN_KEYS: tl.constexpr = 1024,
+                            PDL: tl.constexpr = False):
         """One query token (b, s) and BH heads; keys = values; online softmax with a sink.
 
         WIN_SCAN (prefill: the window keys are the ring plus every token of the call, NW = window + S, and
@@ -819,6 +822,8 @@ if HAVE_TRITON:
         [B, E, S8]) and the bf16 rope dims (``cr`` [B, E, C - NOPE]); batch / entry strides in elements.
         A selected entry is dequantized in registers (e4m3 * 2^(byte - 127), exact in bf16 and fp32)
         into the same [BN, BC] tile the dense path loads."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         bs = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         ks = tl.program_id(2)
@@ -931,10 +936,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attn_merge_kernel(sink_ptr, o_ptr, pm_ptr, pl_ptr, pacc_ptr, H, C, BSH,
-                           SPLIT: tl.constexpr, BH: tl.constexpr, BCW: tl.constexpr):
+                           SPLIT: tl.constexpr, BH: tl.constexpr, BCW: tl.constexpr, PDL: tl.constexpr = False):
         """The split merge of ``_sparse_attn_kernel`` as a launch of its own: program (token, head block, column
         block) merges a [BH, BCW] slice, so the merge is spread over many programs instead of one per head
         block (TUNE ``attn_merge_launch``)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         bs = tl.program_id(0).to(tl.int64)
         rh = tl.program_id(1) * BH + tl.arange(0, BH)
         rc = tl.program_id(2) * BCW + tl.arange(0, BCW)
@@ -981,7 +988,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _hc_split_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, R, ITERS, eps,
-                         N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr):
+                         N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         rr = tl.program_id(0) * BR + tl.arange(0, BR)
         r_mask = rr < R
         rows = rr.to(tl.int64)
@@ -999,8 +1008,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _swiglu_kernel(g_ptr, v_ptr, w_ptr, o_ptr, R, N, SG, SV, limit,
-                       HAS_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+                       HAS_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = False):
         """SG / SV: row strides of g and v (column views of one stacked w1+w3 output need no copy)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         rr = tl.program_id(0) * BR + tl.arange(0, BR)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         r_mask = rr < R
@@ -1055,7 +1066,8 @@ if HAVE_TRITON:
     def _indexer_score_packed_kernel(q_ptr, kc_ptr, ks_ptr, w_ptr, vis_ptr, o_ptr, S, NH, NE,
                                      KC_SB, KC_SE, KS_SB, KS_SE,
                                      D: tl.constexpr, BS: tl.constexpr, BHI: tl.constexpr, BE: tl.constexpr,
-                                     HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                                     HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                     PDL: tl.constexpr = False):
         """BS query tokens x BE keys stored as FP4: ``kc`` [B, E, D/2] bytes (two e2m1 codes, low nibble =
         even element), ``ks`` [B, E, D/32] ue8m0 bytes; batch / entry strides in bytes. The tile is decoded
         once in registers (e2m1 -> e4m3 bit pattern, times 2^(byte - 127 + 6): exact in bf16) and reused for
@@ -1063,6 +1075,8 @@ if HAVE_TRITON:
 
         HAS_VIS: entry j is visible to token (b, s) when j < vis[b, s]; others score -inf, and a tile that no
         token of the block can see is not read at all (decode reads only the live part of the cache)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         nsb = tl.cdiv(S, BS)
         pid = tl.program_id(0)
         b = (pid // nsb).to(tl.int64)
@@ -1121,8 +1135,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _compress_pool_kernel(a_ptr, z_ptr, ap_ptr, zp_ptr, o_ptr, M, D, KD,
-                              BM: tl.constexpr, BD: tl.constexpr, OVERLAP: tl.constexpr):
+                              BM: tl.constexpr, BD: tl.constexpr, OVERLAP: tl.constexpr, PDL: tl.constexpr = False):
         """One window (b, w) and BD features: softmax over the m (or 2m) slots, per feature."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         win = tl.program_id(0).to(tl.int64)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
         rt = tl.arange(0, BM)
@@ -1199,7 +1215,7 @@ def act_quant_fp8(x: Tensor, ue8m0: bool, block: int = QBLOCK) -> tuple[Tensor, 
     if M and K:
         bm = min(16, _np2(M))
         _act_quant_kernel[(triton.cdiv(M, bm), nb)](x, q, s, M, K, nb, BLOCK_M=bm, QB=block, UE8M0=bool(ue8m0),
-                                                    DEQUANT=False, num_warps=4)
+                                                    DEQUANT=False, num_warps=4, **pdl_kwargs(x.device))
     return q, s
 
 
@@ -1217,7 +1233,8 @@ def fp8_qdq(x: Tensor, block: int, ue8m0: bool) -> Tensor:
     if M and K:
         bm = min(16, _np2(M))
         _act_quant_kernel[(triton.cdiv(M, bm), K // block)](x2, out, out, M, K, K // block, BLOCK_M=bm, QB=block,
-                                                            UE8M0=bool(ue8m0), DEQUANT=True, num_warps=4)
+                                                            UE8M0=bool(ue8m0), DEQUANT=True, num_warps=4,
+                                                            **pdl_kwargs(x2.device))
     return out.view(x.shape)
 
 
@@ -1432,10 +1449,11 @@ def pdl_launch(device: torch.device) -> bool:
             and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def pdl_options(pdl: bool) -> dict:
-    """Launch options of a kernel whose constexpr PDL is ``pdl`` (nothing extra for a plain launch, which
-    the interpreter's launcher also accepts)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_kwargs(device: torch.device) -> dict:
+    """The launch arguments of a kernel with a ``PDL`` constexpr (default False) on ``device``: the
+    constexpr and the launch option under :func:`pdl_launch`, nothing for a plain launch (which the
+    interpreter's launcher also accepts)."""
+    return {"PDL": True, "launch_pdl": True} if pdl_launch(device) else {}
 
 
 COUNTER_SETS = ("main", "side")
@@ -1730,7 +1748,7 @@ def linear_w16(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n
     nw = 8 if bm * bn >= 128 * 128 else TUNE["w16_warps"]
     _w16_linear_kernel[(mt, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
-        SPLIT=split, SWAP_AB=False, BM=bm, BN=bn, BK=bk, PDL=False, num_warps=nw, num_stages=TUNE["w16_stages"])
+        SPLIT=split, SWAP_AB=False, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=TUNE["w16_stages"])
     return out.view(*lead, N)
 
 
@@ -1885,11 +1903,13 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
                               S, H, C, NW, NE, KC, float(scale), w_chunk, c_chunk, B * S * H, *pk_args,
                               BH=bh, BN=bn, BC=bc, IEEE=_is_fp32(q), UPCAST=INTERPRET, PV_SPLIT=bool(pv_split),
                               SPLIT=kv_split, PACKED=packed is not None, MERGE_LAST=not merge_launch,
-                              WIN_SCAN=win_scan, SCAN_KEYS=WIN_SCAN_KEYS, num_warps=nw, num_stages=2)
+                              WIN_SCAN=win_scan, SCAN_KEYS=WIN_SCAN_KEYS, num_warps=nw, num_stages=2,
+                              **pdl_kwargs(q.device))
     if merge_launch:
         bcw = min(128, bc)
         _attn_merge_kernel[(B * S, hbk, triton.cdiv(C, bcw))](sink, out, pm, pl, pacc, H, C, B * S * H,
-                                                               SPLIT=kv_split, BH=bh, BCW=bcw, num_warps=4)
+                                                               SPLIT=kv_split, BH=bh, BCW=bcw, num_warps=4,
+                                                               **pdl_kwargs(q.device))
     return out
 
 
@@ -1912,7 +1932,7 @@ def hc_split(mix: Tensor, base: Tensor, scale: Tensor, n: int, iters: int, eps: 
         nw = 1 if br * np2 * np2 <= 256 else 4
         _hc_split_kernel[(triton.cdiv(R, br),)](m2, base.float().contiguous(), scale.float().contiguous(),
                                                 pre, post, comb, R, int(iters), float(eps),
-                                                N=n, NP=np2, BR=br, num_warps=nw)
+                                                N=n, NP=np2, BR=br, num_warps=nw, **pdl_kwargs(m2.device))
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
 
 
@@ -1931,7 +1951,8 @@ def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight:
         br, bn = 16, min(256, _np2(N))
         _swiglu_kernel[(triton.cdiv(R, br), triton.cdiv(N, bn))](g2, v2, w, out, R, N, g2.stride(0), v2.stride(0),
                                                                float(limit),
-                                                               HAS_W=bool(has_weight), BR=br, BN=bn, num_warps=4)
+                                                               HAS_W=bool(has_weight), BR=br, BN=bn, num_warps=4,
+                                                               **pdl_kwargs(g2.device))
     return out.view(g.shape)
 
 
@@ -1986,7 +2007,8 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     _indexer_score_packed_kernel[grid](q, kc, ks, w, vis, out, S, NH, NE, kc.stride(0), kc.stride(1), ks.stride(0),
                                        ks.stride(1), D=D, BS=bs, BHI=_np2(NH, 16), BE=be,
                                        HAS_VIS=visible is not None, IEEE=_is_fp32(q), UPCAST=INTERPRET,
-                                       num_warps=num_warps or (8 if be >= 256 else 4), num_stages=2)
+                                       num_warps=num_warps or (8 if be >= 256 else 4), num_stages=2,
+                                       **pdl_kwargs(q.device))
     return out
 
 
@@ -2036,7 +2058,7 @@ def compress_pool(a: Tensor, z: Tensor, a_prev: Tensor, z_prev: Tensor, overlap:
         ap, zp = a, z  # unused
     bd = min(128 if M <= 16 else 32, _np2(D))
     _compress_pool_kernel[(B * W, triton.cdiv(D, bd))](a, z, ap, zp, out, M, D, KD, BM=_np2(M), BD=bd,
-                                                       OVERLAP=bool(overlap), num_warps=4)
+                                                       OVERLAP=bool(overlap), num_warps=4, **pdl_kwargs(a.device))
     return out
 
 

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from .library import hc_pre_reference
-from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2, _require
+from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2, _require, pdl_kwargs
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _cast_out, _hc_split_rows
+    from .triton_kernels import _cast_out, _hc_split_rows, _pdl_release, _pdl_wait
 
 
 if HAVE_TRITON:
@@ -48,7 +48,9 @@ if HAVE_TRITON:
     def _hc_pre_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, w_ptr, u_ptr, post_ptr, comb_ptr, part_ptr, mix_ptr,
                        cnt_ptr, D, sx_r, sx_i, sx_d, NCH, ITERS, hc_eps, mix_eps, norm_eps,
                        N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, CK: tl.constexpr, NCHP: tl.constexpr,
-                       BD: tl.constexpr, ONE_PASS: tl.constexpr):
+                       BD: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         M: tl.constexpr = (2 + N) * N
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
@@ -143,7 +145,8 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_w: Tensor, n
                                  norm_w.contiguous(), u, post, comb, part, mix, cnt, D,
                                  x3.stride(0), x3.stride(1), x3.stride(2), nch, int(iters), float(hc_eps),
                                  float(mix_eps), float(norm_eps),
-                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=bd, ONE_PASS=bd >= D, num_warps=nw)
+                                 N=n, NP=_np2(n), MP=mp, CK=ck, NCHP=_np2(nch), BD=bd, ONE_PASS=bd >= D, num_warps=nw,
+                                 **pdl_kwargs(x3.device))
     return u.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 

@@ -35,11 +35,13 @@ from torch import Tensor
 
 # importing triton_kernels also applies its interpreter fix (runtime loop bounds under numpy >= 2.4)
 from . import library
-from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2
+from .triton_kernels import HAVE_TRITON, TUNE, _counters, _np2, pdl_kwargs
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .triton_kernels import _pdl_release, _pdl_wait
 
 MAX_KERNEL_TOPK = 8192  # the final sort holds next_power_of_2(topk) 64-bit values in registers of one CTA
 DEFAULT_CHUNK = 4096  # rows up to this wide stay in registers
@@ -138,7 +140,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _topk_ids_kernel(s_ptr, len_ptr, o_ptr, NE, s_row_stride, K,
-                         CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr, HAS_LEN: tl.constexpr):
+                         CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr, HAS_LEN: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)
         row = s_ptr + r * s_row_stride
         out = o_ptr + r * K
@@ -215,7 +220,9 @@ if HAVE_TRITON:
     @triton.jit
     def _topk_split_kernel(s_ptr, len_ptr, c_ptr, o_ptr, cnt_ptr, NE, s_row_stride, K, NSEG,
                            SEG: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, HAS_LEN: tl.constexpr,
-                           HALF: tl.constexpr):
+                           HALF: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
         r = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         row = s_ptr + r * s_row_stride
@@ -310,14 +317,15 @@ def topk_ids(scores: Tensor, topk: int, lengths: Tensor | None = None, *, chunk:
         cand = torch.empty((rows, nseg, kp), dtype=torch.int64, device=scores.device)
         _topk_split_kernel[(rows, nseg)](s, ln, cand, out, _counters(scores.device), NE, s.stride(0), topk, nseg,
                                          SEG=seg, KP=kp, CP=_np2(nseg * kp), HAS_LEN=lengths is not None,
-                                         HALF=seg // 2 >= 32 * num_warps, num_warps=num_warps)
+                                         HALF=seg // 2 >= 32 * num_warps, num_warps=num_warps,
+                                         **pdl_kwargs(s.device))
         return out.reshape(*lead, topk)
     seg = multi_level_segment(NE, topk, rows, num_warps)
     if seg:
         _multi_level(s, lengths is not None, ln, out, topk, seg, num_warps)
         return out.reshape(*lead, topk)
     _topk_ids_kernel[(rows,)](s, ln, out, NE, s.stride(0), topk, CHUNK=CHUNK, KP=_np2(topk), SINGLE=NE <= CHUNK,
-                              HAS_LEN=lengths is not None, num_warps=num_warps)
+                              HAS_LEN=lengths is not None, num_warps=num_warps, **pdl_kwargs(s.device))
     return out.reshape(*lead, topk)
 
 

@@ -11,6 +11,7 @@ because the interpreter tests set it in their process). Prints one JSON line per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -171,6 +172,18 @@ def _cases() -> list[Case]:
     ]
 
 
+# every other decode kernel under TUNE pdl (they wait first: their inputs come from the previous kernels)
+PDL_TOO = ("hc_pre_decode_one_pass", "sparse_attn_packed_decode", "attn_merge_decode", "topk_split", "swiglu_clamp",
+           "indexer_score_packed_decode", "argmax_rows")
+
+
+def _all_cases() -> list[Case]:
+    cases = _cases()
+    return cases + [dataclasses.replace(c, name=f"{c.name}_pdl", constexprs={**c.constexprs, "PDL": True},
+                                        extra={**c.extra, "pdl": "wait_first"})
+                    for c in cases if c.name in PDL_TOO]
+
+
 def compile_case(case: Case) -> dict:
     t0 = time.perf_counter()
     sig = _signature(case)
@@ -246,7 +259,7 @@ def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
 def main(argv: list[str]) -> int:
     only = set(argv[1:])
     failed = 0
-    for case in _cases():
+    for case in _all_cases():
         if only and case.name not in only:
             continue
         try:

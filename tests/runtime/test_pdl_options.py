@@ -22,8 +22,8 @@ def test_gemv_pdl_only_compiled_cuda_sm90(monkeypatch):
     monkeypatch.setitem(tk.TUNE, "pdl", True)
     _capability(monkeypatch, (9, 0))
     assert tk.pdl_launch(CUDA) is True
-    assert tk.pdl_options(True) == {"launch_pdl": True} and tk.pdl_options(False) == {}
-    assert tk.pdl_launch(torch.device("cpu")) is False
+    assert tk.pdl_kwargs(CUDA) == {"PDL": True, "launch_pdl": True}
+    assert tk.pdl_launch(torch.device("cpu")) is False and tk.pdl_kwargs(torch.device("cpu")) == {}
     _capability(monkeypatch, (8, 9))
     assert tk.pdl_launch(CUDA) is False
     _capability(monkeypatch, (9, 0))
