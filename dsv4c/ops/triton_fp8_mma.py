@@ -55,6 +55,16 @@ def _w_load_asm() -> str:
     return "\n".join(lines)
 
 
+def _w_prefetch_asm() -> str:
+    """The program's weight rows over its K tiles into L2: lane t = 0 of each row pair asks for rows g and
+    g + 8 (one bulk prefetch each). In: $1 / $2 addresses of rows g / g + 8 at K 16t of the first tile
+    (u64), $3 bytes (u32). Out: $0 (zero)."""
+    return "\n".join([
+        "{", ".reg .b32 tid, t;", ".reg .pred p;", "mov.u32 tid, %tid.x;", "and.b32 t, tid, 3;",
+        "setp.eq.u32 p, t, 0;", "@p cp.async.bulk.prefetch.L2.global [$1], $3;",
+        "@p cp.async.bulk.prefetch.L2.global [$2], $3;", "mov.u32 $0, 0;", "}"])
+
+
 def _x_load_asm() -> str:
     """The lane's activation bytes of one K tile (row min(g, M - 1) of the scratch copy this kernel wrote:
     plain loads) and the scales of activation rows 2t, 2t + 1. In: $10 bytes, $11 / $12 scales (u64).
@@ -101,6 +111,7 @@ if HAVE_TRITON:
     _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
     _X_LOAD = tl.constexpr(_x_load_asm())
+    _W_PREFETCH = tl.constexpr(_w_prefetch_asm())
     _MMA_STEP = tl.constexpr(_mma_step_asm())
     _LANE_ROWS = tl.constexpr(_lane_rows_asm())
 
@@ -109,6 +120,13 @@ if HAVE_TRITON:
         return tl.inline_asm_elementwise(
             asm=_W_LOAD, constraints="=r," * 16 + "l,l", args=[wg + kt * 128, wh + kt * 128],
             dtype=(tl.int32,) * 16, is_pure=False, pack=1)
+
+    @triton.jit
+    def _w_prefetch(wg, wh, t0, t1):
+        nbytes = (t1 - t0) * 128 + tl.zeros(wg.shape, dtype=tl.int32)
+        return tl.inline_asm_elementwise(
+            asm=_W_PREFETCH, constraints="=r,l,l,r", args=[wg + t0 * 128, wh + t0 * 128, nbytes],
+            dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _x_load(xa, s0, s1, kt):
@@ -128,10 +146,12 @@ if HAVE_TRITON:
     @triton.jit
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB,
                              T_PER_SPLIT, SW_STRIDE, UE8M0: tl.constexpr, SPLIT: tl.constexpr, NT: tl.constexpr,
-                             MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False):
+                             MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False,
+                             PREFETCH: tl.constexpr = False):
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
         ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. PDL: launched as
-        a programmatic dependent, the first weight tile loaded before the wait for the previous kernel."""
+        a programmatic dependent, the first weight tile loaded before the wait for the previous kernel (and,
+        with PREFETCH, all of the program's weight rows asked into L2 first)."""
         _pdl_release(PDL)
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
@@ -146,6 +166,8 @@ if HAVE_TRITON:
         w0 = (w_ptr + n0.to(tl.int64) * K).to(tl.int64)
         wg = w0 + ow.to(tl.int64)
         wh = wg + 8 * K
+        if PREFETCH:
+            _w_prefetch(wg, wh, t0, t1)
         w_cur = _w_load(wg, wh, t0)  # in flight while the activation is quantized
         _pdl_wait(PDL)  # everything below reads the activation or writes
         # the activation rows' K tiles t0..t1 -> e4m3 codes (natural order) + one scale per row and tile
@@ -221,7 +243,7 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     qc = max(1, min(triton.next_power_of_2(per), 32 // mp))  # tiles quantized per prologue step
     _fp8_gemv_mma_kernel[(nt, split)](
         x2, weight, scale, q, qs, out, part, cnt, M, N, K, kb, per, scale.stride(0), UE8M0=bool(ue8m0),
-        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, num_warps=warps, num_stages=1, **pdl_kwargs(x2.device))
+        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, num_warps=warps, num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

@@ -275,7 +275,7 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     _w16_linear_kernel[(1, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
         SPLIT=split, SWAP_AB=True, BM=ROWS, BN=bn, BK=bk, num_warps=TUNE["tc_warps"],
-        num_stages=TUNE["tc_stages"], **pdl_kwargs(x2.device))
+        num_stages=TUNE["tc_stages"], **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

@@ -86,6 +86,10 @@ def _cases() -> list[Case]:
              {"x_ptr": "bf16", "w_ptr": "bf16", **gemv_bufs},
              dict(X_SPLIT3=False, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=True),
              wants_mma=True, extra={"pdl": "wait_first"}),
+        Case("w16_gemv_tc_pdl_prefetch", tk._w16_linear_kernel,
+             {"x_ptr": "bf16", "w_ptr": "bf16", **gemv_bufs},
+             dict(X_SPLIT3=False, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=True,
+                  PREFETCH=True), wants_mma=True, extra={"pdl": "wait_first"}),
         # the prefill's mHC mixes (runtime/load_rewrites.py narrow_mix): 24 fp32 rows in three bf16 terms
         # against the bf16 streams, tiled, split-K
         Case("w16_tiled_mix", tk._w16_linear_kernel, {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
@@ -103,6 +107,10 @@ def _cases() -> list[Case]:
                dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl), num_stages=1, wants_mma=True,
                extra={"lane_asm": True, **({"pdl": "weights_first"} if pdl else {})})
           for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
+        Case("fp8_gemv_mma_m1_pdl_prefetch", fp8mma._fp8_gemv_mma_kernel,
+             {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
+             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True), num_stages=1, wants_mma=True,
+             extra={"lane_asm": True, "pdl": "weights_first"}),
         # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
         # copies (only the scale bytes are loaded one by one)
         Case("fp4_packed_prefill", tk._fp4_packed_kernel,
@@ -236,7 +244,8 @@ def _pdl_order(ptx: str) -> dict:
     return {"pdl_wait": wait >= 0, "pdl_release_first": 0 <= release < (wait if wait >= 0 else len(ptx)),
             "pdl_loads_before_wait": len(loads),
             "pdl_plain_loads_before_wait": sum(".nc" not in ld for ld in loads),
-            "pdl_stores_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", head))}
+            "pdl_stores_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", head)),
+            "pdl_l2_prefetches_before_wait": head.count("cp.async.bulk.prefetch.L2.global")}
 
 
 def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
