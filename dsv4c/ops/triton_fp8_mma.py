@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .triton_fp4_mma import lane_coords_ptx, mma_device
-from .triton_kernels import HAVE_TRITON, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_kwargs
+from .triton_kernels import (HAVE_TRITON, PDL_PREFETCH_BYTES, QBLOCK, TUNE, _pick_split, _split_buffers,
+                             pdl_kwargs)
 
 MAX_ROWS = 8  # activation rows: the MMA's N side
 
@@ -122,8 +123,8 @@ if HAVE_TRITON:
             dtype=(tl.int32,) * 16, is_pure=False, pack=1)
 
     @triton.jit
-    def _w_prefetch(wg, wh, t0, t1):
-        nbytes = (t1 - t0) * 128 + tl.zeros(wg.shape, dtype=tl.int32)
+    def _w_prefetch(wg, wh, t0, t1, PF_TILES: tl.constexpr):
+        nbytes = tl.minimum(t1 - t0, PF_TILES) * 128 + tl.zeros(wg.shape, dtype=tl.int32)
         return tl.inline_asm_elementwise(
             asm=_W_PREFETCH, constraints="=r,l,l,r", args=[wg + t0 * 128, wh + t0 * 128, nbytes],
             dtype=tl.int32, is_pure=False, pack=1)
@@ -147,11 +148,11 @@ if HAVE_TRITON:
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB,
                              T_PER_SPLIT, SW_STRIDE, UE8M0: tl.constexpr, SPLIT: tl.constexpr, NT: tl.constexpr,
                              MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False):
+                             PREFETCH: tl.constexpr = False, PF_TILES: tl.constexpr = 8):
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
         ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. PDL: launched as
         a programmatic dependent, the first weight tile loaded before the wait for the previous kernel (and,
-        with PREFETCH, all of the program's weight rows asked into L2 first)."""
+        with PREFETCH, up to PF_TILES K tiles of each of the program's weight rows asked into L2 first)."""
         _pdl_release(PDL)
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
@@ -167,7 +168,7 @@ if HAVE_TRITON:
         wg = w0 + ow.to(tl.int64)
         wh = wg + 8 * K
         if PREFETCH:
-            _w_prefetch(wg, wh, t0, t1)
+            _w_prefetch(wg, wh, t0, t1, PF_TILES)
         w_cur = _w_load(wg, wh, t0)  # in flight while the activation is quantized
         _pdl_wait(PDL)  # everything below reads the activation or writes
         # the activation rows' K tiles t0..t1 -> e4m3 codes (natural order) + one scale per row and tile
@@ -243,7 +244,8 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     qc = max(1, min(triton.next_power_of_2(per), 32 // mp))  # tiles quantized per prologue step
     _fp8_gemv_mma_kernel[(nt, split)](
         x2, weight, scale, q, qs, out, part, cnt, M, N, K, kb, per, scale.stride(0), UE8M0=bool(ue8m0),
-        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, num_warps=warps, num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
+        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, PF_TILES=max(1, PDL_PREFETCH_BYTES // (bn * 128)), num_warps=warps,
+        num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

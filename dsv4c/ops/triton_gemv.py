@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_kernels import (HAVE_TRITON, INTERPRET, QBLOCK, TUNE, _pick_split, _split_buffers, pdl_kwargs)
+from .triton_kernels import (HAVE_TRITON, INTERPRET, PDL_PREFETCH_BYTES, QBLOCK, TUNE, _pick_split,
+                             _split_buffers, pdl_kwargs)
 
 ROWS = 16  # activation rows per program, padded (the MMA's smallest N side in Triton)
 
@@ -275,7 +276,7 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     _w16_linear_kernel[(1, nt, split)](
         x2, weight, out, part, cnt, M, N, K, nkb, per, X_SPLIT3=x2.dtype == torch.float32, UPCAST=INTERPRET,
         SPLIT=split, SWAP_AB=True, BM=ROWS, BN=bn, BK=bk, num_warps=TUNE["tc_warps"],
-        num_stages=TUNE["tc_stages"], **pdl_kwargs(x2.device, prefetch=True))
+        num_stages=TUNE["tc_stages"], PF_ROW_BYTES=PDL_PREFETCH_BYTES // bn, **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

@@ -732,12 +732,12 @@ if HAVE_TRITON:
     def _w16_linear_kernel(x_ptr, w_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, NKB, KB_PER_SPLIT,
                            X_SPLIT3: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, SWAP_AB: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False,
-                           PREFETCH: tl.constexpr = False):
+                           PREFETCH: tl.constexpr = False, PF_ROW_BYTES: tl.constexpr = 512):
         """o (fp32) = x @ w^T with w bf16 and fp32 arithmetic: bf16 x is exact in a bf16 dot (fp32
         accumulate); fp32 x is split into three bf16 terms (hi + mid + lo = x to ~2^-24), three dots.
         SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed.
-        PDL: launched as a programmatic dependent (see :func:`_pdl_wait`); PREFETCH: its rows' K range of the
-        weight prefetched into L2 before the wait."""
+        PDL: launched as a programmatic dependent (see :func:`_pdl_wait`); PREFETCH: up to PF_ROW_BYTES of
+        each of its rows' K range of the weight asked into L2 before the wait."""
         _pdl_release(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -749,7 +749,8 @@ if HAVE_TRITON:
             k1 = tl.minimum(k0 + KB_PER_SPLIT * BK, K)
             if (K % 8 == 0) & (k1 > k0):  # 16-byte aligned bf16 rows
                 rows = tl.where(rn < N, rn, 0).to(tl.int64)
-                _l2_prefetch((w_ptr + rows * K + k0).to(tl.int64), (k1 - k0) * 2 + tl.zeros_like(rn))
+                nb = tl.minimum(k1 - k0, PF_ROW_BYTES // 2) * 2
+                _l2_prefetch((w_ptr + rows * K + k0).to(tl.int64), nb + tl.zeros_like(rn))
         _pdl_wait(PDL)
         rk = tl.arange(0, BK)
         m_mask = rm < M
@@ -1449,8 +1450,8 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # dependent access; the FP8 GEMV loads its first weight tile before that wait (see :func:`pdl_launch`)
         # (H100, session 11, decode b=1 8k: 1.507 -> 1.497 ms, logits bitwise the same)
         "pdl": True,
-        # under pdl, the FP8 and W16 decode GEMVs first prefetch their whole weight slice into L2 (one bulk
-        # prefetch per row) while the previous kernel still runs
+        # under pdl, the FP8 and W16 decode GEMVs first ask the start of their weight slice into L2 (one bulk
+        # prefetch per row, PDL_PREFETCH_BYTES a program) while the previous kernel still runs
         "pdl_prefetch": False,
         # Inductor's own kernels with programmatic dependent launch (its ``triton.enable_pdl``, where this
         # torch has it; runtime/inductor_executor.py compile_program) (H100, session 11: 1.507 -> 1.486 ms,
@@ -1461,6 +1462,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # for 129280 logits; the chained step 1.507 -> 1.497 ms)
         "triton_argmax": True}
 TC_MAX_ROWS = 16
+# L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
+# kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without
+# evicting the lines before they are used
+PDL_PREFETCH_BYTES = 64 * 1024
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
 

@@ -89,7 +89,7 @@ def _cases() -> list[Case]:
         Case("w16_gemv_tc_pdl_prefetch", tk._w16_linear_kernel,
              {"x_ptr": "bf16", "w_ptr": "bf16", **gemv_bufs},
              dict(X_SPLIT3=False, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=True,
-                  PREFETCH=True), wants_mma=True, extra={"pdl": "wait_first"}),
+                  PREFETCH=True, PF_ROW_BYTES=512), wants_mma=True, extra={"pdl": "wait_first"}),
         # the prefill's mHC mixes (runtime/load_rewrites.py narrow_mix): 24 fp32 rows in three bf16 terms
         # against the bf16 streams, tiled, split-K
         Case("w16_tiled_mix", tk._w16_linear_kernel, {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
@@ -109,7 +109,7 @@ def _cases() -> list[Case]:
           for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
         Case("fp8_gemv_mma_m1_pdl_prefetch", fp8mma._fp8_gemv_mma_kernel,
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True), num_stages=1, wants_mma=True,
+             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8), num_stages=1, wants_mma=True,
              extra={"lane_asm": True, "pdl": "weights_first"}),
         # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
         # copies (only the scale bytes are loaded one by one)
