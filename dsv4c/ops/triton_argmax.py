@@ -20,13 +20,12 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _pdl_release, _pdl_wait
+    from .triton_kernels import _pdl_begin
 
     @triton.jit
     def _argmax_kernel(x_ptr, pv_ptr, pi_ptr, cnt_ptr, o_ptr, V, SX, P: tl.constexpr, PP: tl.constexpr,
                        CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         row = tl.program_id(0)
         p = tl.program_id(1)
         offs = p * CHUNK + tl.arange(0, CHUNK)

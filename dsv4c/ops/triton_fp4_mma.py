@@ -127,7 +127,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _decode_row_expert, _pdl_release, _pdl_wait, _quant_e4m3, _splitk_store
+    from .triton_kernels import _decode_row_expert, _pdl_begin, _quant_e4m3, _splitk_store
 
     _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
@@ -176,8 +176,7 @@ if HAVE_TRITON:
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
         launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first)."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)

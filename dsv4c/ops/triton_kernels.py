@@ -137,6 +137,13 @@ if HAVE_TRITON:
             gdc_wait()
 
     @triton.jit
+    def _pdl_begin(PDL: tl.constexpr):
+        """The opening of a kernel whose every access depends on the previous kernel: release the next
+        kernel (:func:`_pdl_release`), then wait (:func:`_pdl_wait`)."""
+        _pdl_release(PDL)
+        _pdl_wait(PDL)
+
+    @triton.jit
     def _pow2_ceil(a):
         """(2^ceil(log2 a), 2^-ceil(log2 a)) for positive normal fp32 ``a``, exact (from the bits)."""
         bits = a.to(tl.int32, bitcast=True)
@@ -228,8 +235,7 @@ if HAVE_TRITON:
                           BLOCK_M: tl.constexpr, QB: tl.constexpr, UE8M0: tl.constexpr,
                           DEQUANT: tl.constexpr, PDL: tl.constexpr = False):
         """x [M, K] -> e4m3 codes q [M, K] + fp32 scales s [M, NB] (or, with DEQUANT, q * s in q's dtype)."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         pid_m = tl.program_id(0)
         kb = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -840,8 +846,7 @@ if HAVE_TRITON:
         [B, E, S8]) and the bf16 rope dims (``cr`` [B, E, C - NOPE]); batch / entry strides in elements.
         A selected entry is dequantized in registers (e4m3 * 2^(byte - 127), exact in bf16 and fp32)
         into the same [BN, BC] tile the dense path loads."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         bs = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         ks = tl.program_id(2)
@@ -958,8 +963,7 @@ if HAVE_TRITON:
         """The split merge of ``_sparse_attn_kernel`` as a launch of its own: program (token, head block, column
         block) merges a [BH, BCW] slice, so the merge is spread over many programs instead of one per head
         block (TUNE ``attn_merge_launch``)."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         bs = tl.program_id(0).to(tl.int64)
         rh = tl.program_id(1) * BH + tl.arange(0, BH)
         rc = tl.program_id(2) * BCW + tl.arange(0, BCW)
@@ -1007,8 +1011,7 @@ if HAVE_TRITON:
     @triton.jit
     def _hc_split_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, R, ITERS, eps,
                          N: tl.constexpr, NP: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         rr = tl.program_id(0) * BR + tl.arange(0, BR)
         r_mask = rr < R
         rows = rr.to(tl.int64)
@@ -1028,8 +1031,7 @@ if HAVE_TRITON:
     def _swiglu_kernel(g_ptr, v_ptr, w_ptr, o_ptr, R, N, SG, SV, limit,
                        HAS_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr = False):
         """SG / SV: row strides of g and v (column views of one stacked w1+w3 output need no copy)."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         rr = tl.program_id(0) * BR + tl.arange(0, BR)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         r_mask = rr < R
@@ -1093,8 +1095,7 @@ if HAVE_TRITON:
 
         HAS_VIS: entry j is visible to token (b, s) when j < vis[b, s]; others score -inf, and a tile that no
         token of the block can see is not read at all (decode reads only the live part of the cache)."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         nsb = tl.cdiv(S, BS)
         pid = tl.program_id(0)
         b = (pid // nsb).to(tl.int64)
@@ -1155,8 +1156,7 @@ if HAVE_TRITON:
     def _compress_pool_kernel(a_ptr, z_ptr, ap_ptr, zp_ptr, o_ptr, M, D, KD,
                               BM: tl.constexpr, BD: tl.constexpr, OVERLAP: tl.constexpr, PDL: tl.constexpr = False):
         """One window (b, w) and BD features: softmax over the m (or 2m) slots, per feature."""
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         win = tl.program_id(0).to(tl.int64)
         rd = tl.program_id(1) * BD + tl.arange(0, BD)
         rt = tl.arange(0, BM)

@@ -31,7 +31,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _cast_out, _hc_split_rows, _pdl_release, _pdl_wait
+    from .triton_kernels import _cast_out, _hc_split_rows, _pdl_begin
 
 
 if HAVE_TRITON:
@@ -49,8 +49,7 @@ if HAVE_TRITON:
                        cnt_ptr, D, sx_r, sx_i, sx_d, NCH, ITERS, hc_eps, mix_eps, norm_eps,
                        N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, CK: tl.constexpr, NCHP: tl.constexpr,
                        BD: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         M: tl.constexpr = (2 + N) * N
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)

@@ -41,7 +41,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _pdl_release, _pdl_wait
+    from .triton_kernels import _pdl_begin
 
 MAX_KERNEL_TOPK = 8192  # the final sort holds next_power_of_2(topk) 64-bit values in registers of one CTA
 DEFAULT_CHUNK = 4096  # rows up to this wide stay in registers
@@ -142,8 +142,7 @@ if HAVE_TRITON:
     def _topk_ids_kernel(s_ptr, len_ptr, o_ptr, NE, s_row_stride, K,
                          CHUNK: tl.constexpr, KP: tl.constexpr, SINGLE: tl.constexpr, HAS_LEN: tl.constexpr,
                          PDL: tl.constexpr = False):
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         r = tl.program_id(0).to(tl.int64)
         row = s_ptr + r * s_row_stride
         out = o_ptr + r * K
@@ -221,8 +220,7 @@ if HAVE_TRITON:
     def _topk_split_kernel(s_ptr, len_ptr, c_ptr, o_ptr, cnt_ptr, NE, s_row_stride, K, NSEG,
                            SEG: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr, HAS_LEN: tl.constexpr,
                            HALF: tl.constexpr, PDL: tl.constexpr = False):
-        _pdl_release(PDL)
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         r = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1)
         row = s_ptr + r * s_row_stride
