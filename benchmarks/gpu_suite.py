@@ -629,8 +629,8 @@ def phase_flash(args) -> dict:
 
 def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device: str = "cuda",
                 context: int = 8192, probe: torch.Tensor | None = None) -> dict:
-    """Each entry of ``flags`` flipped on the same artifact: a boolean TUNE switch, or several joined by
-    ``+`` flipped together; a fresh Engine (its load-time rewrites and decode compile see the flipped
+    """Each entry of ``flags`` applied on the same artifact: a boolean TUNE switch (flipped), ``name=value``
+    (a TUNE knob set to an integer, or ``None``), or several of those joined by ``+``; a fresh Engine (its load-time rewrites and decode compile see the flipped
     switches), decode at batch 1 and ``context``, the switches restored. ``main``: the main bench's results
     (its copy bandwidth and, for the same batch and context, the bytes a step moves and its step time).
     ``probe``: the default engine's :func:`decode_probe` at ``context``; the flipped engine's is compared
@@ -643,16 +643,17 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
     bw = main.get("hbm", {}).get("bytes_per_s")
     res = {}
     for entry in flags:
-        names = entry.split("+")
         if time.perf_counter() - T0 > deadline - 90:
             res[entry] = {"skipped": "deadline"}
             continue
-        bad = [n for n in names if not isinstance(tk.TUNE.get(n), bool)]
-        if bad:
-            res[entry] = {"error": f"TUNE[{bad[0]!r}] is not a boolean switch"}
+        try:
+            settings = ab_settings(entry, tk.TUNE)
+        except ValueError as e:
+            res[entry] = {"error": str(e)}
             continue
-        for n in names:
-            tk.TUNE[n] = not tk.TUNE[n]
+        names = list(settings)
+        saved = {n: tk.TUNE[n] for n in names}
+        tk.TUNE.update(settings)
         try:
             eng = Engine.load(out, device=device)
             r = bench.bench_decode(eng, 1, context, steps=16)
@@ -672,12 +673,35 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
             res[entry] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
             log(f"flash: A/B {entry} failed: {e}")
         finally:
-            for n in names:
-                tk.TUNE[n] = not tk.TUNE[n]
+            tk.TUNE.update(saved)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return res
+
+
+def ab_settings(entry: str, tune: dict) -> dict:
+    """The TUNE values an ``--ab`` entry sets: each ``+``-joined part is a boolean switch (flipped) or
+    ``name=value`` for an integer knob (``value`` an integer or ``None``). ValueError names a bad part."""
+    settings = {}
+    for part in entry.split("+"):
+        name, eq, value = part.partition("=")
+        if name not in tune:
+            raise ValueError(f"TUNE[{name!r}] does not exist")
+        if not eq:
+            if not isinstance(tune[name], bool):
+                raise ValueError(f"TUNE[{name!r}] is not a boolean switch (set it with {name}=VALUE)")
+            settings[name] = not tune[name]
+        elif isinstance(tune[name], bool):
+            raise ValueError(f"TUNE[{name!r}] is a boolean switch: name it alone to flip it")
+        elif value == "None":
+            settings[name] = None
+        else:
+            try:
+                settings[name] = int(value)
+            except ValueError:
+                raise ValueError(f"{part!r}: the value must be an integer or None") from None
+    return settings
 
 
 def save_results(args) -> None:  # noqa: ANN001
@@ -851,8 +875,9 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=560, help="seconds from start after which optional steps skip")
     ap.add_argument("--b32-seconds", type=float, default=190, help="time a batch-32 bucket needs (compile + capture)")
     ap.add_argument("--ab", default="",
-                    help="flash: TUNE switches to flip one at a time (or joined by +, together) for a decode b=1 "
-                         "8k A/B on the same artifact, e.g. shared_expert_stream,pdl+inductor_pdl")
+                    help="flash: TUNE switches to flip (or knobs to set, name=value) one entry at a time, parts "
+                         "joined by + together, for a decode b=1 8k A/B on the same artifact, e.g. "
+                         "shared_expert_stream,pdl+inductor_pdl,fp8_mma_depth=3")
     ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")

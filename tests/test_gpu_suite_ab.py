@@ -35,7 +35,8 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     probe = gpu_suite.decode_probe(Engine.load(out, device="cpu"), 64, steps=3)
     assert probe.shape == (3, 256) and torch.isfinite(probe).all()
     monkeypatch.setattr(Engine, "load", spy)
-    res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch", "pdl+triton_argmax"],
+    res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch", "pdl+triton_argmax",
+                                      "fp8_mma_depth=3+fp4_mma_split=None"],
                                 main, deadline=1e9, device="cpu", context=64, probe=probe)
     assert seen == {"shared_expert_stream": not before["shared_expert_stream"]}
     assert tk.TUNE == before  # every switch restored
@@ -49,9 +50,26 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     both = res["pdl+triton_argmax"]  # flipped together
     assert both["pdl"] is (not before["pdl"]) and both["triton_argmax"] is (not before["triton_argmax"])
     assert both["vs_default"]["bitwise_equal_steps"] == 3
+    knobs = res["fp8_mma_depth=3+fp4_mma_split=None"]  # integer knobs set, then restored
+    assert knobs["fp8_mma_depth"] == 3 and knobs["fp4_mma_split"] is None
+    assert knobs["vs_default"]["bitwise_equal_steps"] == 3
     assert "not a boolean switch" in res["fp4_mma_warps"]["error"]
-    assert "not a boolean switch" in res["no_such_switch"]["error"]
+    assert "does not exist" in res["no_such_switch"]["error"]
     assert torch.isfinite(torch.tensor(r["step_ms"]))
+
+
+def test_ab_settings_parses_switches_and_knobs():
+    tune = {"pdl": True, "fp8_mma_depth": 1, "fp4_mma_split": 4}
+    assert gpu_suite.ab_settings("pdl+fp8_mma_depth=3", tune) == {"pdl": False, "fp8_mma_depth": 3}
+    assert gpu_suite.ab_settings("fp4_mma_split=None", tune) == {"fp4_mma_split": None}
+    for bad, msg in (("fp8_mma_depth", "not a boolean switch"), ("pdl=1", "is a boolean switch"),
+                     ("fp8_mma_depth=x", "must be an integer or None"), ("nope=1", "does not exist")):
+        try:
+            gpu_suite.ab_settings(bad, tune)
+        except ValueError as e:
+            assert msg in str(e), (bad, e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
 
 
 def test_probe_agreement_counts_bitwise_steps_and_argmax():
