@@ -165,6 +165,67 @@ def attempt(what: str, fn) -> dict:  # noqa: ANN001
     return r
 
 
+def graph_call_us(fn, reps: int = 50) -> float:  # noqa: ANN001
+    """Microseconds per call of ``fn`` replayed ``reps`` times from one CUDA graph (no host gaps)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    e.record()
+    e.synchronize()
+    return round(a.elapsed_time(e) * 1e3 / reps, 2)
+
+
+def topk_in_step(eng, ctx: int) -> dict:
+    """The indexer's top-k as one decode step at context ``ctx`` calls it: one step run outside CUDA graphs
+    with ``triton_topk.topk_ids`` wrapped to keep its arguments, then that call timed from a CUDA graph on
+    the step's own scores and on random scores of the same shape and lengths. The decode profile books
+    ~52 us on this kernel, the same launch on random scores ~16 us (session 9); this says which it is."""
+    from dsv4c import bench
+    from dsv4c.ops import triton_topk
+
+    seen = []
+    real = triton_topk.topk_ids
+
+    def spy(scores, topk, lengths=None, **kw):  # noqa: ANN001, ANN202
+        seen.append((scores.clone(), int(topk), None if lengths is None else lengths.clone(), kw))
+        return real(scores, topk, lengths, **kw)
+
+    ex = eng._executor
+    graphs = ex.use_graphs
+    bench.fill_cache(eng, 1, ctx)
+    inputs = dict(eng._static)
+    inputs.update({f"cache.{k}": v[:1] for k, v in eng.cache.items()})
+    inputs["input_ids"] = torch.zeros((1, 1), dtype=torch.long, device=eng.device)
+    inputs["start_pos"] = torch.tensor([ctx], dtype=torch.long, device=eng.device)
+    triton_topk.topk_ids, ex.use_graphs = spy, False
+    try:
+        with torch.no_grad():
+            ex.run("decode", inputs)
+    finally:
+        triton_topk.topk_ids, ex.use_graphs = real, graphs
+    out = {"calls": len(seen)}
+    for i, (sc, k, ln, kw) in enumerate(seen):
+        rnd = torch.randn(sc.shape, device=sc.device, generator=torch.Generator(device=sc.device).manual_seed(0))
+        finite = sc[torch.isfinite(sc)]
+        out[f"call{i}"] = {
+            "shape": list(sc.shape), "topk": k, "lengths": None if ln is None else ln.flatten().tolist()[:4],
+            "finite": int(finite.numel()), "distinct": int(finite.unique().numel()),
+            "zeros": int((finite == 0).sum()),
+            "us_step_scores": graph_call_us(lambda: real(sc, k, ln, **kw), 20),
+            "us_random_scores": graph_call_us(lambda: real(rnd, k, ln, **kw), 20),
+            "same_ids_as_reference": bool(torch.equal(real(sc, k, ln, **kw),
+                                                      triton_topk.topk_ids_reference(sc, k, ln)))}
+    return out
+
+
 def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) -> dict:
     """Microseconds of the argmax over fp32 logits [B, vocab], ``torch.argmax`` and the Triton kernel of
     the greedy tail (dsv4c.ops.triton_argmax, checked equal here), each replayed from a CUDA graph of
@@ -174,20 +235,7 @@ def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) 
     from dsv4c.ops import triton_kernels as tk
 
     def graph_us(fn) -> float:  # noqa: ANN001
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        return round(a.elapsed_time(e) * 1e3 / reps, 2)
+        return graph_call_us(fn, reps)
 
     out = {}
     saved = tk.TUNE["triton_argmax"]
@@ -597,6 +645,8 @@ def phase_flash(args) -> dict:
     res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 32))
     res["argmax_us"] = attempt("argmax over the logits (us; the greedy tail of every step)",
                                lambda: time_argmax(eng.vocab_size))
+    res["topk_in_step"] = attempt("the indexer's top-k on a decode step's own scores (8k)",
+                                  lambda: topk_in_step(eng, 8192))
     probe = None
     if args.ab:
         try:
