@@ -1045,7 +1045,17 @@ if HAVE_TRITON:
         h = g / (1.0 + tl.exp(-g)) * v
         if HAS_W:
             h = h * tl.load(w_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(o_ptr + offs, h, mask=mask)
+        tl.store(o_ptr + offs, _cast_out(h, o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_kernel(a_ptr, b_ptr, o_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        """o = a + b in fp32 (either input of any float dtype, promoted exactly)."""
+        _pdl_begin(PDL)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + offs, a + b, mask=mask)
 
     # ---- lightning indexer scores ---------------------------------------------------------------
 
@@ -1462,7 +1472,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # the greedy chain's argmax over the logits as one Triton launch (dsv4c.ops.triton_argmax) instead
         # of torch.argmax, written straight into the next step's input ids (H100, session 11: 3.4 vs 26.6 us
         # for 129280 logits; the chained step 1.507 -> 1.497 ms)
-        "triton_argmax": True}
+        "triton_argmax": True,
+        # the shared-expert fork's SwiGLU writes the w2 GEMV's input dtype itself (no cast launch) and the
+        # join's add (routed fp32 + shared bf16) is a Triton launch under pdl instead of torch's add
+        # (runtime/shared_expert_stream.py)
+        "fork_join_triton": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without
@@ -1969,14 +1983,17 @@ def hc_split(mix: Tensor, base: Tensor, scale: Tensor, n: int, iters: int, eps: 
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
 
 
-def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight: bool) -> Tensor:
-    """``dsv4::swiglu_clamp``: silu(min(g, L)) * clamp(v, -L, L) (* weight[..., None]) in fp32."""
+def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight: bool,
+                 out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``dsv4::swiglu_clamp``: silu(min(g, L)) * clamp(v, -L, L) (* weight[..., None]) in fp32. ``out_dtype``
+    (a direct call, not the op): the fp32 result rounded to nearest-even in that dtype by the same launch,
+    the values of ``swiglu_clamp(...).to(out_dtype)``."""
     _require(g, v, weight)
     N = g.shape[-1]
     g2, v2 = (t.reshape(-1, N) for t in (g, v))  # views where the strides allow
     g2, v2 = (t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous() for t in (g2, v2))
     R = g2.shape[0]
-    out = torch.empty((R, N), dtype=torch.float32, device=g.device)
+    out = torch.empty((R, N), dtype=out_dtype, device=g.device)
     if R and N:
         w = weight.reshape(-1).contiguous() if has_weight else g2
         if has_weight and w.numel() != R:
@@ -1987,6 +2004,21 @@ def swiglu_clamp(g: Tensor, v: Tensor, weight: Tensor, limit: float, has_weight:
                                                                HAS_W=bool(has_weight), BR=br, BN=bn, num_warps=4,
                                                                **pdl_kwargs(g2.device))
     return out.view(g.shape)
+
+
+def add_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` in fp32 for two float tensors of one shape (the MoE join: the routed experts' fp32 sum plus
+    the shared expert's bf16 output) as one launch, a programmatic dependent under TUNE ``pdl``; the values
+    of torch's ``a + b`` with fp32 promotion. Other shapes or strides: torch's add."""
+    _require(a, b)
+    if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
+        return a.float() + b.float() if a.dtype != b.dtype else (a + b).float()
+    out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    n = a.numel()
+    if n:
+        block = 1024
+        _add_kernel[(triton.cdiv(n, block),)](a, b, out, n, BLOCK=block, num_warps=4, **pdl_kwargs(a.device))
+    return out
 
 
 def indexer_score(q: Tensor, k: Tensor, w: Tensor, *, block_s: int | None = None, block_e: int | None = None
@@ -2168,7 +2200,7 @@ def register_cuda_kernels() -> bool:
 
 
 __all__ = [
-    "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
+    "HAVE_TRITON", "INTERPRET", "register_cuda_kernels", "add_f32", "act_quant_fp8", "fp8_qdq", "fp4_qdq", "fp8_linear",
     "fp4_grouped_linear", "sparse_attn", "hc_split", "swiglu_clamp", "indexer_score", "compress_pool",
     "fp4_grouped_linear_packed", "linear_w16", "prepare_device", "TUNE", "fp4_dequant_packed",
     "sparse_attn_packed", "indexer_score_packed", "indexer_topk_packed",

@@ -231,6 +231,44 @@ def test_swiglu_clamp_reads_column_views_of_a_stacked_output():
     check(out, ops.swiglu_clamp(gate, up, w, 10.0, True))
 
 
+def test_swiglu_clamp_writes_bf16_as_the_cast_of_its_fp32_result():
+    """out_dtype (the shared-expert fork's SwiGLU, TUNE fork_join_triton): the bits of ``.to(bfloat16)``,
+    ties to even included (values on the bf16 midpoints are forced through the weight-free path)."""
+    g = gen(18)
+    gate = (torch.randn(6, 256, generator=g) * 8).to(torch.bfloat16)
+    up = (torch.randn(6, 256, generator=g) * 8).to(torch.bfloat16)
+    ref = tk.swiglu_clamp(gate, up, gate, 10.0, False)
+    out = tk.swiglu_clamp(gate, up, gate, 10.0, False, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.to(torch.bfloat16))
+    assert (ref.to(torch.bfloat16).float() != ref).sum() > 1000  # the rounding was really exercised
+
+
+def test_add_f32_is_the_promoted_add():
+    g = gen(19)
+    routed = torch.randn(3, 4100, generator=g)  # more than one block, a partial last one
+    h = torch.randn(3, 4100, generator=g).to(torch.bfloat16)
+    out = tk.add_f32(routed, h)
+    assert out.dtype == torch.float32 and torch.equal(out, routed + h)
+    assert torch.equal(tk.add_f32(h, h), h.float() + h.float())
+    col = torch.randn(4100, 3, generator=g).t()  # strided: torch's add
+    assert torch.equal(tk.add_f32(routed, col), routed + col)
+    assert tk.add_f32(routed[:0], h[:0]).shape == (0, 4100)
+
+
+def test_shared_expert_chain_with_the_fused_cast_gives_the_same_bits():
+    """runtime/shared_expert_stream.py under TUNE fork_join_triton: the SwiGLU writing bf16 itself leaves the
+    shared expert's output unchanged (the CPU ops around it, the SwiGLU launch under the interpreter)."""
+    from dsv4c.runtime import shared_expert_stream as ses
+
+    K, F = 256, 128
+    w13, s13 = quant.quantize_fp8_weight(torch.randn(2 * F, K, generator=gen(20)) * 0.1)
+    w2, s2 = quant.quantize_fp8_weight(torch.randn(K, F, generator=gen(21)) * 0.1)
+    x = torch.randn(1, K, generator=gen(22)).to(torch.bfloat16)
+    args = (x, w13, s13, w2, s2, True, True, 10.0, torch.bfloat16)
+    plain, fused = ses._shared_chain(*args), ses._shared_chain_fused(*args)
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_indexer_score(dtype):
     g = gen(16)
