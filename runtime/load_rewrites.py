@@ -13,6 +13,7 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
 - the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only;
 - RoPE as one element-wise expression instead of a stack and a cat (``runtime/rope_rewrite.py``);
 - cache row writes as ``index_put_``, which Inductor does in place (``runtime/cache_row_writes.py``);
+- the MoE routers' ``topk(...).indices`` as ``dsv4::topk_ids`` (:func:`rewrite_router_topk`), decode only;
 - the shared expert on a second stream beside the routed experts, decode only
   (``runtime/shared_expert_stream.py``);
 - ``narrow_mix``: at prefill the mHC mixes of bf16 streams with a narrow fp32 weight run on the tensor
@@ -374,6 +375,35 @@ def rewrite_hc_post_einsums(gm: fx.GraphModule) -> int:
     return n_done
 
 
+def _topk_indices_only(n: fx.Node) -> bool:
+    """``aten.topk(x, k)`` over the last dim, largest first, sorted, of which only the indices are used."""
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", -1)
+    largest = n.args[3] if len(n.args) > 3 else n.kwargs.get("largest", True)
+    ordered = n.args[4] if len(n.args) > 4 else n.kwargs.get("sorted", True)
+    return (dim == -1 and largest is True and ordered is True and isinstance(n.args[1], int)
+            and bool(n.users) and all(is_call(u, operator.getitem) and u.args[1] == 1 for u in n.users))
+
+
+def rewrite_router_topk(gm: fx.GraphModule) -> int:
+    """The MoE routers' expert choice ``topk(scores + bias, k).indices`` as ``dsv4::topk_ids`` (one Triton
+    launch on CUDA instead of torch.topk's gather and sort kernels, ~10 us a layer at decode on the H100).
+    The same ids in the same order (largest first) wherever the scores have no ties; on an exact tie the
+    smaller expert id comes first, where torch.topk leaves the order open. Returns how many were rewritten."""
+    g = gm.graph
+    n_done = 0
+    for n in call_nodes(g, aten.topk.default):
+        if not _topk_indices_only(n):
+            continue
+        with g.inserting_before(n):
+            ids = g.call_function(dsv4.topk_ids.default, (n.args[0], n.args[1], None))
+        for u in list(n.users):
+            replace_node(u, ids)
+        g.erase_node(n)
+        n_done += 1
+    gm.recompile()
+    return n_done
+
+
 def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapping[str, Any]] | None = None,
                   ) -> dict:
     """Device-specific load-time rewrites of one program (in place); returns what was done. ``params``: the
@@ -395,6 +425,8 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
             if TUNE["hc_pre_fused"]:
                 done["hc_pre"] = fuse_hc_pre(prog.graph_module)
             done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
+            if TUNE["router_topk_triton"]:
+                done["router_topk"] = rewrite_router_topk(prog.graph_module)
             if TUNE["shared_expert_stream"]:
                 from .shared_expert_stream import overlap_shared_experts  # noqa: PLC0415
 
@@ -407,5 +439,5 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
 
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
-           "rewrite_narrow_fp32_mms", "rewrite_prefill_mixes", "weight_info_from", "linear_w16", "hc_pre",
+           "rewrite_narrow_fp32_mms", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
            "narrow_mix", "is_call", "call_nodes", "replace_node"]

@@ -1476,7 +1476,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # the shared-expert fork's SwiGLU writes the w2 GEMV's input dtype itself (no cast launch) and the
         # join's add (routed fp32 + shared bf16) is a Triton launch under pdl instead of torch's add
         # (runtime/shared_expert_stream.py)
-        "fork_join_triton": False}
+        "fork_join_triton": False,
+        # decode: the MoE routers' top-k expert choice on dsv4c's top-k kernel (runtime/load_rewrites.py
+        # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel)
+        "router_topk_triton": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without

@@ -144,3 +144,36 @@ def test_prefill_post_mixes_become_sums_with_the_same_prefill(tiny_spec, tiny_ck
     assert rewrite_hc_post_einsums(new.graph_module) == 2 * L
     assert len(call_positions(new, aten.einsum.default)) == L  # wo_a's grouped projection stays
     _same_step(ref_prog, new, w, ctx, seed=10, entry="prefill")
+
+
+def test_router_topk_becomes_topk_ids_with_the_same_step(tiny_spec, tiny_ckpt):
+    """Every top-k routed block's expert choice (only the indices are used) becomes one dsv4::topk_ids call;
+    the hash-routed blocks have none. The step is bit for bit the one before (no ties among the scores)."""
+    from passes_helpers import assert_same_step
+
+    from dsv4c.runtime.load_rewrites import rewrite_router_topk
+
+    ref_prog, w, ctx = h100_program(tiny_spec, tiny_ckpt, "decode")
+    new = _as_loaded(ref_prog)
+    routed = sum(tiny_spec.route_kind(i) == "topk" for i in range(tiny_spec.num_layers))
+    assert routed >= 1 and len(call_positions(new, aten.topk.default)) == routed
+    assert rewrite_router_topk(new.graph_module) == routed
+    assert rewrite_router_topk(new.graph_module) == 0
+    assert not call_positions(new, aten.topk.default)
+    assert len(call_positions(new, torch.ops.dsv4.topk_ids.default)) == routed
+    for seed in (9, 10):
+        assert_same_step(ref_prog, new, w, ctx, "decode", seed=seed)
+
+
+def test_router_topk_leaves_a_topk_whose_values_are_used():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    t = g.call_function(aten.topk.default, (x, 2))
+    vals = g.call_function(__import__("operator").getitem, (t, 0))
+    g.output(vals)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    from dsv4c.runtime.load_rewrites import rewrite_router_topk
+
+    assert rewrite_router_topk(gm) == 0
+    x = torch.tensor([[0.5, 2.0, -1.0, 3.0]])
+    assert torch.equal(gm(x), torch.tensor([[3.0, 2.0]]))
