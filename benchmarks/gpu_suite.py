@@ -732,8 +732,11 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
 
 def ab_settings(entry: str, tune: dict) -> dict:
     """The TUNE values an ``--ab`` entry sets: each ``+``-joined part is a boolean switch (flipped) or
-    ``name=value`` for an integer knob (``value`` an integer or ``None``). ValueError names a bad part."""
+    ``name=value`` for an integer knob (``value`` an integer or ``None``); ``default`` sets nothing (the
+    control: a fresh engine as the others get, timed the same way). ValueError names a bad part."""
     settings = {}
+    if entry == "default":  # the control: a fresh engine with nothing changed (what an A/B engine costs)
+        return settings
     for part in entry.split("+"):
         name, eq, value = part.partition("=")
         if name not in tune:

@@ -62,6 +62,7 @@ def test_ab_settings_parses_switches_and_knobs():
     tune = {"pdl": True, "fp8_mma_depth": 1, "fp4_mma_split": 4}
     assert gpu_suite.ab_settings("pdl+fp8_mma_depth=3", tune) == {"pdl": False, "fp8_mma_depth": 3}
     assert gpu_suite.ab_settings("fp4_mma_split=None", tune) == {"fp4_mma_split": None}
+    assert gpu_suite.ab_settings("default", tune) == {}
     for bad, msg in (("fp8_mma_depth", "not a boolean switch"), ("pdl=1", "is a boolean switch"),
                      ("fp8_mma_depth=x", "must be an integer or None"), ("nope=1", "does not exist")):
         try:
