@@ -642,18 +642,20 @@ def phase_flash(args) -> dict:
     except Exception as e:  # noqa: BLE001
         res["eager_spread"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"flash: perturbation spread failed: {e}")
-    res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 32))
+    res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 64))
     res["argmax_us"] = attempt("argmax over the logits (us; the greedy tail of every step)",
                                lambda: time_argmax(eng.vocab_size))
     res["topk_in_step"] = attempt("the indexer's top-k on a decode step's own scores (8k)",
                                   lambda: topk_in_step(eng, 8192))
     probe = None
-    if args.ab:
-        try:
-            probe = decode_probe(eng, 8192)
-        except Exception as e:  # noqa: BLE001
-            res["ab_probe"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-            log(f"flash: decode probe failed: {e}")
+    try:
+        probe = decode_probe(eng, 8192, steps=16)
+        # the same engine again: a step whose kernels race (session 12, run b) does not repeat its bits
+        res["probe_repeat"] = probe_agreement(decode_probe(eng, 8192, steps=16), probe)
+        log(f"flash: the decode probe repeated on the same engine: {res['probe_repeat']}")
+    except Exception as e:  # noqa: BLE001
+        res["ab_probe"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        log(f"flash: decode probe failed: {e}")
     gc.collect()
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))

@@ -82,9 +82,10 @@ def _runtime_hash() -> str:
     import dsv4c.ops.triton_gemv as gemv  # noqa: PLC0415
     import dsv4c.ops.triton_mhc as mhc  # noqa: PLC0415
     import dsv4c.ops.triton_topk as topk  # noqa: PLC0415
+    import dsv4c.runtime.inductor_pdl as ipdl  # noqa: PLC0415  (changes Inductor's generated code)
     import dsv4c.runtime.load_rewrites as rewrites  # noqa: PLC0415
 
-    for mod in (__file__, tk.__file__, gemv.__file__, mhc.__file__, topk.__file__, rewrites.__file__):
+    for mod in (__file__, tk.__file__, gemv.__file__, mhc.__file__, topk.__file__, rewrites.__file__, ipdl.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 
@@ -179,13 +180,18 @@ def register_decompositions() -> None:
 
 def inductor_pdl_options(device: torch.device) -> dict:
     """Inductor options that launch its generated kernels with programmatic dependent launch (TUNE
-    ``inductor_pdl``): CUDA sm_90+ and a torch whose Inductor has ``triton.enable_pdl``; nothing otherwise."""
+    ``inductor_pdl``): CUDA sm_90+ and a torch whose Inductor has ``triton.enable_pdl`` and lets
+    ``runtime/inductor_pdl.py`` make every kernel wait before its first access; nothing otherwise."""
     import torch._inductor.config as icfg  # noqa: PLC0415
     from dsv4c.ops.triton_kernels import TUNE  # noqa: PLC0415
 
+    from .inductor_pdl import install_wait_first  # noqa: PLC0415
+
     if not (TUNE["inductor_pdl"] and device.type == "cuda" and hasattr(icfg.triton, "enable_pdl")):
         return {}
-    return {"triton.enable_pdl": True} if torch.cuda.get_device_capability(device)[0] >= 9 else {}
+    if torch.cuda.get_device_capability(device)[0] < 9 or not install_wait_first():
+        return {}
+    return {"triton.enable_pdl": True}
 
 
 def compile_program(prog: Program, device: torch.device, dynamic: bool) -> Callable:

@@ -107,7 +107,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _pdl_release, _pdl_wait, _quant_e4m3, _splitk_store
+    from .triton_kernels import _pdl_begin, _quant_e4m3, _splitk_store
 
     _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
@@ -152,9 +152,9 @@ if HAVE_TRITON:
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
         ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. DEPTH (1-3): weight
         tiles in flight ahead of the one being multiplied. PDL: launched as a programmatic dependent, the
-        first DEPTH weight tiles loaded before the wait for the previous kernel (and, with PREFETCH, up to
-        PF_TILES K tiles of each of the program's weight rows asked into L2 first)."""
-        _pdl_release(PDL)
+        first DEPTH weight tiles loaded before the wait for the previous kernel, the next kernel released
+        after it (and, with PREFETCH, up to PF_TILES K tiles of each of the program's weight rows asked into
+        L2 first)."""
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
         BN: tl.constexpr = NT // 2
@@ -177,7 +177,7 @@ if HAVE_TRITON:
             w_n1 = _w_load(wg, wh, tl.minimum(t0 + 1, t1 - 1))
         if DEPTH >= 3:
             w_n2 = _w_load(wg, wh, tl.minimum(t0 + 2, t1 - 1))
-        _pdl_wait(PDL)  # everything below reads the activation or writes
+        _pdl_begin(PDL)  # everything below reads the activation or writes
         # the activation rows' K tiles t0..t1 -> e4m3 codes (natural order) + one scale per row and tile
         r = tl.arange(0, MP)
         c = tl.arange(0, QC * 128)

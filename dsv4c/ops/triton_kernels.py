@@ -115,7 +115,10 @@ if HAVE_TRITON:
     @triton.jit
     def _pdl_release(PDL: tl.constexpr):
         """Programmatic dependent launch: the next kernel on the stream may launch once every program of
-        this one has passed here. It waits (its own :func:`_pdl_wait`) before it reads what this one writes."""
+        this one has passed here. Only after :func:`_pdl_wait`: a kernel launched early may then count on
+        everything before this kernel being finished (Inductor's generated kernels do, and skip their wait
+        when they read nothing this kernel writes); released before the wait, the next kernel could start
+        while the one before this still ran (session 12: greedy chains that diverged from the step loop)."""
         if PDL:
             gdc_launch_dependents()
 
@@ -138,10 +141,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _pdl_begin(PDL: tl.constexpr):
-        """The opening of a kernel whose every access depends on the previous kernel: release the next
-        kernel (:func:`_pdl_release`), then wait (:func:`_pdl_wait`)."""
-        _pdl_release(PDL)
+        """The opening of a kernel whose every access depends on the previous kernel: wait
+        (:func:`_pdl_wait`), then release the next kernel (:func:`_pdl_release`)."""
         _pdl_wait(PDL)
+        _pdl_release(PDL)
 
     @triton.jit
     def _pow2_ceil(a):
@@ -744,7 +747,6 @@ if HAVE_TRITON:
         SWAP_AB (few rows, see :mod:`triton_gemv`): the accumulator is [BN, BM] and stored transposed.
         PDL: launched as a programmatic dependent (see :func:`_pdl_wait`); PREFETCH: up to PF_ROW_BYTES of
         each of its rows' K range of the weight asked into L2 before the wait."""
-        _pdl_release(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         ks = tl.program_id(2)
@@ -757,7 +759,7 @@ if HAVE_TRITON:
                 rows = tl.where(rn < N, rn, 0).to(tl.int64)
                 nb = tl.minimum(k1 - k0, PF_ROW_BYTES // 2) * 2
                 _l2_prefetch((w_ptr + rows * K + k0).to(tl.int64), nb + tl.zeros_like(rn))
-        _pdl_wait(PDL)
+        _pdl_begin(PDL)
         rk = tl.arange(0, BK)
         m_mask = rm < M
         n_mask = rn < N

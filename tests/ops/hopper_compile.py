@@ -245,13 +245,14 @@ def _loop_wgmma_pending(ptx: str) -> int:
 
 def _pdl_order(ptx: str) -> dict:
     """What a programmatic-dependent kernel does before it waits for the previous kernel: whether it lets
-    the next kernel launch first, and its global loads (non-coherent ``.nc`` ones: weights) and stores
+    the next kernel launch only after the wait (so that the next one may count on everything before this
+    kernel being finished), and its global loads (non-coherent ``.nc`` ones: weights) and stores
     ahead of the first ``griddepcontrol.wait``."""
     wait = ptx.find("griddepcontrol.wait")
     release = ptx.find("griddepcontrol.launch_dependents")
     head = ptx[:wait] if wait >= 0 else ptx
     loads = re.findall(r"\bld\.global(?:\.[\w:]+)*", head)
-    return {"pdl_wait": wait >= 0, "pdl_release_first": 0 <= release < (wait if wait >= 0 else len(ptx)),
+    return {"pdl_wait": wait >= 0, "pdl_release_after_wait": 0 <= wait < release,
             "pdl_loads_before_wait": len(loads),
             "pdl_plain_loads_before_wait": sum(".nc" not in ld for ld in loads),
             "pdl_stores_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", head)),

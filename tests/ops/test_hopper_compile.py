@@ -51,8 +51,8 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
         if "asm_one_per_thread" in r:  # lane-level PTX: element i of its tensors must live in thread i
             assert r["asm_one_per_thread"] is True, r
             assert r["mma_sync_count"] == 4, r  # one K tile's 4 scale groups, not duplicated per element
-        if "pdl_wait" in r:  # programmatic dependent launch: release the next kernel, wait before any write
-            assert r["pdl_wait"] and r["pdl_release_first"], r
+        if "pdl_wait" in r:  # programmatic dependent launch: wait before any write, then release the next kernel
+            assert r["pdl_wait"] and r["pdl_release_after_wait"], r
             assert r["pdl_stores_before_wait"] == 0 and r["pdl_plain_loads_before_wait"] == 0, r
     pdl = {r["case"]: r for r in rows if "pdl_wait" in r}
     # the FP8 GEMV's first DEPTH weight tiles are in flight before the wait: 4 16-byte loads a tile and lane

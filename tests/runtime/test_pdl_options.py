@@ -47,3 +47,59 @@ def test_inductor_pdl_option(monkeypatch):
     _capability(monkeypatch, (9, 0))
     monkeypatch.setitem(tk.TUNE, "inductor_pdl", False)
     assert inductor_pdl_options(CUDA) == {}
+
+
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def writeline(self, line):
+        self.lines.append(line)
+
+
+class _Kernel:
+    """The attributes of Inductor's TritonKernel that the patched method uses."""
+
+    GDC_WAIT = "tl.extra.cuda.gdc_wait()"
+
+    def __init__(self, pdl: bool, looped_reduction: bool = False):
+        self.pdl, self.inside_reduction, self.body = pdl, looped_reduction, _Lines()
+        self.range_trees = [type("Tree", (), {"is_loop": looped_reduction})()]
+
+    def _enable_pdl_codegen(self):
+        return self.pdl
+
+
+def test_inductor_kernels_wait_before_every_first_access(monkeypatch):
+    """With Inductor PDL on, its kernels wait before any access, whatever the scheduler's previous node
+    wrote: the decode step's custom ops launch kernels Inductor does not see (session 12's H100 run b:
+    a greedy chain that left the step loop after 15 of 32 steps with the selective waits)."""
+    from torch._inductor.codegen.triton import TritonKernel
+
+    from dsv4c.runtime import inductor_pdl
+
+    monkeypatch.setitem(tk.TUNE, "inductor_pdl", True)
+    _capability(monkeypatch, (9, 0))
+    assert inductor_pdl_options(CUDA) == {"triton.enable_pdl": True}
+    assert TritonKernel._handle_pdl_before_access is inductor_pdl._wait_first  # installed with the option
+    loads = _Lines()
+    inductor_pdl._wait_first(_Kernel(pdl=True), loads, "buf_of_an_older_kernel")
+    assert loads.lines == [_Kernel.GDC_WAIT]
+    stores = _Lines()
+    inductor_pdl._wait_first(_Kernel(pdl=True), stores, "buf", consider_reads=True)
+    assert stores.lines == [_Kernel.GDC_WAIT]
+    k = _Kernel(pdl=True, looped_reduction=True)  # hoisted out of the reduction loop, into the body
+    inductor_pdl._wait_first(k, loads, "buf")
+    assert k.body.lines == [_Kernel.GDC_WAIT] and len(loads.lines) == 1
+    off = _Lines()
+    inductor_pdl._wait_first(_Kernel(pdl=False), off, "buf")
+    assert off.lines == []
+
+
+def test_no_inductor_pdl_without_the_wait_first_patch(monkeypatch):
+    from dsv4c.runtime import inductor_pdl
+
+    monkeypatch.setitem(tk.TUNE, "inductor_pdl", True)
+    _capability(monkeypatch, (9, 0))
+    monkeypatch.setattr(inductor_pdl, "install_wait_first", lambda: False)
+    assert inductor_pdl_options(CUDA) == {}
