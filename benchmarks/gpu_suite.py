@@ -694,14 +694,15 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
     ref = next((r for r in main.get("decode", []) if r.get("batch") == 1 and r.get("context") == context), None)
     bw = main.get("hbm", {}).get("bytes_per_s")
     res = {}
-    for entry in flags:
+    for i, entry in enumerate(flags):
+        key = entry if entry not in flags[:i] else f"{entry}#{flags[:i].count(entry) + 1}"  # a repeated control
         if time.perf_counter() - T0 > deadline - 90:
-            res[entry] = {"skipped": "deadline"}
+            res[key] = {"skipped": "deadline"}
             continue
         try:
             settings = ab_settings(entry, tk.TUNE)
         except ValueError as e:
-            res[entry] = {"error": str(e)}
+            res[key] = {"error": str(e)}
             continue
         names = list(settings)
         saved = {n: tk.TUNE[n] for n in names}
@@ -716,13 +717,13 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
                 r["default_step_ms"] = ref["step_ms"]
                 if bw and "bytes_per_step" in ref:
                     r["hbm_fraction"] = round(ref["bytes_per_step"]["total"] / (r["step_ms"] / 1e3) / bw, 3)
-            res[entry] = r
+            res[key] = r
             log(f"flash: A/B {entry} -> {[tk.TUNE[n] for n in names]}: decode b=1 context {context} "
                 f"{r['step_ms']:.3f} ms (default {ref['step_ms'] if ref else '?'} ms); logits vs default "
                 f"{r.get('vs_default')}")
             del eng
         except Exception as e:  # noqa: BLE001
-            res[entry] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            res[key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
             log(f"flash: A/B {entry} failed: {e}")
         finally:
             tk.TUNE.update(saved)

@@ -36,7 +36,7 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     assert probe.shape == (3, 256) and torch.isfinite(probe).all()
     monkeypatch.setattr(Engine, "load", spy)
     res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch", "pdl+triton_argmax",
-                                      "fp8_mma_depth=3+fp4_mma_split=None"],
+                                      "fp8_mma_depth=3+fp4_mma_split=None", "default", "default"],
                                 main, deadline=1e9, device="cpu", context=64, probe=probe)
     assert seen == {"shared_expert_stream": not before["shared_expert_stream"]}
     assert tk.TUNE == before  # every switch restored
@@ -50,6 +50,7 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     both = res["pdl+triton_argmax"]  # flipped together
     assert both["pdl"] is (not before["pdl"]) and both["triton_argmax"] is (not before["triton_argmax"])
     assert both["vs_default"]["bitwise_equal_steps"] == 3
+    assert res["default"]["vs_default"]["bitwise_equal_steps"] == 3 and "default#2" in res  # both controls kept
     knobs = res["fp8_mma_depth=3+fp4_mma_split=None"]  # integer knobs set, then restored
     assert knobs["fp8_mma_depth"] == 3 and knobs["fp4_mma_split"] is None
     assert knobs["vs_default"]["bitwise_equal_steps"] == 3
