@@ -10,6 +10,11 @@ reads all of them, and one activation quantization instead of several.
   the 128-row scale block: ``W = cat(W_i)``, ``S = cat(S_i)`` (rows), one call, ``split_with_sizes``.
 - ``dsv4::fp4_grouped_linear_packed(x, expert, W_i, S_i, aq, ue8m0)`` with the same ``x``, ``expert``,
   flags and tile layout: the packed tiles stack along their N-block axis (dim 1 of both tensors).
+- a weight applied in fp32 (bf16-stored in a bf16 model), ``matmul(x.float(), W_i.float().t())`` with the
+  same ``x`` and K
+  (the compressor's ``wkv`` and ``wgate`` of an HCA block; a CSA block's stacked compressor projections
+  and its indexer's ``weights_proj``): ``W = cat(W_i)`` (rows), one matmul (one ``linear_w16`` GEMV at
+  decode on the GPU).
 
 Each output row is computed from the same weight rows as before, so the result only depends on the GEMM
 kernel's reduction order. New parameters are named ``<common prefix>.<leaf>+<leaf>.<suffix>``
@@ -31,9 +36,29 @@ from .manager import PassResult, WeightPass, register
 
 FP8 = dsv4.fp8_linear.default
 FP4 = dsv4.fp4_grouped_linear_packed.default
+W16 = aten.matmul.default  # x.float() @ W.float().t() (frontend dense_f32; W bf16 in a bf16 model)
 SCALE_ROWS = 128  # FP8 weight scale block along N
 # positions of (weight, scale) and of the trailing flags in each op's arguments
 WS = {FP8: (1, 2), FP4: (2, 3)}
+
+
+def _f32_cast_of(n) -> fx.Node | None:  # noqa: ANN001
+    """The input of ``n`` when ``n`` is ``aten.to.dtype(_, torch.float32)``, else None."""
+    if (isinstance(n, fx.Node) and n.op == "call_function" and n.target == aten.to.dtype
+            and n.args[1:] == (torch.float32,) and not n.kwargs):
+        return n.args[0]
+    return None
+
+
+def _w16_weight(mm: fx.Node) -> fx.Node | None:
+    """The weight input ``W`` of ``matmul(a, t(W.float()))``, else None."""
+    if len(mm.args) != 2 or mm.kwargs:
+        return None
+    tw = mm.args[1]
+    if not (isinstance(tw, fx.Node) and tw.op == "call_function" and tw.target == aten.t.default):
+        return None
+    w = _f32_cast_of(tw.args[0])
+    return w if isinstance(w, fx.Node) and w.op == "placeholder" else None
 
 
 @dataclass(frozen=True)
@@ -68,12 +93,15 @@ class FuseSharedInputGemms(WeightPass):
             pnames = params(prog)
             n = 0
             for group in self._groups(g, pnames, weights):
-                key = tuple(pnames[m.args[WS[m.target][0]]] for m in group)
+                key = tuple(pnames[self._weight(m)] for m in group)
                 if key not in fused:
                     fused[key] = self._stack(group, pnames, weights)
                 rec = fused[key]
-                w_node, s_node = (param_input(prog, rec[k], weights[rec[k]]) for k in ("weight", "scale"))
-                self._rewrite(g, group, w_node, s_node, rec["sizes"])
+                if group[0].target is W16:
+                    self._rewrite_w16(g, group, param_input(prog, rec["weight"], weights[rec["weight"]]), rec["sizes"])
+                else:
+                    w_node, s_node = (param_input(prog, rec[k], weights[rec[k]]) for k in ("weight", "scale"))
+                    self._rewrite(g, group, w_node, s_node, rec["sizes"])
                 replaced.update(rec["from"])
                 n += 1
             matches[entry] = n
@@ -84,10 +112,23 @@ class FuseSharedInputGemms(WeightPass):
         record = {"groups": {v["weight"]: {"from": v["from"], "sizes": v["sizes"]} for v in fused.values()}}
         return PassResult(matches, skipped=not fused, notes=notes if fused else "nothing to fuse", record=record)
 
+    @staticmethod
+    def _weight(m: fx.Node) -> fx.Node:
+        return _w16_weight(m) if m.target is W16 else m.args[WS[m.target][0]]
+
     def _groups(self, g: fx.Graph, pnames: dict, weights: dict) -> list[list[fx.Node]]:
         """GEMM calls that can share one launch, in graph order, each group of two or more."""
         buckets: dict[tuple, list[fx.Node]] = {}
         for node in g.nodes:
+            if node.op == "call_function" and node.target is W16:
+                w = _w16_weight(node)
+                wn = pnames.get(w) if w is not None else None
+                wt = weights.get(wn) if wn is not None else None
+                if wt is None or wt.dim() != 2 or not wt.dtype.is_floating_point:
+                    continue
+                x = _f32_cast_of(node.args[0])  # each call casts the shared input itself
+                buckets.setdefault((W16, x if x is not None else node.args[0], wt.shape[1], wt.dtype), []).append(node)
+                continue
             if node.op != "call_function" or node.target not in (FP8, FP4) or node.kwargs:
                 continue
             wi, si = WS[node.target]
@@ -110,7 +151,7 @@ class FuseSharedInputGemms(WeightPass):
             # a GEMM whose weight another GEMM of the bucket also reads stays alone (nothing to stack)
             seen, uniq = set(), []
             for m in nodes:
-                w = m.args[WS[m.target][0]]
+                w = self._weight(m)
                 if w not in seen:
                     seen.add(w)
                     uniq.append(m)
@@ -120,6 +161,11 @@ class FuseSharedInputGemms(WeightPass):
         return out
 
     def _stack(self, group: list[fx.Node], pnames: dict, weights: dict) -> dict:
+        if group[0].target is W16:  # no scales: the rows of the 16-bit weights
+            wn = [pnames[self._weight(m)] for m in group]
+            name = fused_name(wn)
+            weights[name] = torch.cat([weights[n] for n in wn], dim=0)
+            return {"weight": name, "from": wn, "sizes": [weights[n].shape[0] for n in wn]}
         wi, si = WS[group[0].target]
         wn = [pnames[m.args[wi]] for m in group]
         sn = [pnames[m.args[si]] for m in group]
@@ -133,6 +179,16 @@ class FuseSharedInputGemms(WeightPass):
         else:
             sizes = [weights[n].shape[1] * weights[n].shape[3] for n in wn]
         return {**names, "from": wn + sn, "sizes": sizes}
+
+    def _rewrite_w16(self, g: fx.Graph, group: list[fx.Node], w: fx.Node, sizes: list[int]) -> None:
+        first = min(group)  # its own fp32 cast of the shared input is defined before it
+        with g.inserting_before(first):
+            tw = call(g, aten.t.default, call(g, aten.to.dtype, w, torch.float32))
+            big = call(g, W16, first.args[0], tw)
+            parts = call(g, aten.split_with_sizes.default, big, sizes, -1)
+            outs = [call(g, operator.getitem, parts, i, like=m) for i, m in enumerate(group)]
+        for m, o in zip(group, outs):
+            replace(m, o)
 
     def _rewrite(self, g: fx.Graph, group: list[fx.Node], w: fx.Node, s: fx.Node, sizes: list[int]) -> None:
         first = min(group)  # nodes compare by graph position: the inputs of all are defined before it

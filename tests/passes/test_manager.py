@@ -74,7 +74,9 @@ def test_records_logs_provenance_disable_and_dumps(tmp_path, traced, tiny_params
         len(by_pass["fuse_compress_indexer"])
     # the caller's weights are untouched; the returned table is rewritten
     assert "layers.1.attn.compressor.wkv.weight" in tiny_params("bf16")
-    assert "layers.1.attn.compressor.wkv.weight" not in w and "layers.1.attn.compressors.wkv_wgate.weight" in w
+    # (fuse_shared_input_gemms then stacks the fused compressor projection with the indexer's weights_proj)
+    assert "layers.1.attn.compressor.wkv.weight" not in w
+    assert "layers.1.attn.compressors.wkv_wgate+indexer.weights_proj.weight" in w
     # dumps
     index = json.loads((dump / "index.json").read_text())
     assert [p["name"] for p in index["passes"]] == [n for n in names if n != "pack_fp4_experts"]

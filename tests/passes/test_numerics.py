@@ -4,6 +4,7 @@ fp32 and bf16, for prefill and decode, on fresh random inputs; and matches exact
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsv4c.testing import rel_err
 from passes_helpers import COMBOS, PRODUCT_PASSES, check_counts, combo_id, passes_only, run
@@ -29,5 +30,5 @@ def test_pass_on_off_same_logits(combo, pass_name, traced, tiny_params, baseline
     for k in ref_cache:
         assert rel_err(cache[k], ref_cache[k]) <= TOL[dtype], k
     if pass_name == "all":
-        check_counts(records, tiny_spec, [entry])
+        check_counts(records, tiny_spec, [entry], dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]))
         assert not progs[entry].graph_module.graph.eliminate_dead_code()  # the rewrites left nothing dead
