@@ -1411,6 +1411,8 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # K split in 4, 271 us on the tensor-core GEMV; 462 us unsplit: 32 K tiles a program are latency-bound)
         "fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4,
         # weight tiles each lane keeps in flight ahead of the one it multiplies (1-3), FP4 and FP8 MMA GEMVs
+        # (H100, session 12, decode_gemv_gpu.py: FP8 262 / 271 / 266 us, FP4 197 / 222 / 236 us at depth
+        # 1 / 2 / 3; the decode step 1.414 ms at 3 against 1.379)
         "fp4_mma_depth": 1, "fp8_mma_depth": 1,
         # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
         # (H100, session 9: exact on mma_probe; the step's 20 FP8 launches 261 vs 271 us, max error 9e-4 vs
@@ -1459,17 +1461,20 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # every entry: apply_rope's stack + cat as one element-wise expression (runtime/rope_rewrite.py;
         # session 10's decode ran each q / kv norm + RoPE as four kernels)
         "rope_one_expression": True,
-        # the decode Triton kernels launched with programmatic dependent launch (sm_90+): each lets the next
-        # kernel launch as soon as all its programs run, and waits for the previous kernel before its first
-        # dependent access; the FP8 GEMV loads its first weight tile before that wait (see :func:`pdl_launch`)
-        # (H100, session 11, decode b=1 8k: 1.507 -> 1.497 ms, logits bitwise the same)
+        # the decode Triton kernels launched with programmatic dependent launch (sm_90+): each waits for the
+        # previous kernel before its first dependent access, then lets the next kernel launch; the FP8 GEMV
+        # loads its first weight tile before that wait (see :func:`pdl_launch`, :func:`_pdl_release`)
+        # (H100, session 11, decode b=1 8k: 1.507 -> 1.497 ms with the release before the wait, which
+        # session 12 found racy against Inductor's kernels; the fixed order is not measured yet)
         "pdl": True,
         # under pdl, the FP8 and W16 decode GEMVs first ask the start of their weight slice into L2 (one bulk
         # prefetch per row, PDL_PREFETCH_BYTES a program) while the previous kernel still runs
+        # (H100, session 12 run b: 1.389 ms against controls of 1.393 / 1.407, logits bitwise the same)
         "pdl_prefetch": False,
         # Inductor's own kernels with programmatic dependent launch (its ``triton.enable_pdl``, where this
-        # torch has it; runtime/inductor_executor.py compile_program) (H100, session 11: 1.507 -> 1.486 ms,
-        # logits bitwise the same)
+        # torch has it and runtime/inductor_pdl.py can make each wait before its first access;
+        # runtime/inductor_executor.py compile_program) (H100, session 11, with Inductor's own wait placement:
+        # 1.507 -> 1.486 ms, logits bitwise the same)
         "inductor_pdl": True,
         # the greedy chain's argmax over the logits as one Triton launch (dsv4c.ops.triton_argmax) instead
         # of torch.argmax, written straight into the next step's input ids (H100, session 11: 3.4 vs 26.6 us
@@ -1477,10 +1482,12 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "triton_argmax": True,
         # the shared-expert fork's SwiGLU writes the w2 GEMV's input dtype itself (no cast launch) and the
         # join's add (routed fp32 + shared bf16) is a Triton launch under pdl instead of torch's add
-        # (runtime/shared_expert_stream.py)
+        # (runtime/shared_expert_stream.py) (H100, session 12 run b: 1.382 ms against controls of 1.393 /
+        # 1.407; run a, with router_topk_triton: 1.402 against its main bench's 1.379; bits the same)
         "fork_join_triton": False,
         # decode: the MoE routers' top-k expert choice on dsv4c's top-k kernel (runtime/load_rewrites.py
-        # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel)
+        # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel) (H100, session 12 run b:
+        # 1.386 ms against controls of 1.393 / 1.407, logits bitwise the same)
         "router_topk_triton": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
