@@ -269,6 +269,24 @@ def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
     return {"steps": steps, "agree": sum(same), "first_difference": None if all(same) else same.index(False)}
 
 
+def chain_vs_loop_decode(eng, ctx: int, steps: int, seed: int = 1) -> dict:
+    """:func:`chain_vs_loop` without a prefill: both runs start from the bench's seeded cache fill at
+    context ``ctx`` and the same first id (``--decode-only`` calls compile no prefill)."""
+    from dsv4c import bench
+
+    first = torch.randint(0, eng.vocab_size, (1,), generator=torch.Generator().manual_seed(seed))
+    bench.fill_cache(eng, 1, ctx)
+    chained = eng.decode_greedy(first, steps)[0]
+    bench.fill_cache(eng, 1, ctx)
+    nxt, looped = first, []
+    for _ in range(steps):
+        nxt = eng.decode(nxt).argmax(-1).cpu()
+        looped.append(int(nxt[0]))
+    same = [int(a) == b for a, b in zip(chained.tolist(), looped)]
+    return {"steps": steps, "context": ctx, "agree": sum(same),
+            "first_difference": None if all(same) else same.index(False)}
+
+
 def decode_probe(eng, ctx: int, steps: int = 8, seed: int = 2) -> torch.Tensor:
     """Logits [steps, vocab] (fp32, CPU) of ``steps`` decode steps at batch 1 from the bench's seeded cache
     fill at context ``ctx``, fed fixed random ids (not their own argmax): a fingerprint of the decode step
@@ -609,7 +627,9 @@ def phase_flash(args) -> dict:
     from dsv4c import bench
 
     out = Path(args.work) / "flash4"
-    res = {}
+    res = {"decode_only": args.decode_only}
+    if args.decode_only:  # nothing compiled at build, no prefill: decode compiles at its first step
+        os.environ["DSV4C_BUILD_COMPILE"] = "0"
     t = build_artifact(out, "flash", args.layers, args.target, "reference", "bf16", args.max_seq_len, args.max_batch,
                        device_synth=True)
     res["cold_build_s"] = round(t, 1)
@@ -617,7 +637,7 @@ def phase_flash(args) -> dict:
     res["compiled_at"] = m["inductor"]["compiled_at"]
     res["at_build"] = m["inductor"].get("at_build")
     log(f"flash: cold build {t:.1f} s (compiled at {res['compiled_at']})")
-    eng, res["warm_load"] = bench.load_engine(out, torch.device("cuda"), log=log)
+    eng, res["warm_load"] = bench.load_engine(out, torch.device("cuda"), log=log, first_prefill=not args.decode_only)
     from torch._dynamo.utils import counters
 
     res["inductor_counters_after_load"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
@@ -642,7 +662,11 @@ def phase_flash(args) -> dict:
     except Exception as e:  # noqa: BLE001
         res["eager_spread"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"flash: perturbation spread failed: {e}")
-    res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 64))
+    if args.decode_only:
+        res["chain_vs_loop"] = attempt("greedy chain vs decode loop (from a cache fill)",
+                                       lambda: chain_vs_loop_decode(eng, 8192, 64))
+    else:
+        res["chain_vs_loop"] = attempt("greedy chain vs decode loop", lambda: chain_vs_loop(eng, args.check_prompt, 64))
     res["argmax_us"] = attempt("argmax over the logits (us; the greedy tail of every step)",
                                lambda: time_argmax(eng.vocab_size))
     res["topk_in_step"] = attempt("the indexer's top-k on a decode step's own scores (8k)",
@@ -660,7 +684,8 @@ def phase_flash(args) -> dict:
     torch.cuda.empty_cache()
     contexts = tuple(int(c) for c in args.contexts.split(","))
     batches = tuple(int(b) for b in args.batches.split(","))
-    res["bench"] = bench.run(out, "cuda", batches=batches, contexts=contexts, prefill_tokens=args.prefill_tokens,
+    res["bench"] = bench.run(out, "cuda", batches=batches, contexts=contexts,
+                             prefill_tokens=0 if args.decode_only else args.prefill_tokens,
                              steps=16, log=lambda s: log(s), extra={"cold_build_s": res["cold_build_s"]},
                              deadline=T0 + args.deadline, engine=eng, profile=True,
                              new_bucket_seconds=args.b32_seconds,
@@ -918,6 +943,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--exact-layers", type=int, default=3)
     ap.add_argument("--skip-check", action="store_true", help="flash: skip the eager comparisons")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="flash: no build-time compile, no prefill (nor its compile, bench or the eager "
+                         "comparisons): a decode A/B call in about half the device time")
     ap.add_argument("--dump-code", action="store_true",
                     help="flash: pack the Inductor-generated modules into OUT/inductor_code.tar.gz")
     ap.add_argument("--max-seq-len", type=int, default=65536 + 512)
@@ -938,6 +966,7 @@ def main() -> int:
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")
     args = ap.parse_args()
+    args.skip_check = args.skip_check or args.decode_only  # the comparisons prefill
     args.sweep = [(kv.split("=")[0], tuple(int(v) for v in kv.split("=")[1].split("/")))
                   for kv in args.sweep.split(",") if kv]
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,23 @@ def test_probe_agreement_counts_bitwise_steps_and_argmax():
     r = gpu_suite.probe_agreement(got, want)
     assert r["steps"] == 2 and r["bitwise_equal_steps"] == 1 and r["argmax_agree"] == 1 and r["finite"]
     assert abs(r["max_rel_err"] - gpu_suite.rel_err(got[1], want[1])) < 1e-12 and r["max_rel_err"] > 0.5
+
+
+def test_decode_only_load_and_chain_need_no_prefill(tmp_path, monkeypatch):
+    """``--decode-only``: the engine's first step and the chain-vs-loop check start from a cache fill; no
+    prefill runs (the GPU call then compiles none)."""
+    from dsv4c import bench
+
+    out = tmp_path / "tiny"
+    build(BuildRequest(output=out, variant="tiny", numerics="reference", dtype="fp32", max_seq_len=128,
+                       max_batch=1), progress=lambda m: None)
+
+    def no_prefill(self, ids):  # noqa: ANN001, ANN202
+        raise AssertionError("prefill ran")
+
+    monkeypatch.setattr(Engine, "prefill", no_prefill)
+    eng, load = bench.load_engine(out, torch.device("cpu"), log=lambda m: None, first_prefill=False)
+    assert eng.lengths == [17] and load["first_decode_s"] > 0  # the 16-token fill, then one step
+    r = gpu_suite.chain_vs_loop_decode(eng, 64, 6)
+    assert r == {"steps": 6, "context": 64, "agree": 6, "first_difference": None}
+    assert eng.lengths == [70]
