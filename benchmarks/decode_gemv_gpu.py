@@ -88,13 +88,6 @@ VARIANTS = {
     "topk_nosplit": {"topk_split_seg": None},  # one CTA per row (session 8's default)
     "topk_split2048": {"topk_split_seg": 2048},  # the 64k row over 9 programs, the last picking among 4608
     "topk_split4096": {"topk_split_seg": 4096},  # 5 segments of the 16512 entries instead of 9
-    # weight tiles in flight ahead of the multiplied one in the register-fed MMA GEMVs (default 1)
-    "fp8_depth2": {"fp8_mma_depth": 2},
-    "fp8_depth3": {"fp8_mma_depth": 3},
-    "fp4_depth2": {"fp4_mma_depth": 2},
-    "fp4_depth3": {"fp4_mma_depth": 3},
-    "fp4_depth3_split2": {"fp4_mma_depth": 3, "fp4_mma_split": 2},
-    "fp8_depth3_split4": {"fp8_mma_depth": 3, "split_target": 4},
     "pdl_off": {"pdl": False},
     "split4": {"split_target": 4},
     "split8": {"split_target": 8},

@@ -961,7 +961,7 @@ def main() -> int:
     ap.add_argument("--ab", default="",
                     help="flash: TUNE switches to flip (or knobs to set, name=value) one entry at a time, parts "
                          "joined by + together, for a decode b=1 8k A/B on the same artifact, e.g. "
-                         "shared_expert_stream,pdl+inductor_pdl,fp8_mma_depth=3")
+                         "shared_expert_stream,pdl+inductor_pdl,fp4_mma_split=2")
     ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")

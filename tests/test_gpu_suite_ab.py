@@ -36,7 +36,7 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     assert probe.shape == (3, 256) and torch.isfinite(probe).all()
     monkeypatch.setattr(Engine, "load", spy)
     res = gpu_suite.ab_switches(out, ["shared_expert_stream", "fp4_mma_warps", "no_such_switch", "pdl+triton_argmax",
-                                      "fp8_mma_depth=3+fp4_mma_split=None", "default", "default"],
+                                      "fp8_mma_warps=8+fp4_mma_split=None", "default", "default"],
                                 main, deadline=1e9, device="cpu", context=64, probe=probe)
     assert seen == {"shared_expert_stream": not before["shared_expert_stream"]}
     assert tk.TUNE == before  # every switch restored
@@ -51,8 +51,8 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
     assert both["pdl"] is (not before["pdl"]) and both["triton_argmax"] is (not before["triton_argmax"])
     assert both["vs_default"]["bitwise_equal_steps"] == 3
     assert res["default"]["vs_default"]["bitwise_equal_steps"] == 3 and "default#2" in res  # both controls kept
-    knobs = res["fp8_mma_depth=3+fp4_mma_split=None"]  # integer knobs set, then restored
-    assert knobs["fp8_mma_depth"] == 3 and knobs["fp4_mma_split"] is None
+    knobs = res["fp8_mma_warps=8+fp4_mma_split=None"]  # integer knobs set, then restored
+    assert knobs["fp8_mma_warps"] == 8 and knobs["fp4_mma_split"] is None
     assert knobs["vs_default"]["bitwise_equal_steps"] == 3
     assert "not a boolean switch" in res["fp4_mma_warps"]["error"]
     assert "does not exist" in res["no_such_switch"]["error"]
@@ -60,12 +60,12 @@ def test_ab_flips_one_switch_at_a_time_and_restores_it(tmp_path, monkeypatch):
 
 
 def test_ab_settings_parses_switches_and_knobs():
-    tune = {"pdl": True, "fp8_mma_depth": 1, "fp4_mma_split": 4}
-    assert gpu_suite.ab_settings("pdl+fp8_mma_depth=3", tune) == {"pdl": False, "fp8_mma_depth": 3}
+    tune = {"pdl": True, "fp8_mma_warps": 4, "fp4_mma_split": 4}
+    assert gpu_suite.ab_settings("pdl+fp8_mma_warps=8", tune) == {"pdl": False, "fp8_mma_warps": 8}
     assert gpu_suite.ab_settings("fp4_mma_split=None", tune) == {"fp4_mma_split": None}
     assert gpu_suite.ab_settings("default", tune) == {}
-    for bad, msg in (("fp8_mma_depth", "not a boolean switch"), ("pdl=1", "is a boolean switch"),
-                     ("fp8_mma_depth=x", "must be an integer or None"), ("nope=1", "does not exist")):
+    for bad, msg in (("fp8_mma_warps", "not a boolean switch"), ("pdl=1", "is a boolean switch"),
+                     ("fp8_mma_warps=x", "must be an integer or None"), ("nope=1", "does not exist")):
         try:
             gpu_suite.ab_settings(bad, tune)
         except ValueError as e:

@@ -48,15 +48,6 @@ def lane_coords_ptx() -> list[str]:
             "shr.u32 warp, tid, 5;", "shr.u32 g, lane, 2;", "and.b32 t, lane, 3;", "mad.lo.u32 row, warp, 16, g;"]
 
 
-def pipeline_depth(key: str) -> int:
-    """TUNE[key] (``fp4_mma_depth`` / ``fp8_mma_depth``): weight tiles a register-fed MMA GEMV keeps in
-    flight ahead of the one it multiplies; 1, 2 or 3 (each is a ring of registers in the kernel)."""
-    depth = TUNE[key]
-    if depth not in (1, 2, 3):
-        raise ValueError(f"TUNE[{key!r}] must be 1, 2 or 3 weight tiles in flight, got {depth!r}")
-    return int(depth)
-
-
 def _lane_offsets_asm() -> str:
     """The lane's byte offsets, computed once: its weight word (row g of its warp's 16 rows, word t), its
     scale byte (group t, row g) and its activation fragment (8 t). In: $3 (zero; gives the shape).
@@ -181,12 +172,10 @@ if HAVE_TRITON:
     @triton.jit
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
                              A, N, K, E, NBLK, KTILES, T_PER_SPLIT, UE8M0: tl.constexpr, SPLIT: tl.constexpr,
-                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False,
-                             DEPTH: tl.constexpr = 1):
+                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
-        K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. DEPTH
-        (1-3): weight tiles in flight ahead of the one being multiplied. PDL: launched as a programmatic
-        dependent (the expert ids come from the previous kernels: it waits first)."""
+        K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
+        launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first)."""
         _pdl_begin(PDL)
         a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
@@ -206,13 +195,7 @@ if HAVE_TRITON:
             q_row = q_ptr + a.to(tl.int64) * K
             s_row = qs_ptr + a.to(tl.int64) * KTILES
             ow, os, ox = _lane_offsets(zero.to(tl.int32))
-            # the first DEPTH tiles in flight while the activation is quantized (a tile past t1 - 1 loads the
-            # last one again: no masks in the PTX)
-            w_cur = _w_load(w_blk, s_blk, t0, ow, os)
-            if DEPTH >= 2:
-                w_n1 = _w_load(w_blk, s_blk, tl.minimum(t0 + 1, t1 - 1), ow, os)
-            if DEPTH >= 3:
-                w_n2 = _w_load(w_blk, s_blk, tl.minimum(t0 + 2, t1 - 1), ow, os)
+            w_cur = _w_load(w_blk, s_blk, t0, ow, os)  # in flight while the activation is quantized
             # the activation's K tiles t0..t1 -> e4m3 codes in fragment order (K 8c + {0, 2, 4, 6} then
             # {1, 3, 5, 7} per 8) + one scale per tile
             i = tl.arange(0, TQ)
@@ -229,19 +212,11 @@ if HAVE_TRITON:
             tl.debug_barrier()  # the stores above are what this program's lanes load next
             x_cur = _x_load(q_row, s_row, t0, ox, zero)
             for kt in range(t0, t1):
-                w_new = _w_load(w_blk, s_blk, tl.minimum(kt + DEPTH, t1 - 1), ow, os)  # tile kt + DEPTH
-                x_next = _x_load(q_row, s_row, tl.minimum(kt + 1, t1 - 1), ox, zero)
+                k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
+                w_next = _w_load(w_blk, s_blk, k_next, ow, os)
+                x_next = _x_load(q_row, s_row, k_next, ox, zero)
                 acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
-                # shift the ring of tiles in flight: kt + 1 is multiplied next
-                if DEPTH == 1:
-                    w_cur = w_new
-                elif DEPTH == 2:
-                    w_cur = w_n1
-                    w_n1 = w_new
-                else:
-                    w_cur = w_n1
-                    w_n1 = w_n2
-                    w_n2 = w_new
+                w_cur = w_next
                 x_cur = x_next
         tot_g, tot_h, row, t = tl.inline_asm_elementwise(
             asm=_QUAD_SUM, constraints="=f,=f,=r,=r,f,f", args=[acc_g, acc_h],
@@ -294,8 +269,8 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     order = torch.sort(expert).indices if ordered else expert
     _fp4_gemv_mma_kernel[(A, nt, split)](
         x, expert, order, weight, scale, q, qs, out, part, cnt, A, N, K, E, NBLK, KT, per, UE8M0=bool(ue8m0),
-        SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per),
-        DEPTH=pipeline_depth("fp4_mma_depth"), num_warps=warps, num_stages=1, **pdl_kwargs(x.device))
+        SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), num_warps=warps,
+        num_stages=1, **pdl_kwargs(x.device))
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_fp4_mma import lane_coords_ptx, mma_device, pipeline_depth
+from .triton_fp4_mma import lane_coords_ptx, mma_device
 from .triton_kernels import (HAVE_TRITON, PDL_PREFETCH_BYTES, QBLOCK, TUNE, _pick_split, _split_buffers,
                              pdl_kwargs)
 
@@ -148,13 +148,12 @@ if HAVE_TRITON:
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB,
                              T_PER_SPLIT, SW_STRIDE, UE8M0: tl.constexpr, SPLIT: tl.constexpr, NT: tl.constexpr,
                              MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False, PF_TILES: tl.constexpr = 8, DEPTH: tl.constexpr = 1):
+                             PREFETCH: tl.constexpr = False, PF_TILES: tl.constexpr = 8):
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
-        ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. DEPTH (1-3): weight
-        tiles in flight ahead of the one being multiplied. PDL: launched as a programmatic dependent, the
-        first DEPTH weight tiles loaded before the wait for the previous kernel, the next kernel released
-        after it (and, with PREFETCH, up to PF_TILES K tiles of each of the program's weight rows asked into
-        L2 first)."""
+        ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. PDL: launched as
+        a programmatic dependent, the first weight tile loaded before the wait for the previous kernel, the
+        next kernel released after it (and, with PREFETCH, up to PF_TILES K tiles of each of the program's
+        weight rows asked into L2 first)."""
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
         BN: tl.constexpr = NT // 2
@@ -170,13 +169,7 @@ if HAVE_TRITON:
         wh = wg + 8 * K
         if PREFETCH:
             _w_prefetch(wg, wh, t0, t1, PF_TILES)
-        # the first DEPTH tiles in flight while the activation is quantized (a tile past t1 - 1 loads the
-        # last one again: no masks in the PTX)
-        w_cur = _w_load(wg, wh, t0)
-        if DEPTH >= 2:
-            w_n1 = _w_load(wg, wh, tl.minimum(t0 + 1, t1 - 1))
-        if DEPTH >= 3:
-            w_n2 = _w_load(wg, wh, tl.minimum(t0 + 2, t1 - 1))
+        w_cur = _w_load(wg, wh, t0)  # in flight while the activation is quantized
         _pdl_begin(PDL)  # everything below reads the activation or writes
         # the activation rows' K tiles t0..t1 -> e4m3 codes (natural order) + one scale per row and tile
         r = tl.arange(0, MP)
@@ -200,20 +193,12 @@ if HAVE_TRITON:
         acc = (acc0, acc0, acc0, acc0)
         sw_row = sw_ptr + (n0 // 128) * SW_STRIDE
         for kt in range(t0, t1):
-            w_new = _w_load(wg, wh, tl.minimum(kt + DEPTH, t1 - 1))  # tile kt + DEPTH
-            x_next = _x_load(xa, s0, s1, tl.minimum(kt + 1, t1 - 1))
+            k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
+            w_next = _w_load(wg, wh, k_next)
+            x_next = _x_load(xa, s0, s1, k_next)
             sw = tl.load(sw_row + kt) + tl.zeros((NT,), dtype=tl.float32)
             acc = _mma_step(w_cur, x_cur, sw, acc)
-            # shift the ring of tiles in flight: kt + 1 is multiplied next
-            if DEPTH == 1:
-                w_cur = w_new
-            elif DEPTH == 2:
-                w_cur = w_n1
-                w_n1 = w_new
-            else:
-                w_cur = w_n1
-                w_n1 = w_n2
-                w_n2 = w_new
+            w_cur = w_next
             x_cur = x_next
         row, t = tl.inline_asm_elementwise(
             asm=_LANE_ROWS, constraints="=r,=r,r", args=[zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
@@ -259,8 +244,8 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     qc = max(1, min(triton.next_power_of_2(per), 32 // mp))  # tiles quantized per prologue step
     _fp8_gemv_mma_kernel[(nt, split)](
         x2, weight, scale, q, qs, out, part, cnt, M, N, K, kb, per, scale.stride(0), UE8M0=bool(ue8m0),
-        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, PF_TILES=max(1, PDL_PREFETCH_BYTES // (bn * 128)),
-        DEPTH=pipeline_depth("fp8_mma_depth"), num_warps=warps, num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
+        SPLIT=split, NT=32 * warps, MP=mp, QC=qc, PF_TILES=max(1, PDL_PREFETCH_BYTES // (bn * 128)), num_warps=warps,
+        num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

@@ -1410,10 +1410,6 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # (H100, session 9: exact on mma_probe; the step's 8 FP4 launches 200 us = 53 % of HBM at 8 warps with
         # K split in 4, 271 us on the tensor-core GEMV; 462 us unsplit: 32 K tiles a program are latency-bound)
         "fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4,
-        # weight tiles each lane keeps in flight ahead of the one it multiplies (1-3), FP4 and FP8 MMA GEMVs
-        # (H100, session 12, decode_gemv_gpu.py: FP8 262 / 271 / 266 us, FP4 197 / 222 / 236 us at depth
-        # 1 / 2 / 3; the decode step 1.414 ms at 3 against 1.379)
-        "fp4_mma_depth": 1, "fp8_mma_depth": 1,
         # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
         # (H100, session 9: exact on mma_probe; the step's 20 FP8 launches 261 vs 271 us, max error 9e-4 vs
         # 6e-3 of the e4m3 tensor-core dot)

@@ -99,25 +99,17 @@ def _cases() -> list[Case]:
           for nb in (1, 2, 4)],
         *[Case(f"fp4_gemv_mma_w{w}{'_pdl' if pdl else ''}", fp4mma._fp4_gemv_mma_kernel,
                {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl, DEPTH=1), num_warps=w, num_stages=1,
+               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl), num_warps=w, num_stages=1,
                wants_mma=True, extra={"lane_asm": True, **({"pdl": "wait_first"} if pdl else {})})
           for w, pdl in ((4, False), (8, False), (8, True))],
-        # three weight tiles in flight (TUNE fp4_mma_depth / fp8_mma_depth)
-        Case("fp4_gemv_mma_w8_pdl_depth3", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-             dict(UE8M0=True, SPLIT=4, ORDERED=False, NT=256, TQ=8, PDL=True, DEPTH=3), num_warps=8, num_stages=1,
-             wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first"}),
-        Case("fp8_gemv_mma_m1_pdl_depth3", fp8mma._fp8_gemv_mma_kernel,
-             {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, DEPTH=3), num_stages=1, wants_mma=True,
-             extra={"lane_asm": True, "pdl": "weights_first"}),
         *[Case(f"fp8_gemv_mma_m{m}{'_pdl' if pdl else ''}", fp8mma._fp8_gemv_mma_kernel,
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl, DEPTH=1), num_stages=1, wants_mma=True,
+               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl), num_stages=1, wants_mma=True,
                extra={"lane_asm": True, **({"pdl": "weights_first"} if pdl else {})})
           for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
         Case("fp8_gemv_mma_m1_pdl_prefetch", fp8mma._fp8_gemv_mma_kernel,
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8, DEPTH=1), num_stages=1, wants_mma=True,
+             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8), num_stages=1, wants_mma=True,
              extra={"lane_asm": True, "pdl": "weights_first"}),
         # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
         # copies (only the scale bytes are loaded one by one)
