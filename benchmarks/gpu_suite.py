@@ -691,6 +691,7 @@ def phase_flash(args) -> dict:
                              new_bucket_seconds=args.b32_seconds,
                              progress=lambda partial: save_partial(args, "flash", {**res, "bench": partial}))
     res["bench"]["load"] = res["warm_load"]
+    res["determinism"] = determinism(res)
     res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     if args.dump_code:
         res["inductor_code"] = dump_inductor_code(res["bench"].get("executor", {}).get("cache_dir"), Path(args.out))
@@ -893,6 +894,18 @@ def phase_hf(args) -> dict:
     return res
 
 
+def determinism(flash: dict) -> dict:
+    """Whether the flash phase's decode repeated itself: the greedy chain against the step loop, and the
+    decode probe run twice on one engine. A step whose kernels race (session 12, run b: programmatic
+    dependent launches that did not wait) fails one of them, and its times must not be reported."""
+    chain = flash.get("chain_vs_loop") or {}
+    probe = flash.get("probe_repeat") or {}
+    checks = {"chain_agrees": chain.get("agree") == chain.get("steps") if "agree" in chain else None,
+              "probe_repeats": (probe.get("bitwise_equal_steps") == probe.get("steps")) if "steps" in probe else None}
+    checks["ok"] = all(v is True for v in checks.values())
+    return checks
+
+
 def summary(res: dict) -> str:
     lines = ["", "=" * 100, f"GPU suite on {res.get('device')} (torch {res.get('torch')}, triton {res.get('triton')})"]
     k = res.get("kernels", {})
@@ -919,6 +932,9 @@ def summary(res: dict) -> str:
                      f"perturbations max rel err {sp.get('max_rel_err', float('nan')):.2e}")
         lines.append(f"flash-{res.get('layers')} bf16 vs eager: max rel err {ve.get('max_rel_err', float('nan')):.2e} "
                      f"-> {ve.get('ok')}; cold build {f.get('cold_build_s')} s; warm load {f.get('warm_load')}")
+        det = determinism(f)
+        lines.append(f"decode repeats itself: {det}" + ("" if det["ok"] else
+                     "  <- NOT DETERMINISTIC: the decode times below do not count"))
         b = f.get("bench", {})
         if b:
             from dsv4c.bench import summarize

@@ -101,3 +101,14 @@ def test_decode_only_load_and_chain_need_no_prefill(tmp_path, monkeypatch):
     r = gpu_suite.chain_vs_loop_decode(eng, 64, 6)
     assert r == {"steps": 6, "context": 64, "agree": 6, "first_difference": None}
     assert eng.lengths == [70]
+
+
+def test_determinism_flags_a_chain_or_probe_that_does_not_repeat():
+    good = {"chain_vs_loop": {"steps": 64, "agree": 64}, "probe_repeat": {"steps": 16, "bitwise_equal_steps": 16}}
+    assert gpu_suite.determinism(good) == {"chain_agrees": True, "probe_repeats": True, "ok": True}
+    racy = {"chain_vs_loop": {"steps": 32, "agree": 15}, "probe_repeat": good["probe_repeat"]}  # session 12, run b
+    assert gpu_suite.determinism(racy)["ok"] is False
+    flaky = {**good, "probe_repeat": {"steps": 16, "bitwise_equal_steps": 15}}
+    assert gpu_suite.determinism(flaky) == {"chain_agrees": True, "probe_repeats": False, "ok": False}
+    failed = {"chain_vs_loop": {"error": "RuntimeError: x"}}  # a check that did not run proves nothing
+    assert gpu_suite.determinism(failed) == {"chain_agrees": None, "probe_repeats": None, "ok": False}
