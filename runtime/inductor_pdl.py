@@ -22,13 +22,14 @@ from __future__ import annotations
 _PATCHED = False
 
 
-def _wait_first(self, wait_buffer, *dependencies, consider_reads=False):  # noqa: ANN001, ANN202, ARG001
+def _wait_first(self, wait_buffer, *dependencies, **options):  # noqa: ANN001, ANN202, ARG001
     """``TritonKernel._handle_pdl_before_access`` that waits whatever the dependencies (the original's
-    code path for a kernel with no previous scheduler node)."""
+    code path for a kernel with no previous scheduler node); any keyword (``consider_reads``) is moot."""
     if not self._enable_pdl_codegen():
         return
-    if self.inside_reduction and self.range_trees[-1].is_loop:  # hoisted before the loop, as the original
-        wait_buffer = self.body
+    trees = getattr(self, "range_trees", None)
+    if getattr(self, "inside_reduction", False) and trees and getattr(trees[-1], "is_loop", False):
+        wait_buffer = self.body  # hoisted before the reduction loop, as the original does
     wait_buffer.writeline(self.GDC_WAIT)
 
 
