@@ -45,11 +45,19 @@ dsv4 = torch.ops.dsv4
 
 
 def _shared_chain(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-                  act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype) -> torch.Tensor:
-    """The shared expert as the graph computed it: the w2 projection's output (x's dtype)."""
+                  act_quant: bool, ue8m0: bool, limit: float, mid_dtype: torch.dtype,
+                  fused_cast: bool = False) -> torch.Tensor:
+    """The shared expert as the graph computed it: the w2 projection's output (x's dtype). ``fused_cast``
+    (TUNE ``fork_join_triton``, a Triton launcher): the SwiGLU writes ``mid_dtype`` itself, one launch fewer
+    and the same values (the fp32 result rounded to nearest-even, as ``.to`` rounds)."""
     h = dsv4.fp8_linear(x, w13, s13, act_quant, ue8m0)
     g, v = h.split([h.shape[-1] // 2] * 2, dim=-1)
-    a = dsv4.swiglu_clamp(g, v, g, limit, False).to(mid_dtype)
+    if fused_cast:
+        from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
+
+        a = tk.swiglu_clamp(g, v, g, limit, False, out_dtype=mid_dtype)
+    else:
+        a = dsv4.swiglu_clamp(g, v, g, limit, False).to(mid_dtype)
     return dsv4.fp8_linear(a, w2, s2, act_quant, ue8m0)
 
 
@@ -96,27 +104,16 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return s
 
 
-def _shared_chain_fused(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype):
-    """:func:`_shared_chain` with the SwiGLU writing ``mid_dtype`` itself (TUNE ``fork_join_triton``): one
-    launch fewer, the same values (the fp32 result rounded to nearest-even, as ``.to`` rounds)."""
-    from dsv4c.ops import triton_kernels as tk  # noqa: PLC0415
-
-    h = dsv4.fp8_linear(x, w13, s13, act_quant, ue8m0)
-    g, v = h.split([h.shape[-1] // 2] * 2, dim=-1)
-    a = tk.swiglu_clamp(g, v, g, limit, False, out_dtype=mid_dtype)
-    return dsv4.fp8_linear(a, w2, s2, act_quant, ue8m0)
-
-
 def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, rows):
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     from dsv4c.ops.triton_kernels import TUNE, counter_set  # noqa: PLC0415
 
-    chain = _shared_chain_fused if TUNE["fork_join_triton"] else _shared_chain
     # allocated on the side stream: the allocator reuses these blocks for later side-stream work only; the
     # split-K GEMVs count arrivals in their own counters (the routed experts' run at the same time)
     with torch.cuda.stream(side), counter_set("side"):
-        h = chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype)
+        h = _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype,
+                          fused_cast=bool(TUNE["fork_join_triton"]))
     return h, linear_w16(x, gate), x[rows]
 
 
