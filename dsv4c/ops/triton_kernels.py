@@ -2020,7 +2020,7 @@ def add_f32(a: Tensor, b: Tensor) -> Tensor:
     of torch's ``a + b`` with fp32 promotion. Other shapes or strides: torch's add."""
     _require(a, b)
     if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
-        return a.float() + b.float() if a.dtype != b.dtype else (a + b).float()
+        return a.float() + b.float()
     out = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     n = a.numel()
     if n:

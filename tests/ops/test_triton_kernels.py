@@ -253,6 +253,8 @@ def test_add_f32_is_the_promoted_add():
     col = torch.randn(4100, 3, generator=g).t()  # strided: torch's add
     assert torch.equal(tk.add_f32(routed, col), routed + col)
     assert tk.add_f32(routed[:0], h[:0]).shape == (0, 4100)
+    hc = torch.randn(4100, 3, generator=g).to(torch.bfloat16).t()  # strided bf16 + bf16: still added in fp32
+    assert torch.equal(tk.add_f32(hc, hc + 1), hc.float() + (hc + 1).float())
 
 
 def test_shared_expert_chain_with_the_fused_cast_gives_the_same_bits():
