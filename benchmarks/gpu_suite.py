@@ -201,14 +201,9 @@ def topk_in_step(eng, ctx: int) -> dict:
     ex = eng._executor
     graphs = ex.use_graphs
     bench.fill_cache(eng, 1, ctx)
-    inputs = dict(eng._static)
-    inputs.update({f"cache.{k}": v[:1] for k, v in eng.cache.items()})
-    inputs["input_ids"] = torch.zeros((1, 1), dtype=torch.long, device=eng.device)
-    inputs["start_pos"] = torch.tensor([ctx], dtype=torch.long, device=eng.device)
     triton_topk.topk_ids, ex.use_graphs = spy, False
     try:
-        with torch.no_grad():
-            ex.run("decode", inputs)
+        eng._run("decode", torch.zeros((1, 1), dtype=torch.long), torch.tensor([ctx]), slice(0, 1))
     finally:
         triton_topk.topk_ids, ex.use_graphs = real, graphs
     out = {"calls": len(seen)}
@@ -234,9 +229,6 @@ def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) 
     from dsv4c.ops import triton_argmax
     from dsv4c.ops import triton_kernels as tk
 
-    def graph_us(fn) -> float:  # noqa: ANN001
-        return graph_call_us(fn, reps)
-
     out = {}
     saved = tk.TUNE["triton_argmax"]
     tk.TUNE["triton_argmax"] = True
@@ -245,22 +237,20 @@ def time_argmax(vocab: int, batches: tuple[int, ...] = (1, 32), reps: int = 50) 
             x = torch.randn(b, vocab, device="cuda")
             x[:, 7] = x[:, vocab - 5] = x.max() + 1  # a tie: the first index must win
             ids = torch.empty((b, 1), dtype=torch.long, device="cuda")
-            out[f"b{b}"] = graph_us(lambda: x.argmax(-1, keepdim=True))
-            out[f"b{b}_triton"] = graph_us(lambda: triton_argmax.argmax_rows(x, out=ids))
+            out[f"b{b}"] = graph_call_us(lambda: x.argmax(-1, keepdim=True), reps)
+            out[f"b{b}_triton"] = graph_call_us(lambda: triton_argmax.argmax_rows(x, out=ids), reps)
             out[f"b{b}_triton_equal"] = bool(torch.equal(ids, x.argmax(-1, keepdim=True)))
     finally:
         tk.TUNE["triton_argmax"] = saved
     return out
 
 
-def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
-    """The greedy chain on the device (``Engine.decode_greedy``, CUDA graphs feeding their own argmax)
-    against a loop of ``Engine.decode`` + argmax from the same prefill: how many of the chosen ids agree,
-    and the first step where they differ (None: all agree)."""
-    ids = torch.randint(0, eng.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
-    first = eng.prefill(ids).argmax(-1).cpu()
+def _chain_against_loop(eng, first: torch.Tensor, steps: int, restart) -> dict:  # noqa: ANN001
+    """``steps`` greedy ids from ``first`` through ``Engine.decode_greedy`` (CUDA graphs feeding their own
+    argmax), then ``restart()`` and the same steps as a loop of ``Engine.decode`` + argmax: how many of the
+    chosen ids agree, and the first step where they differ (None: all agree)."""
     chained = eng.decode_greedy(first, steps)[0]
-    eng.prefill(ids)
+    restart()
     nxt, looped = first, []
     for _ in range(steps):
         nxt = eng.decode(nxt).argmax(-1).cpu()
@@ -269,22 +259,21 @@ def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
     return {"steps": steps, "agree": sum(same), "first_difference": None if all(same) else same.index(False)}
 
 
+def chain_vs_loop(eng, prompt_len: int, steps: int, seed: int = 1) -> dict:
+    """:func:`_chain_against_loop` from the same prefill of a seeded random prompt."""
+    ids = torch.randint(0, eng.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    first = eng.prefill(ids).argmax(-1).cpu()
+    return _chain_against_loop(eng, first, steps, lambda: eng.prefill(ids))
+
+
 def chain_vs_loop_decode(eng, ctx: int, steps: int, seed: int = 1) -> dict:
-    """:func:`chain_vs_loop` without a prefill: both runs start from the bench's seeded cache fill at
+    """:func:`_chain_against_loop` without a prefill: both runs start from the bench's seeded cache fill at
     context ``ctx`` and the same first id (``--decode-only`` calls compile no prefill)."""
     from dsv4c import bench
 
     first = torch.randint(0, eng.vocab_size, (1,), generator=torch.Generator().manual_seed(seed))
     bench.fill_cache(eng, 1, ctx)
-    chained = eng.decode_greedy(first, steps)[0]
-    bench.fill_cache(eng, 1, ctx)
-    nxt, looped = first, []
-    for _ in range(steps):
-        nxt = eng.decode(nxt).argmax(-1).cpu()
-        looped.append(int(nxt[0]))
-    same = [int(a) == b for a, b in zip(chained.tolist(), looped)]
-    return {"steps": steps, "context": ctx, "agree": sum(same),
-            "first_difference": None if all(same) else same.index(False)}
+    return {**_chain_against_loop(eng, first, steps, lambda: bench.fill_cache(eng, 1, ctx)), "context": ctx}
 
 
 def decode_probe(eng, ctx: int, steps: int = 8, seed: int = 2) -> torch.Tensor:
@@ -296,14 +285,8 @@ def decode_probe(eng, ctx: int, steps: int = 8, seed: int = 2) -> torch.Tensor:
 
     bench.fill_cache(eng, 1, ctx)
     ids = torch.randint(0, eng.vocab_size, (steps, 1, 1), generator=torch.Generator().manual_seed(seed))
-    inputs = dict(eng._static)
-    inputs.update({f"cache.{k}": v[:1] for k, v in eng.cache.items()})
-    out = []
-    with torch.no_grad():
-        for t in range(steps):
-            inputs["input_ids"] = ids[t].to(eng.device)
-            inputs["start_pos"] = torch.tensor([ctx + t], dtype=torch.long, device=eng.device)
-            out.append(eng._executor.run("decode", inputs).float().cpu().reshape(1, -1))
+    out = [eng._run("decode", ids[t], torch.tensor([ctx + t]), slice(0, 1)).float().cpu().reshape(1, -1)
+           for t in range(steps)]
     return torch.cat(out)
 
 
@@ -628,10 +611,17 @@ def phase_flash(args) -> dict:
 
     out = Path(args.work) / "flash4"
     res = {"decode_only": args.decode_only}
+    saved = os.environ.get("DSV4C_BUILD_COMPILE")
     if args.decode_only:  # nothing compiled at build, no prefill: decode compiles at its first step
         os.environ["DSV4C_BUILD_COMPILE"] = "0"
-    t = build_artifact(out, "flash", args.layers, args.target, "reference", "bf16", args.max_seq_len, args.max_batch,
-                       device_synth=True)
+    try:
+        t = build_artifact(out, "flash", args.layers, args.target, "reference", "bf16", args.max_seq_len,
+                           args.max_batch, device_synth=True)
+    finally:
+        if saved is None:
+            os.environ.pop("DSV4C_BUILD_COMPILE", None)
+        else:
+            os.environ["DSV4C_BUILD_COMPILE"] = saved
     res["cold_build_s"] = round(t, 1)
     m = json.loads((out / "manifest.json").read_text())
     res["compiled_at"] = m["inductor"]["compiled_at"]
@@ -708,8 +698,9 @@ def phase_flash(args) -> dict:
 def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device: str = "cuda",
                 context: int = 8192, probe: torch.Tensor | None = None) -> dict:
     """Each entry of ``flags`` applied on the same artifact: a boolean TUNE switch (flipped), ``name=value``
-    (a TUNE knob set to an integer, or ``None``), or several of those joined by ``+``; a fresh Engine (its load-time rewrites and decode compile see the flipped
-    switches), decode at batch 1 and ``context``, the switches restored. ``main``: the main bench's results
+    (a TUNE knob set to an integer, or ``None``), or several of those joined by ``+`` (:func:`ab_settings`);
+    a fresh Engine (its load-time rewrites and decode compile see the flipped switches), decode at batch 1
+    and ``context``, the switches restored. ``main``: the main bench's results
     (its copy bandwidth and, for the same batch and context, the bytes a step moves and its step time).
     ``probe``: the default engine's :func:`decode_probe` at ``context``; the flipped engine's is compared
     with it (``vs_default``). About a minute each on the H100 (decode compile + capture)."""
