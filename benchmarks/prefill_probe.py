@@ -10,6 +10,12 @@
   summed in fp32 in different orders), and each form's TFLOP/s is reported (each on the tiles its
   launcher picks: 64 rows for the swapped form, 128 for the other at ~192 rows per expert).
 
+- ``--attn-sweep``: the prefill attention launch's tiles (heads per program, keys per step, warps, the
+  split of the probabilities into two bf16 halves for P @ V) at an 8k prefill's shapes, for a CSA block
+  (window 128 + 512 selected of 2048 packed entries) and a window-only block; each against the default
+  tiles (rel err of the largest output) with its time and attention TFLOP/s (4 x c flops per visible
+  (token, head, key)).
+
 Exit status 1 when a pair disagrees.
 """
 
@@ -71,6 +77,61 @@ def attention(dev: torch.device, bench) -> dict:  # noqa: ANN001
     return {"case": f"sparse_attn prefill S={S}", "ok": same, "ms_on": t_on, "ms_off": t_off}
 
 
+def _prefill_attention_case(dev: torch.device, S: int, topk: int, entries: int):  # noqa: ANN202
+    """(run(**tiles), visible (token, head, key) count) for an S-token prefill with window 128 and ``topk``
+    of ``entries`` packed compressed entries per token (none when topk = 0), 64 heads x 512."""
+    from dsv4c.ops import kv_storage
+    from dsv4c.ops import triton_kernels as tk
+
+    g = torch.Generator(device=dev).manual_seed(3)
+    H, C, nw, rope = 64, 512, 128, 64
+    q = torch.randn(1, S, H, C, device=dev, generator=g).to(torch.bfloat16)
+    keys = torch.randn(1, nw + S, C, device=dev, generator=g).to(torch.bfloat16)
+    pos = torch.arange(S, device=dev)
+    key_pos = torch.cat((torch.arange(-nw, 0, device=dev), pos))
+    mask = ((key_pos[None, :] >= 0) & (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - nw))[None]
+    E = max(entries, 1)
+    nope, scale, rp = kv_storage.pack_kv_entries(torch.randn(1, E, C, device=dev, generator=g), rope)
+    # token t sees the entries its 4:1 compressor has completed, (t + 1) // 4, and keeps the first topk of them
+    visible = ((pos + 1) // 4).clamp(max=entries)
+    ids = torch.arange(topk, device=dev)
+    idx = torch.where(ids[None, :] < visible[:, None], ids[None, :], -1)[None].contiguous()
+    sink = torch.randn(H, device=dev, generator=g)
+    n_visible = H * (int(mask.sum()) + int((idx >= 0).sum()))
+
+    def run(**tiles):  # noqa: ANN003, ANN202
+        return tk.sparse_attn_packed(q, keys, mask, nope, scale, rp, idx, sink, C ** -0.5, kv_split=1, **tiles)
+
+    return run, n_visible * C * 4
+
+
+ATTN_TILES = [dict(block_h=bh, block_n=bn, num_warps=w, pv_split=pv)
+              for bh in (32, 64) for bn in (32, 64) for w in (4, 8) for pv in (True, False)]
+
+
+def attention_sweep(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+    rows = []
+    for name, topk, entries in (("csa", 512, 2048), ("window", 0, 0)):
+        run, flop = _prefill_attention_case(dev, 8192, topk, entries)
+        ref = run()
+        scale = ref.float().abs().max().item()
+        for tiles in [{}, *ATTN_TILES]:
+            row = {"case": f"attention tiles {name} S=8192", **tiles}
+            try:
+                out = run(**tiles)
+                ms = bench(lambda: run(**tiles))  # noqa: B023
+            except Exception as exc:  # noqa: BLE001  (a tile that does not fit is a row, not the end)
+                row.update(ok=True, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                print(f"{row['case']} {tiles}: {row['error']}")
+                rows.append(row)
+                continue
+            err = (out.float() - ref.float()).abs().max().item() / scale
+            row.update(ok=err <= 2e-2, max_rel=err, ms=ms, tflops=flop / ms / 1e9)
+            print(f"{row['case']} {tiles or 'default'}: {ms:.3f} ms, {row['tflops']:.1f} TFLOP/s, rel {err:.1e}")
+            rows.append(row)
+    return rows
+
+
 def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
     from dsv4c.ops import fused
     from dsv4c.ops import triton_kernels as tk
@@ -103,6 +164,8 @@ def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--attn-sweep", action="store_true", help="time the prefill attention's tile choices")
+    ap.add_argument("--only-sweep", action="store_true", help="the attention sweep alone")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -115,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
 
     dev = torch.device("cuda")
-    rows = [attention(dev, bench), *fp4_experts(dev, bench)]
+    rows = [] if args.only_sweep else [attention(dev, bench), *fp4_experts(dev, bench)]
+    if args.attn_sweep or args.only_sweep:
+        rows += attention_sweep(dev, bench)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
