@@ -730,6 +730,13 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
             r.update({n: tk.TUNE[n] for n in names})
             if probe is not None:
                 r["vs_default"] = probe_agreement(decode_probe(eng, context, steps=probe.shape[0]), probe)
+            if not tk.TUNE["pdl"]:  # without PDL a kernel's profiled time is its own, not its wait for the last
+                try:
+                    r["profile_decode"] = profile_decode_graph(eng, r)
+                    log(f"flash: A/B {entry}: {r['profile_decode']['device_us_per_call']:.0f} us of kernel time "
+                        f"in {r['profile_decode']['kernels_per_call']:.0f} kernels")
+                except Exception as e:  # noqa: BLE001  (profiling is best effort)
+                    r["profile_decode"] = {"error": f"{type(e).__name__}: {e}"}
             if ref is not None:
                 r["default_step_ms"] = ref["step_ms"]
                 if bw and "bytes_per_step" in ref:
@@ -748,6 +755,17 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return res
+
+
+def profile_decode_graph(eng, r: dict) -> dict:  # noqa: ANN001
+    """The kernels of the decode graph that ``bench_decode`` result ``r`` captured (its bucket)."""
+    from dsv4c import bench
+
+    graphs = getattr(eng._executor, "_decode", None)
+    g = graphs.graphs.get(r.get("bucket", 1)) if graphs is not None else None
+    if g is None:
+        raise RuntimeError("no captured decode graph for this bucket")
+    return bench.profile_kernels(g.graph.replay, torch.device("cuda"), reps=5, top=120)
 
 
 def ab_settings(entry: str, tune: dict) -> dict:
