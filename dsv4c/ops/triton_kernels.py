@@ -1440,6 +1440,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # prefill attention: scan each token's window mask and skip the key blocks it cannot see (session 7's
         # 8k prefill spent 519 of 733 ms in attention, every token looping over all 8320 window keys)
         "attn_win_scan": True,
+        # prefill attention tiles (more than 64 query tokens, no key split): heads per program, keys per step,
+        # warps (None: the launcher's own choice) and whether P @ V runs as two bf16 halves of the fp32
+        # probabilities (bf16 queries; False: one bf16 rounding of P, as flash attention does)
+        "attn_prefill_bh": None, "attn_prefill_bn": None, "attn_prefill_warps": None, "attn_prefill_pv_split": True,
         # prefill FP4 experts: the transposed product (decoded weight as the register operand, MMAs in flight
         # across K blocks) on quant-dequantized bf16 activations, on tiles of at most 64 rows (H100, session 9,
         # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
@@ -1845,8 +1849,9 @@ def fp4_grouped_linear(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor,
 
 def sparse_attn(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_kv: Tensor, comp_idx: Tensor, sink: Tensor,
                 scale: float, *, block_h: int | None = None, block_n: int | None = None,
-                num_warps: int | None = None, pv_split: bool = True, kv_split: int | None = None) -> Tensor:
-    """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator."""
+                num_warps: int | None = None, pv_split: bool | None = None, kv_split: int | None = None) -> Tensor:
+    """``dsv4::sparse_attn``: window + selected compressed entries, keys = values, sink in the denominator.
+    Tiles left None (and ``pv_split``) come from the launcher's choice and, for prefill, TUNE attn_prefill_*."""
     _require(q, win_kv, win_mask, comp_kv, comp_idx, sink)
     return _sparse_attn_launch(q, win_kv, win_mask, comp_idx, sink, scale, comp_kv, None, block_h=block_h,
                                block_n=block_n, num_warps=num_warps, pv_split=pv_split, kv_split=kv_split)
@@ -1861,7 +1866,7 @@ def _rows_view(t: Tensor) -> Tensor:
 def sparse_attn_packed(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_nope: Tensor, comp_scale: Tensor,
                        comp_rope: Tensor, comp_idx: Tensor, sink: Tensor, scale: float, *,
                        block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                       pv_split: bool = True, kv_split: int | None = None) -> Tensor:
+                       pv_split: bool | None = None, kv_split: int | None = None) -> Tensor:
     """``dsv4::sparse_attn_packed``: :func:`sparse_attn` with the compressed entries in their storage format
     (``comp_nope`` [B, E, c - r] float8_e4m3fn, ``comp_scale`` [B, E, S8] ue8m0 bytes, one per 64 nope dims,
     ``comp_rope`` [B, E, r] bf16), dequantized in registers: only the selected entries' bytes are read.
@@ -1885,9 +1890,15 @@ def sparse_attn_packed(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_nope: T
 
 def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: Tensor, sink: Tensor, scale: float,
                         comp_kv: Tensor | None, packed: tuple[Tensor, Tensor, Tensor] | None, *,
-                        block_h: int | None, block_n: int | None, num_warps: int | None, pv_split: bool,
+                        block_h: int | None, block_n: int | None, num_warps: int | None, pv_split: bool | None,
                         kv_split: int | None) -> Tensor:
     B, S, H, C = q.shape
+    if B * S > 64 and (kv_split is None or kv_split == 1):  # prefill: its measured tiles, where set
+        block_h = block_h or TUNE["attn_prefill_bh"]
+        block_n = block_n or TUNE["attn_prefill_bn"]
+        num_warps = num_warps or TUNE["attn_prefill_warps"]
+        pv_split = TUNE["attn_prefill_pv_split"] if pv_split is None else pv_split
+    pv_split = True if pv_split is None else pv_split
     NW = win_kv.shape[1]
     NE = (comp_kv if packed is None else packed[0]).shape[1]
     KC = comp_idx.shape[2]

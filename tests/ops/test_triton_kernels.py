@@ -198,6 +198,46 @@ def test_sparse_attn_prefill_window_scan(monkeypatch, packed):
     check(scanned, ref)
 
 
+def test_sparse_attn_prefill_tiles_from_tune(monkeypatch):
+    """TUNE attn_prefill_* set a prefill's tiles (more than 64 query tokens) and leave a decode's alone; the
+    prefill still matches the reference. (The interpreter computes in fp32, so P @ V's split shows only in
+    the launch's arguments here; the GPU sweep, benchmarks/prefill_probe.py --attn-sweep, times it.)"""
+    g = gen(31)
+    launches = []
+    kernel = tk._sparse_attn_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            def launch(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+                launches.append({k: kw[k] for k in ("BH", "BN", "PV_SPLIT")} | {"warps": kw["num_warps"]})
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tk, "_sparse_attn_kernel", Spy())
+
+    def case(S):  # noqa: ANN001, ANN202
+        q = torch.randn(1, S, 4, 64, generator=g).to(torch.bfloat16)
+        keys = (torch.randn(1, 24, 64, generator=g) * 2).to(torch.bfloat16)
+        mask = torch.rand(1, S, 24, generator=g) < 0.6
+        comp = (torch.randn(1, 6, 64, generator=g) * 2).to(torch.bfloat16)
+        idx = torch.randint(-1, 6, (1, S, 5), generator=g)
+        sink = torch.randn(4, generator=g)
+        return (q, keys, mask, comp, idx, sink, 0.125)
+
+    prefill, decode = case(70), case(3)
+    tk.sparse_attn(*prefill)
+    tk.sparse_attn(*decode)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_pv_split", False)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_bh", 32)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_bn", 64)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_warps", 8)
+    check(tk.sparse_attn(*prefill), ops.sparse_attn(*prefill))
+    tk.sparse_attn(*decode)
+    assert launches[2] == {"BH": 32, "BN": 64, "PV_SPLIT": False, "warps": 8}
+    assert launches[0] != launches[2] and launches[0]["PV_SPLIT"]
+    assert launches[3] == launches[1] and launches[1]["PV_SPLIT"]
+
+
 # ---- small fused ops --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,lead", [(4, (2, 3)), (3, (5,))])
