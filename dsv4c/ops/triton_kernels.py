@@ -1440,10 +1440,14 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # prefill attention: scan each token's window mask and skip the key blocks it cannot see (session 7's
         # 8k prefill spent 519 of 733 ms in attention, every token looping over all 8320 window keys)
         "attn_win_scan": True,
-        # prefill attention tiles (more than 64 query tokens, no key split): heads per program, keys per step,
-        # warps (None: the launcher's own choice) and whether P @ V runs as two bf16 halves of the fp32
-        # probabilities (bf16 queries; False: one bf16 rounding of P, as flash attention does)
-        "attn_prefill_bh": None, "attn_prefill_bn": None, "attn_prefill_warps": None, "attn_prefill_pv_split": True,
+        # prefill attention tiles (more than 64 bf16 / fp16 query tokens, no key split): heads per program (at
+        # most the heads there are), keys per step, warps (None: the launcher's own choice) and whether P @ V
+        # runs as two bf16 halves of the fp32 probabilities (False: one bf16 rounding of P, as flash attention
+        # does). H100, session 13, 8k tokens x 64 heads x 512 (benchmarks/prefill_probe.py --attn-sweep): a
+        # CSA block's 128 window + 512 packed selected keys 20.4 -> 7.4 ms (all 64 heads in one program, so
+        # each selected entry is gathered and dequantized once per token; max error 4.4e-3 of the largest
+        # output, one bf16 ulp); with P split the same tiles need more shared memory than the SM has
+        "attn_prefill_bh": 64, "attn_prefill_bn": 64, "attn_prefill_warps": 8, "attn_prefill_pv_split": False,
         # prefill FP4 experts: the transposed product (decoded weight as the register operand, MMAs in flight
         # across K blocks) on quant-dequantized bf16 activations, on tiles of at most 64 rows (H100, session 9,
         # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
@@ -1483,8 +1487,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # the shared-expert fork's SwiGLU writes the w2 GEMV's input dtype itself (no cast launch) and the
         # join's add (routed fp32 + shared bf16) is a Triton launch under pdl instead of torch's add
         # (runtime/shared_expert_stream.py) (H100, session 12 run b: 1.382 ms against controls of 1.393 /
-        # 1.407; run a, with router_topk_triton: 1.402 against its main bench's 1.379; bits the same)
-        "fork_join_triton": False,
+        # 1.407; run a, with router_topk_triton: 1.402 against its main bench's 1.379; session 13: 1.421 ms
+        # against a control of 1.432; bits the same each time)
+        "fork_join_triton": True,
         # decode: the MoE routers' top-k expert choice on dsv4c's top-k kernel (runtime/load_rewrites.py
         # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel) (H100, session 12 run b:
         # 1.386 ms against controls of 1.393 / 1.407, logits bitwise the same)
@@ -1893,8 +1898,8 @@ def _sparse_attn_launch(q: Tensor, win_kv: Tensor, win_mask: Tensor, comp_idx: T
                         block_h: int | None, block_n: int | None, num_warps: int | None, pv_split: bool | None,
                         kv_split: int | None) -> Tensor:
     B, S, H, C = q.shape
-    if B * S > 64 and (kv_split is None or kv_split == 1):  # prefill: its measured tiles, where set
-        block_h = block_h or TUNE["attn_prefill_bh"]
+    if B * S > 64 and (kv_split is None or kv_split == 1) and not _is_fp32(q):  # prefill: its measured tiles
+        block_h = block_h or (TUNE["attn_prefill_bh"] and min(TUNE["attn_prefill_bh"], _np2(H, 16)))
         block_n = block_n or TUNE["attn_prefill_bn"]
         num_warps = num_warps or TUNE["attn_prefill_warps"]
         pv_split = TUNE["attn_prefill_pv_split"] if pv_split is None else pv_split

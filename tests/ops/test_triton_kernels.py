@@ -227,15 +227,20 @@ def test_sparse_attn_prefill_tiles_from_tune(monkeypatch):
     prefill, decode = case(70), case(3)
     tk.sparse_attn(*prefill)
     tk.sparse_attn(*decode)
-    monkeypatch.setitem(tk.TUNE, "attn_prefill_pv_split", False)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_pv_split", True)
     monkeypatch.setitem(tk.TUNE, "attn_prefill_bh", 32)
-    monkeypatch.setitem(tk.TUNE, "attn_prefill_bn", 64)
-    monkeypatch.setitem(tk.TUNE, "attn_prefill_warps", 8)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_bn", 16)
+    monkeypatch.setitem(tk.TUNE, "attn_prefill_warps", 4)
     check(tk.sparse_attn(*prefill), ops.sparse_attn(*prefill))
     tk.sparse_attn(*decode)
-    assert launches[2] == {"BH": 32, "BN": 64, "PV_SPLIT": False, "warps": 8}
-    assert launches[0] != launches[2] and launches[0]["PV_SPLIT"]
-    assert launches[3] == launches[1] and launches[1]["PV_SPLIT"]
+    # the shipped prefill tiles, heads capped at the 4 there are (a 16-row block)
+    assert launches[0] == {"BH": 16, "BN": 64, "PV_SPLIT": False, "warps": 8}
+    assert launches[2] == {"BH": 16, "BN": 16, "PV_SPLIT": True, "warps": 4}
+    assert launches[3] == launches[1] and launches[1]["PV_SPLIT"] and launches[1]["BN"] != 64
+    # fp32 queries keep the launcher's own tiles (the fp32 tiles of the bf16 choice would not fit)
+    q32 = (prefill[0].float(), *prefill[1:])
+    check(tk.sparse_attn(*q32), ops.sparse_attn(*q32))
+    assert launches[4]["BN"] == 32
 
 
 # ---- small fused ops --------------------------------------------------------------------------------
