@@ -14,7 +14,8 @@
   split of the probabilities into two bf16 halves for P @ V) at an 8k prefill's shapes, for a CSA block
   (window 128 + 512 selected of 2048 packed entries) and a window-only block; each against the default
   tiles (rel err of the largest output) with its time and attention TFLOP/s (4 x c flops per visible
-  (token, head, key)).
+  (token, head, key)). ``--attn-tiles shipped`` times the defaults against the tiles used before
+  session 13 only.
 
 Exit status 1 when a pair disagrees.
 """
@@ -109,13 +110,20 @@ ATTN_TILES = [dict(block_h=bh, block_n=bn, num_warps=w, pv_split=pv)
               for bh in (32, 64) for bn in (32, 64) for w in (4, 8) for pv in (True, False)]
 
 
-def attention_sweep(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+# the launcher's prefill tiles before session 13 (its TUNE attn_prefill_* defaults since)
+PRE_S13_TILES = dict(block_h=32, block_n=32, num_warps=8, pv_split=True)
+
+
+def attention_sweep(dev: torch.device, bench, cases: str = "csa,window", tiles_set: str = "all") -> list[dict]:  # noqa: ANN001
+    """``tiles_set`` "all": every ATTN_TILES entry; "shipped": the defaults against the pre-session-13 tiles."""
     rows = []
     for name, topk, entries in (("csa", 512, 2048), ("window", 0, 0)):
+        if name not in cases.split(","):
+            continue
         run, flop = _prefill_attention_case(dev, 8192, topk, entries)
         ref = run()
         scale = ref.float().abs().max().item()
-        for tiles in [{}, *ATTN_TILES]:
+        for tiles in [{}, *(ATTN_TILES if tiles_set == "all" else [PRE_S13_TILES])]:
             row = {"case": f"attention tiles {name} S=8192", **tiles}
             try:
                 out = run(**tiles)
@@ -166,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--attn-sweep", action="store_true", help="time the prefill attention's tile choices")
     ap.add_argument("--only-sweep", action="store_true", help="the attention sweep alone")
+    ap.add_argument("--attn-cases", default="csa,window", help="the sweep's cases (csa, window)")
+    ap.add_argument("--attn-tiles", default="all", choices=("all", "shipped"),
+                    help="all: every tile choice; shipped: the defaults against the pre-session-13 tiles")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda")
     rows = [] if args.only_sweep else [attention(dev, bench), *fp4_experts(dev, bench)]
     if args.attn_sweep or args.only_sweep:
-        rows += attention_sweep(dev, bench)
+        rows += attention_sweep(dev, bench, args.attn_cases, args.attn_tiles)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
