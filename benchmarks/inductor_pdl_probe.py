@@ -3,10 +3,12 @@ wait-first patch (runtime/inductor_pdl.py), on a CUDA sm_90+ GPU.
 
     python benchmarks/inductor_pdl_probe.py --out $OUT
 
-Compiles a small function whose second kernel reads a buffer the kernel before last wrote (not the
-previous kernel's output) and counts, in the generated Triton source, the kernels that touch global
-memory before their ``gdc_wait``. Inductor's own placement leaves such accesses ahead of the wait; with
-the patch none remains. Also runs the compiled function against eager. Results: ``$OUT/inductor_pdl.json``.
+Compiles a few small functions (a kernel reading a buffer older than the previous kernel's output, a
+store-only ``zeros`` kernel, a fused reduction) and counts, in the generated Triton source, the kernels
+that touch global memory before their ``gdc_wait``. Inductor's own placement can leave such accesses ahead
+of the wait; with the patch none may remain. ``informative`` says whether Inductor's own placement left
+any (session 13's single fused kernel had none, so it showed nothing). Each compiled function is also run
+against eager. Results: ``$OUT/inductor_pdl.json``.
 """
 
 from __future__ import annotations
@@ -48,10 +50,43 @@ def compiled_code(fn, *args) -> tuple[str, torch.Tensor]:  # noqa: ANN001
     return "\n".join(codes), out
 
 
-def step(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    h = torch.relu(a @ b)  # cuBLAS, then an elementwise kernel
-    s = h.sum(-1, keepdim=True)  # a reduction over the previous kernel's output
-    return torch.softmax(h * s + a, dim=-1)  # reads a (older than the previous kernel) and both
+def older_buffer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A kernel that writes ``x``, a cuBLAS GEMM, then a kernel that reads ``a`` and ``x`` (older than the
+    GEMM) before the GEMM's output."""
+    x = torch.sin(a) * 2
+    y = x @ b
+    y2 = a + torch.cos(y)
+    return x + (y2 - y2.amax(-1, keepdim=True))
+
+
+def store_only(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A zero-filled buffer (a store-only kernel: it never reads, so Inductor gives it no wait) scattered
+    into after a GEMM, as the decode graph's ``zeros`` + ``index_put_`` kernels are."""
+    h = torch.relu(a @ b)
+    z = torch.zeros(a.shape[0] * 2, a.shape[1], device=a.device)
+    idx = torch.arange(0, a.shape[0] * 2, 2, device=a.device)
+    return z.index_put((idx,), h[:, : a.shape[1]]) * 3
+
+
+def fused_softmax(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Session 12's probe: cuBLAS, then one fused reduction kernel (reads ``a`` and the GEMM's output)."""
+    h = torch.relu(a @ b)
+    s = h.sum(-1, keepdim=True)
+    return torch.softmax(h * s + a, dim=-1)
+
+
+PROBES = (older_buffer, store_only, fused_softmax)
+
+
+def probe_all(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Per probe function: early / total kernels of its generated code and its max error against eager."""
+    out = {}
+    for fn in PROBES:
+        want = fn(a, b)
+        code, got = compiled_code(fn, a, b)
+        out[fn.__name__] = dict(zip(("early", "kernels"), early_accesses(code)),
+                                max_abs_err=float((got - want).abs().max()))
+    return out
 
 
 def main(argv=None) -> int:
@@ -63,18 +98,15 @@ def main(argv=None) -> int:
         return 2
     a = torch.randn(64, 256, device="cuda")
     b = torch.randn(256, 256, device="cuda")
-    want = step(a, b)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    code, out = compiled_code(step, a, b)
-    res["inductor_own"] = dict(zip(("early", "kernels"), early_accesses(code)),
-                               max_abs_err=float((out - want).abs().max()))
+    res["inductor_own"] = probe_all(a, b)
     from dsv4c.runtime.inductor_pdl import install_wait_first
 
     res["patched"] = install_wait_first()
-    code, out = compiled_code(step, a, b)
-    res["wait_first"] = dict(zip(("early", "kernels"), early_accesses(code)),
-                             max_abs_err=float((out - want).abs().max()))
-    res["ok"] = res["patched"] and res["wait_first"]["early"] == 0 and res["wait_first"]["max_abs_err"] < 1e-4
+    res["wait_first"] = probe_all(a, b)
+    # informative only where Inductor's own placement left an early access for the patch to remove
+    res["informative"] = sum(r["early"] for r in res["inductor_own"].values()) > 0
+    res["ok"] = res["patched"] and all(r["early"] == 0 and r["max_abs_err"] < 1e-3 for r in res["wait_first"].values())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "inductor_pdl.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
