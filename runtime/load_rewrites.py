@@ -11,6 +11,8 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
   instead of a cuBLAS batched GEMM per sub-layer (:func:`rewrite_hc_post_einsums`), every entry (an 8k
   prefill's batched 4 x 4 GEMMs took 1.7 ms per sub-layer on the H100);
 - the remaining narrow fp32 mixes (the head's) as reductions (:func:`rewrite_narrow_fp32_mms`), decode only;
+- the indexer's Hadamard rotations as reductions (:func:`rewrite_const_mms`, TUNE ``const_mm_reduction``),
+  decode only;
 - RoPE as one element-wise expression instead of a stack and a cat (``runtime/rope_rewrite.py``);
 - cache row writes as ``index_put_``, which Inductor does in place (``runtime/cache_row_writes.py``);
 - the MoE routers' ``topk(...).indices`` as ``dsv4::topk_ids`` (:func:`rewrite_router_topk`), decode only;
@@ -192,7 +194,7 @@ WeightInfo = Callable[[fx.Node], "tuple[tuple[int, ...], torch.dtype] | None"]
 def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | None) -> WeightInfo:
     """(shape, dtype) of a graph input: its fake value when the graph carries metadata, else its entry in
     the manifest's ``params`` table (graphs loaded from an artifact's JSON have no node metadata)."""
-    names = dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
+    names = input_names_of(prog)
 
     def info(node: fx.Node):
         val = node.meta.get("val")
@@ -253,6 +255,36 @@ def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
         return g.call_function(torch.ops.dsv4c_rt.narrow_mix.default, (x, w))
 
     return _rewrite_weight_matmuls(gm, replace)
+
+
+def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str], consts: tuple[str, ...] = ("consts.hadamard",),
+                      ) -> int:
+    """``matmul(x, H)`` with ``H`` one of the step's constant inputs ``consts`` (the indexer's 128 x 128
+    Walsh-Hadamard rotation) -> ``(x.unsqueeze(-1) * H).sum(-2)``: at decode a reduction Inductor generates
+    (and can fuse with the producer of ``x``) instead of a cuBLAS fp32 SIMT GEMM and its split-K reduce
+    (H100, session 13's profile: ~10 us for each of the CSA block's two rotations). Same products, fp32
+    sums in another order. ``input_names``: each placeholder's input name."""
+    g = gm.graph
+    n_done = 0
+    for n in call_nodes(g, aten.matmul.default):
+        if len(n.args) != 2:
+            continue
+        h = _fp32_cast_input(n.args[1]) or n.args[1]
+        if getattr(h, "op", None) != "placeholder" or input_names.get(h) not in consts:
+            continue
+        with g.inserting_before(n):
+            prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (n.args[0], -1)), h))
+            new = g.call_function(aten.sum.dim_IntList, (prod, [-2]))
+        replace_node(n, new)
+        n_done += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    return n_done
+
+
+def input_names_of(prog: Program) -> dict[fx.Node, str]:
+    """Each placeholder of ``prog``'s graph and its input name (``params.*``, ``consts.*``, ``cache.*``, ...)."""
+    return dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
 
 
 def _skip_casts(n: Any) -> Any:
@@ -425,6 +457,8 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
             if TUNE["hc_pre_fused"]:
                 done["hc_pre"] = fuse_hc_pre(prog.graph_module)
             done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
+            if TUNE["const_mm_reduction"]:
+                done["const_mm"] = rewrite_const_mms(prog.graph_module, input_names_of(prog))
             if TUNE["router_topk_triton"]:
                 done["router_topk"] = rewrite_router_topk(prog.graph_module)
             if TUNE["shared_expert_stream"]:
@@ -439,5 +473,5 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
 
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
-           "rewrite_narrow_fp32_mms", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
+           "rewrite_narrow_fp32_mms", "rewrite_const_mms", "input_names_of", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
            "narrow_mix", "is_call", "call_nodes", "replace_node"]

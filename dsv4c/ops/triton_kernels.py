@@ -1493,7 +1493,12 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # decode: the MoE routers' top-k expert choice on dsv4c's top-k kernel (runtime/load_rewrites.py
         # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel) (H100, session 12 run b:
         # 1.386 ms against controls of 1.393 / 1.407, logits bitwise the same)
-        "router_topk_triton": False}
+        "router_topk_triton": False,
+        # decode: the indexer's Hadamard rotations (x @ H, H a 128 x 128 constant) as reductions Inductor
+        # generates instead of cuBLAS fp32 SIMT GEMMs (runtime/load_rewrites.py rewrite_const_mms); H100,
+        # session 13's no-PDL profile: 2 x 7.5 us of GEMM + 2 x 2.9 us of split-K reduce per flash-4 step;
+        # off until measured (fp32 sums in another order, so not bitwise the default's logits)
+        "const_mm_reduction": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without

@@ -17,7 +17,8 @@ from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
 from dsv4c.runtime.inductor_executor import _params_table  # noqa: E402
 from dsv4c.runtime.load_rewrites import (  # noqa: E402
-    fuse_hc_pre, rewrite_hc_post_einsums, rewrite_narrow_fp32_mms, rewrite_w16_linears, weight_info_from)
+    fuse_hc_pre, input_names_of, rewrite_const_mms, rewrite_hc_post_einsums, rewrite_narrow_fp32_mms,
+    rewrite_w16_linears, weight_info_from)
 from dsv4c.testing import rel_err  # noqa: E402
 
 aten = torch.ops.aten
@@ -81,6 +82,31 @@ def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     assert rewrite_narrow_fp32_mms(gm, info) == 2 * tiny_spec.num_layers + 1
     assert rewrite_w16_linears(gm) == 0 and rewrite_narrow_fp32_mms(gm, info) == 0
     assert _fp32_weight_mms(prog, table) == 0
+
+
+def _hadamard_mms(prog) -> int:
+    names = input_names_of(prog)
+    return sum(1 for n in prog.graph_module.graph.nodes
+               if n.op == "call_function" and n.target == aten.matmul.default
+               and names.get(n.args[1]) == "consts.hadamard")
+
+
+def test_hadamard_rotations_become_reductions_with_the_same_step(tiny_spec, tiny_params_fp32):
+    """Exact numerics in fp32: the indexer's query rotation of each CSA block (x @ H with H the Hadamard
+    constant) becomes a product and a sum; the decode logits and written cache agree with the matmul form
+    to fp32 rounding. Other constant or weight matmuls are left alone."""
+    ctx = StepContext(tiny_spec, "exact", torch.float32)
+    progs, w, _ = passes_only({"decode": trace(ctx, "decode")}, tiny_params_fp32, ctx, set(PRODUCT_PASSES))
+    ref_prog = progs["decode"]
+    csa = sum(1 for r in tiny_spec.compress_ratios[:tiny_spec.num_layers] if r == 4)
+    assert _hadamard_mms(ref_prog) == csa == 2
+    new = _as_loaded(ref_prog)
+    mms = len([n for n in new.graph_module.graph.nodes if n.target == aten.matmul.default])
+    assert rewrite_const_mms(new.graph_module, input_names_of(new), consts=("consts.rope.compress",)) == 0
+    assert rewrite_const_mms(new.graph_module, input_names_of(new)) == csa
+    assert _hadamard_mms(new) == 0
+    assert len([n for n in new.graph_module.graph.nodes if n.target == aten.matmul.default]) == mms - csa
+    _same_step(ref_prog, new, w, ctx, seed=6)
 
 
 def _hc_rewritten(prog):
