@@ -18,6 +18,8 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
 - the MoE routers' ``topk(...).indices`` as ``dsv4::topk_ids`` (:func:`rewrite_router_topk`), decode only;
 - the shared expert on a second stream beside the routed experts, decode only
   (``runtime/shared_expert_stream.py``);
+- equal pure computations of different blocks merged into one node (``runtime/pure_cse.py``, TUNE
+  ``cse_pure``), decode only;
 - ``narrow_mix``: at prefill the mHC mixes of bf16 streams with a narrow fp32 weight run on the tensor
   cores (the weight split into three exact bf16 terms) instead of a cuBLAS fp32 GEMM with N = 24
   (:func:`rewrite_prefill_mixes`).
@@ -469,6 +471,10 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
             done["narrow_mix"] = rewrite_prefill_mixes(prog.graph_module, weight_info_from(prog, params))
         # every entry: an 8k prefill ran its 8 post-mixes as cuBLAS batched 4 x 4 GEMMs, 1.7 ms each (H100)
         done["hc_post_einsum"] = rewrite_hc_post_einsums(prog.graph_module)
+        if prog.entry == "decode" and TUNE["cse_pure"]:  # last: the rewrites above match the unmerged forms
+            from .pure_cse import dedupe_pure_nodes  # noqa: PLC0415
+
+            done["cse_pure"] = dedupe_pure_nodes(prog.graph_module)
     return done
 
 

@@ -1498,7 +1498,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # generates instead of cuBLAS fp32 SIMT GEMMs (runtime/load_rewrites.py rewrite_const_mms); H100,
         # session 13's no-PDL profile: 2 x 7.5 us of GEMM + 2 x 2.9 us of split-K reduce per flash-4 step;
         # off until measured (fp32 sums in another order, so not bitwise the default's logits)
-        "const_mm_reduction": False}
+        "const_mm_reduction": False,
+        # decode: equal pure ATen calls of different blocks (window masks, expert rows, RoPE angles) merged
+        # into one graph node before Inductor compiles (runtime/pure_cse.py); the flash-4 step ran e.g. its
+        # window-mask and zeros kernels once per block; off until measured (same bits: no value changes)
+        "cse_pure": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without
