@@ -689,21 +689,23 @@ def phase_flash(args) -> dict:
     if args.ab:
         gc.collect()
         torch.cuda.empty_cache()
-        res["ab"] = ab_switches(out, args.ab.split(","), res["bench"], args.deadline, probe=probe)
+        res["ab"] = ab_switches(out, args.ab.split(","), res["bench"], args.deadline, probe=probe,
+                                profile_all=args.ab_profile)
     gc.collect()
     torch.cuda.empty_cache()
     return res
 
 
 def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device: str = "cuda",
-                context: int = 8192, probe: torch.Tensor | None = None) -> dict:
+                context: int = 8192, probe: torch.Tensor | None = None, profile_all: bool = False) -> dict:
     """Each entry of ``flags`` applied on the same artifact: a boolean TUNE switch (flipped), ``name=value``
     (a TUNE knob set to an integer, or ``None``), or several of those joined by ``+`` (:func:`ab_settings`);
     a fresh Engine (its load-time rewrites and decode compile see the flipped switches), decode at batch 1
     and ``context``, the switches restored. ``main``: the main bench's results
     (its copy bandwidth and, for the same batch and context, the bytes a step moves and its step time).
     ``probe``: the default engine's :func:`decode_probe` at ``context``; the flipped engine's is compared
-    with it (``vs_default``). About a minute each on the H100 (decode compile + capture)."""
+    with it (``vs_default``). Engines without PDL (or all with ``profile_all``: under PDL a kernel's time
+    includes its wait) profile their decode graph. About a minute each on the H100 (decode compile + capture)."""
     from dsv4c import bench
     from dsv4c.ops import triton_kernels as tk
     from dsv4c.runtime import Engine
@@ -730,7 +732,7 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
             r.update({n: tk.TUNE[n] for n in names})
             if probe is not None:
                 r["vs_default"] = probe_agreement(decode_probe(eng, context, steps=probe.shape[0]), probe)
-            if not tk.TUNE["pdl"]:  # without PDL a kernel's profiled time is its own, not its wait for the last
+            if profile_all or not tk.TUNE["pdl"]:  # without PDL a kernel's time is its own, not its wait
                 try:
                     r["profile_decode"] = profile_decode_graph(eng, r)
                     log(f"flash: A/B {entry}: {r['profile_decode']['device_us_per_call']:.0f} us of kernel time "
@@ -987,6 +989,8 @@ def main() -> int:
                     help="flash: TUNE switches to flip (or knobs to set, name=value) one entry at a time, parts "
                          "joined by + together, for a decode b=1 8k A/B on the same artifact, e.g. "
                          "shared_expert_stream,pdl+inductor_pdl,fp4_mma_split=2")
+    ap.add_argument("--ab-profile", action="store_true",
+                    help="profile every A/B engine's decode graph (by default only those without PDL)")
     ap.add_argument("--tune-from", help="a JSON object of TUNE values to apply first (benchmarks/pick_tune.py)")
     ap.add_argument("--sweep", default="split_target=4/8/16",
                     help="kernel knobs to sweep, e.g. split_target=4/8/16,fp4_gemv_bn=32/64 ('' = none)")
