@@ -1059,6 +1059,16 @@ if HAVE_TRITON:
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(o_ptr + offs, a + b, mask=mask)
 
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, r_ptr, o_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        """o[i] = x[rows[i]] for rows of D contiguous elements: program (i, d block)."""
+        _pdl_begin(PDL)
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        r = tl.load(r_ptr + i).to(tl.int64)
+        tl.store(o_ptr + i.to(tl.int64) * D + offs, tl.load(x_ptr + r * D + offs, mask=mask), mask=mask)
+
     # ---- lightning indexer scores ---------------------------------------------------------------
 
     @triton.jit
@@ -1502,7 +1512,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # decode: equal pure ATen calls of different blocks (window masks, expert rows, RoPE angles) merged
         # into one graph node before Inductor compiles (runtime/pure_cse.py); the flash-4 step ran e.g. its
         # window-mask and zeros kernels once per block; off until measured (same bits: no value changes)
-        "cse_pure": False}
+        "cse_pure": False,
+        # decode: the shared-expert fork's gather of the routed experts' input rows (x[rows]) as a Triton
+        # launch under pdl instead of torch's gather kernel (session 13's no-PDL profile: 4 x 2.3 us, and a
+        # launch outside the PDL chain); off until measured (a copy: same bits)
+        "gather_rows_triton": False}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without
@@ -2051,6 +2065,22 @@ def add_f32(a: Tensor, b: Tensor) -> Tensor:
     if n:
         block = 1024
         _add_kernel[(triton.cdiv(n, block),)](a, b, out, n, BLOCK=block, num_warps=4, **pdl_kwargs(a.device))
+    return out
+
+
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[rows]`` for a contiguous ``x`` [N, ...] and int ``rows`` [R] (the MoE's routed-expert input rows)
+    as one launch, a programmatic dependent under TUNE ``pdl``; other layouts: torch's indexing. Row ids
+    are not checked against N (the router makes them)."""
+    _require(x, rows)
+    if not x.is_contiguous() or rows.dim() != 1 or x.dim() < 1:
+        return x[rows]
+    out = torch.empty((rows.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    D = x[0].numel() if x.shape[0] else 0
+    if out.numel():
+        block = min(4096, _np2(D))
+        _gather_rows_kernel[(rows.shape[0], triton.cdiv(D, block))](x, rows.contiguous(), out, D, BLOCK=block,
+                                                                    num_warps=4, **pdl_kwargs(x.device))
     return out
 
 

@@ -179,12 +179,15 @@ def _cases() -> list[Case]:
              dict(HAS_W=True, BR=16, BN=128), floats=("limit",)),
         # the MoE join's add (TUNE fork_join_triton): routed fp32 + shared expert bf16
         Case("add_f32", tk._add_kernel, {"a_ptr": "fp32", "b_ptr": "bf16", "o_ptr": "fp32"}, dict(BLOCK=1024)),
+        # the MoE fork's routed-expert input rows (TUNE gather_rows_triton)
+        Case("gather_rows", tk._gather_rows_kernel, {"x_ptr": "bf16", "r_ptr": "i64", "o_ptr": "bf16"},
+             dict(BLOCK=4096)),
     ]
 
 
 # every other decode kernel under TUNE pdl (they wait first: their inputs come from the previous kernels)
 PDL_TOO = ("hc_pre_decode_one_pass", "sparse_attn_packed_decode", "attn_merge_decode", "topk_split", "swiglu_clamp",
-           "indexer_score_packed_decode", "argmax_rows", "add_f32")
+           "indexer_score_packed_decode", "argmax_rows", "add_f32", "gather_rows")
 
 
 def _all_cases() -> list[Case]:

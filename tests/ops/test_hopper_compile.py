@@ -26,9 +26,10 @@ EXPECTED = {"fp8_gemv_tc", "w16_gemv_tc", "w16_tiled_mix", "fp4_gemv_tc_nb1", "f
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
             "sparse_attn_prefill", "indexer_score_packed_decode", "swiglu_clamp", "argmax_rows", "add_f32",
+            "gather_rows",
             *(f"{name}_pdl" for name in ("hc_pre_decode_one_pass", "sparse_attn_packed_decode", "attn_merge_decode",
                                          "topk_split", "swiglu_clamp", "indexer_score_packed_decode", "argmax_rows",
-                                         "add_f32"))}
+                                         "add_f32", "gather_rows"))}
 
 
 def test_decode_kernels_compile_for_hopper(tmp_path):

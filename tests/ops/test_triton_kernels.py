@@ -302,6 +302,18 @@ def test_add_f32_is_the_promoted_add():
     assert torch.equal(tk.add_f32(hc, hc + 1), hc.float() + (hc + 1).float())
 
 
+def test_gather_rows_is_indexing():
+    g = gen(20)
+    x = torch.randn(5, 4100, generator=g).to(torch.bfloat16)  # more than one block a row, a partial last one
+    rows = torch.tensor([3, 0, 3, 4, 1, 3])
+    assert torch.equal(tk.gather_rows(x, rows), x[rows])
+    x3 = torch.randn(2, 3, 7, generator=g)  # rows of several dims
+    assert torch.equal(tk.gather_rows(x3, torch.tensor([1, 1, 0])), x3[torch.tensor([1, 1, 0])])
+    assert tk.gather_rows(x, rows[:0]).shape == (0, 4100)
+    xt = torch.randn(4100, 5, generator=g).t()  # strided: torch's indexing
+    assert torch.equal(tk.gather_rows(xt, rows), xt[rows])
+
+
 def test_shared_expert_chain_with_the_fused_cast_gives_the_same_bits():
     """runtime/shared_expert_stream.py under TUNE fork_join_triton: the SwiGLU writing bf16 itself leaves the
     shared expert's output unchanged (the CPU ops around it, the SwiGLU launch under the interpreter)."""
