@@ -259,13 +259,14 @@ def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
     return _rewrite_weight_matmuls(gm, replace)
 
 
-def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str], consts: tuple[str, ...] = ("consts.hadamard",),
-                      ) -> int:
+def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str],
+                      consts: tuple[str, ...] = ("consts.hadamard",)) -> int:
     """``matmul(x, H)`` with ``H`` one of the step's constant inputs ``consts`` (the indexer's 128 x 128
-    Walsh-Hadamard rotation) -> ``(x.unsqueeze(-1) * H).sum(-2)``: at decode a reduction Inductor generates
-    (and can fuse with the producer of ``x``) instead of a cuBLAS fp32 SIMT GEMM and its split-K reduce
-    (H100, session 13's profile: ~10 us for each of the CSA block's two rotations). Same products, fp32
-    sums in another order. ``input_names``: each placeholder's input name."""
+    Walsh-Hadamard rotation of its queries) -> ``(x.unsqueeze(-1) * H).sum(-2)``: at decode a reduction
+    Inductor generates (and can fuse with the producer of ``x``) instead of a cuBLAS fp32 SIMT GEMM and its
+    split-K reduce (H100, session 13's profile: ~10 us a rotation; the keys' rotation is inside the
+    compressor's own op and not matched here). Same products, fp32 sums in another order.
+    ``input_names``: each placeholder's input name (:func:`input_names_of`)."""
     g = gm.graph
     n_done = 0
     for n in call_nodes(g, aten.matmul.default):

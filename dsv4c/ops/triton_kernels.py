@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -1504,10 +1505,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel) (H100, session 12 run b:
         # 1.386 ms against controls of 1.393 / 1.407, logits bitwise the same)
         "router_topk_triton": False,
-        # decode: the indexer's Hadamard rotations (x @ H, H a 128 x 128 constant) as reductions Inductor
-        # generates instead of cuBLAS fp32 SIMT GEMMs (runtime/load_rewrites.py rewrite_const_mms); H100,
-        # session 13's no-PDL profile: 2 x 7.5 us of GEMM + 2 x 2.9 us of split-K reduce per flash-4 step;
-        # off until measured (fp32 sums in another order, so not bitwise the default's logits)
+        # decode: the indexer's query rotation (x @ H, H the 128 x 128 Hadamard constant) as a reduction
+        # Inductor generates instead of a cuBLAS fp32 SIMT GEMM (runtime/load_rewrites.py rewrite_const_mms);
+        # H100, session 13's no-PDL profile: 7.5 us of GEMM + 2.9 us of split-K reduce per rotation; off
+        # until measured (fp32 sums in another order, so not bitwise the default's logits)
         "const_mm_reduction": False,
         # decode: equal pure ATen calls of different blocks (window masks, expert rows, RoPE angles) merged
         # into one graph node before Inductor compiles (runtime/pure_cse.py); the flash-4 step ran e.g. its
@@ -2076,7 +2077,7 @@ def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     if not x.is_contiguous() or rows.dim() != 1 or x.dim() < 1:
         return x[rows]
     out = torch.empty((rows.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    D = x[0].numel() if x.shape[0] else 0
+    D = math.prod(x.shape[1:])
     if out.numel():
         block = min(4096, _np2(D))
         _gather_rows_kernel[(rows.shape[0], triton.cdiv(D, block))](x, rows.contiguous(), out, D, BLOCK=block,
