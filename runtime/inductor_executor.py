@@ -87,6 +87,7 @@ def _runtime_hash() -> str:
 
     for mod in (__file__, tk.__file__, gemv.__file__, mhc.__file__, topk.__file__, rewrites.__file__, ipdl.__file__):
         h.update(Path(mod).read_bytes())
+    h.update(json.dumps({k: tk.TUNE.get(k) for k in DECOMP_SWITCHES}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -120,6 +121,20 @@ def use_compile_cache(path: Path, parts: dict | None = None) -> None:
 
 # ---- Inductor decompositions of fused ops without a kernel of their own -------------------------------------
 
+def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``x @ h`` (the indexer keys' Hadamard rotation); under TUNE ``const_mm_reduction`` as a product and a
+    sum that Inductor generates instead of a cuBLAS fp32 GEMM (the same products, fp32 sums in another
+    order). The switch is part of the compile cache key (:func:`_runtime_hash`)."""
+    from dsv4c.ops.triton_kernels import TUNE  # noqa: PLC0415
+
+    return (x.unsqueeze(-1) * h).sum(-2) if TUNE["const_mm_reduction"] else x @ h
+
+
+# TUNE switches that change a decomposition: the compiled code depends on them without the traced graph
+# showing it, so they are part of the compile cache key
+DECOMP_SWITCHES = ("const_mm_reduction",)
+
+
 def _compress_finish(a, z, a_prev, z_prev, norm_w, pos, freqs, hadamard, overlap, eps, act_dtype_code, quant_mode,
                      ue8m0):
     """``dsv4::compress_finish`` as its pieces (the library's reference, with the quantizers kept as
@@ -136,7 +151,7 @@ def _compress_finish(a, z, a_prev, z_prev, norm_w, pos, freqs, hadamard, overlap
     if quant_mode == 1:
         e = torch.cat((dsv4.fp8_qdq(e[..., :-r], 64, ue8m0), e[..., -r:]), dim=-1)
     elif quant_mode in (2, 3):
-        e = (e.float() @ hadamard.float()).to(dtype)
+        e = _rotate(e.float(), hadamard.float()).to(dtype)
         if quant_mode == 2:
             e = dsv4.fp4_qdq(e, 32)
     return e

@@ -1505,10 +1505,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # rewrite_router_topk) instead of torch.topk (a gather and a sort kernel) (H100, session 12 run b:
         # 1.386 ms against controls of 1.393 / 1.407, logits bitwise the same)
         "router_topk_triton": False,
-        # decode: the indexer's query rotation (x @ H, H the 128 x 128 Hadamard constant) as a reduction
-        # Inductor generates instead of a cuBLAS fp32 SIMT GEMM (runtime/load_rewrites.py rewrite_const_mms);
-        # H100, session 13's no-PDL profile: 7.5 us of GEMM + 2.9 us of split-K reduce per rotation; off
-        # until measured (fp32 sums in another order, so not bitwise the default's logits)
+        # the indexer's Hadamard rotations (x @ H, H the 128 x 128 constant) as reductions Inductor generates
+        # instead of cuBLAS fp32 SIMT GEMMs: the queries' at decode (runtime/load_rewrites.py
+        # rewrite_const_mms), the keys' in the compressor's decomposition (runtime/inductor_executor.py
+        # _rotate, every entry; part of the compile cache key). H100, session 13's no-PDL profile: 7.5 us of
+        # GEMM + 2.9 us of split-K reduce per rotation; off until measured (fp32 sums in another order)
         "const_mm_reduction": False,
         # decode: equal pure ATen calls of different blocks (window masks, expert rows, RoPE angles) merged
         # into one graph node before Inductor compiles (runtime/pure_cse.py); the flash-4 step ran e.g. its

@@ -41,3 +41,28 @@ def test_codecs_through_inductor_are_bitwise():
         assert w.dtype == g.dtype and w.shape == g.shape
         assert torch.equal(w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w,
                            g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g)
+
+
+def test_key_rotation_as_a_reduction(monkeypatch):
+    """TUNE const_mm_reduction: the compressor's Hadamard rotation of its indexer keys compiles to a
+    generated reduction instead of an extern GEMM, equal to the matmul to fp32 rounding; the switch changes
+    the compile cache key (the traced graph does not show it)."""
+    from dsv4c.ops.triton_kernels import TUNE
+    from dsv4c.quant import hadamard_matrix
+    from dsv4c.runtime import inductor_executor as ie
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 128, generator=g)
+    h = hadamard_matrix(128)
+    codes, outs, keys = {}, {}, {}
+    for on in (False, True):
+        monkeypatch.setitem(TUNE, "const_mm_reduction", on)
+        torch._dynamo.reset()
+        outs[on], code = run_and_get_code(torch.compile(ie._rotate, backend="inductor", fullgraph=True, dynamic=False),
+                                          x, h)
+        codes[on] = "\n".join(code)
+        keys[on] = ie._runtime_hash()
+    gemm = re.compile(r"extern_kernels\.b?mm\(")
+    assert gemm.search(codes[False]) and not gemm.search(codes[True])
+    assert (outs[True] - x @ h).abs().max() <= 1e-5 * (x @ h).abs().max()
+    assert keys[True] != keys[False]
