@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from dsv4c.program import Program
 
-from .fxutil import aten, call, drop_replaced_params, dsv4, param_input, params, replace
+from .fxutil import aten, call, drop_replaced_params, dsv4, fp32_cast_input, param_input, params, replace
 from .manager import PassResult, WeightPass, register
 
 FP8 = dsv4.fp8_linear.default
@@ -42,14 +42,6 @@ SCALE_ROWS = 128  # FP8 weight scale block along N
 WS = {FP8: (1, 2), FP4: (2, 3)}
 
 
-def _f32_cast_of(n) -> fx.Node | None:  # noqa: ANN001
-    """The input of ``n`` when ``n`` is ``aten.to.dtype(_, torch.float32)``, else None."""
-    if (isinstance(n, fx.Node) and n.op == "call_function" and n.target == aten.to.dtype
-            and n.args[1:] == (torch.float32,) and not n.kwargs):
-        return n.args[0]
-    return None
-
-
 def _w16_weight(mm: fx.Node) -> fx.Node | None:
     """The weight input ``W`` of ``matmul(a, t(W.float()))``, else None."""
     if len(mm.args) != 2 or mm.kwargs:
@@ -57,7 +49,7 @@ def _w16_weight(mm: fx.Node) -> fx.Node | None:
     tw = mm.args[1]
     if not (isinstance(tw, fx.Node) and tw.op == "call_function" and tw.target == aten.t.default):
         return None
-    w = _f32_cast_of(tw.args[0])
+    w = fp32_cast_input(tw.args[0])
     return w if isinstance(w, fx.Node) and w.op == "placeholder" else None
 
 
@@ -126,7 +118,7 @@ class FuseSharedInputGemms(WeightPass):
                 wt = weights.get(wn) if wn is not None else None
                 if wt is None or wt.dim() != 2 or not wt.dtype.is_floating_point:
                     continue
-                x = _f32_cast_of(node.args[0])  # each call casts the shared input itself
+                x = fp32_cast_input(node.args[0])  # each call casts the shared input itself
                 buckets.setdefault((W16, x if x is not None else node.args[0], wt.shape[1], wt.dtype), []).append(node)
                 continue
             if node.op != "call_function" or node.target not in (FP8, FP4) or node.kwargs:

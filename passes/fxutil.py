@@ -269,6 +269,15 @@ def param_input(prog: Program, name: str, value: torch.Tensor) -> fx.Node:
     return node
 
 
+def fp32_cast_input(n: Any) -> fx.Node | None:
+    """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None (the cast
+    a dense fp32 product puts on each operand: ``x.float() @ W.float().t()``)."""
+    if (isinstance(n, fx.Node) and n.op == "call_function" and n.target == aten.to.dtype
+            and n.args[1:] == (torch.float32,) and not n.kwargs):
+        return n.args[0]
+    return None
+
+
 # ---- surgery ---------------------------------------------------------------------------------------
 
 def alive(node: fx.Node) -> bool:

@@ -40,6 +40,7 @@ import torch.fx as fx
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.errors import BackendUnavailableError
 from dsv4c.ops.library import hc_pre_reference
+from dsv4c.passes.fxutil import fp32_cast_input
 from dsv4c.program import Program
 
 aten = torch.ops.aten
@@ -145,13 +146,6 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     old.graph.erase_node(old)
 
 
-def _fp32_cast_input(n: Any) -> fx.Node | None:
-    """The input of ``n`` when ``n`` is a plain ``aten.to.dtype(_, torch.float32)``, else None."""
-    if is_call(n, aten.to.dtype) and n.args[1:] == (torch.float32,) and not n.kwargs:
-        return n.args[0]
-    return None
-
-
 def _rewrite_weight_matmuls(gm: fx.GraphModule,
                             replace: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node | None]) -> int:
     """Every ``matmul(x, t(w))`` for which ``replace(graph, x, w)`` inserts a node (before the matmul) is
@@ -178,10 +172,10 @@ def rewrite_w16_linears(gm: fx.GraphModule) -> int:
     read an fp32 copy of each such weight (the head alone: 2 GiB per decode step on Flash)."""
 
     def replace(g: fx.Graph, a: fx.Node, t_in: fx.Node) -> fx.Node | None:
-        w = _fp32_cast_input(t_in)
+        w = fp32_cast_input(t_in)
         if w is None:
             return None
-        x = _fp32_cast_input(a) or a
+        x = fp32_cast_input(a) or a
         return g.call_function(torch.ops.dsv4c_rt.linear_w16.default, (x, w))
 
     return _rewrite_weight_matmuls(gm, replace)
@@ -215,7 +209,7 @@ def _narrow_fp32_weight(w: fx.Node, weight_info: WeightInfo, max_rows: int) -> f
     """The graph input behind a matmul's weight operand when it is an fp32 matrix of at most ``max_rows``
     rows (an mHC mix), else None. A cast the pipeline leaves when it runs without remove_noop_casts is
     looked through."""
-    w = _fp32_cast_input(w) or w
+    w = fp32_cast_input(w) or w
     if getattr(w, "op", None) != "placeholder":
         return None
     wi = weight_info(w)
@@ -250,7 +244,7 @@ def rewrite_prefill_mixes(gm: fx.GraphModule, weight_info: WeightInfo,
     dtype (the op computes in fp32 products and sums either way)."""
 
     def replace(g: fx.Graph, a: fx.Node, w: fx.Node) -> fx.Node | None:
-        x = _fp32_cast_input(a)
+        x = fp32_cast_input(a)
         w = _narrow_fp32_weight(w, weight_info, max_rows)
         if x is None or w is None:
             return None
@@ -272,7 +266,7 @@ def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str],
     for n in call_nodes(g, aten.matmul.default):
         if len(n.args) != 2:
             continue
-        h = _fp32_cast_input(n.args[1]) or n.args[1]
+        h = fp32_cast_input(n.args[1]) or n.args[1]
         if getattr(h, "op", None) != "placeholder" or input_names.get(h) not in consts:
             continue
         with g.inserting_before(n):
@@ -327,7 +321,7 @@ def _match_hc_pre(split: fx.Node) -> dict | None:
     if not (is_call(mm, aten.matmul.default) and is_call(mm.args[1], aten.t.default)):
         return None
     xf, fn = mm.args[0], _skip_casts(mm.args[1].args[0])
-    flat = _fp32_cast_input(xf) or xf
+    flat = fp32_cast_input(xf) or xf
     if not (is_call(flat, aten.flatten.using_ints) and flat.args[1:] == (2,)) or fn.op != "placeholder":
         return None
     x = flat.args[0]
@@ -340,7 +334,7 @@ def _match_hc_pre(split: fx.Node) -> dict | None:
         return None
     prod = next(iter(unsq.users))
     if not (is_call(prod, aten.mul.Tensor) and prod.args[0] is unsq
-            and (_fp32_cast_input(prod.args[1]) or prod.args[1]) is x and len(prod.users) == 1):
+            and (fp32_cast_input(prod.args[1]) or prod.args[1]) is x and len(prod.users) == 1):
         return None
     tot = next(iter(prod.users))
     if not (is_call(tot, aten.sum.dim_IntList) and list(tot.args[1]) == [2] and len(tot.args) == 2):
