@@ -37,6 +37,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -611,17 +612,10 @@ def phase_flash(args) -> dict:
 
     out = Path(args.work) / "flash4"
     res = {"decode_only": args.decode_only}
-    saved = os.environ.get("DSV4C_BUILD_COMPILE")
-    if args.decode_only:  # nothing compiled at build, no prefill: decode compiles at its first step
-        os.environ["DSV4C_BUILD_COMPILE"] = "0"
-    try:
+    # --decode-only: nothing compiled at build, no prefill; decode compiles at its first step
+    with mock.patch.dict(os.environ, {"DSV4C_BUILD_COMPILE": "0"} if args.decode_only else {}):
         t = build_artifact(out, "flash", args.layers, args.target, "reference", "bf16", args.max_seq_len,
                            args.max_batch, device_synth=True)
-    finally:
-        if saved is None:
-            os.environ.pop("DSV4C_BUILD_COMPILE", None)
-        else:
-            os.environ["DSV4C_BUILD_COMPILE"] = saved
     res["cold_build_s"] = round(t, 1)
     m = json.loads((out / "manifest.json").read_text())
     res["compiled_at"] = m["inductor"]["compiled_at"]
@@ -763,8 +757,7 @@ def profile_decode_graph(eng, r: dict) -> dict:  # noqa: ANN001
     """The kernels of the decode graph that ``bench_decode`` result ``r`` captured (its bucket)."""
     from dsv4c import bench
 
-    graphs = getattr(eng._executor, "_decode", None)
-    g = graphs.graphs.get(r.get("bucket", 1)) if graphs is not None else None
+    g = bench.decode_graph(eng, r.get("bucket", 1))
     if g is None:
         raise RuntimeError("no captured decode graph for this bucket")
     return bench.profile_kernels(g.graph.replay, torch.device("cuda"), reps=5, top=120)

@@ -402,8 +402,7 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
                 r["hbm_fraction_replay"] = round((w["total"] + kv) / (r["graph_replay_ms"] / 1e3)
                                                  / res["hbm"]["bytes_per_s"], 3)
         if profile and b == min(batches) and ctx == contexts[0] and dev.type == "cuda":
-            graphs = getattr(eng._executor, "_decode", None)
-            g = graphs.graphs.get(r.get("bucket", b)) if graphs is not None else None
+            g = decode_graph(eng, r.get("bucket", b))
             if g is not None:
                 try:
                     res["profile_decode"] = profile_kernels(g.graph.replay, dev, reps=5, top=120)
@@ -476,6 +475,12 @@ def load_engine(artifact: str | Path, dev: torch.device, log=print, first_prefil
     return eng, {"engine_load_s": round(load_s, 2), "first_prefill_s": round(prefill_s, 2) if first_prefill else None,
                  "first_decode_s": round(decode_s, 2),
                  "load_to_first_token_s": round(load_s + prefill_s + decode_s, 2) if first_prefill else None}
+
+
+def decode_graph(eng, bucket: int):  # noqa: ANN001, ANN201 - an Engine; its captured graph or None
+    """The CUDA graph an engine's executor captured for decode batch bucket ``bucket``, or None."""
+    graphs = getattr(eng._executor, "_decode", None)
+    return graphs.graphs.get(bucket) if graphs is not None else None
 
 
 def profile_kernels(fn, dev: torch.device, reps: int = 1, top: int = 30) -> dict:

@@ -313,10 +313,14 @@ def replace(old: fx.Node, new: fx.Node) -> None:
     prune(old)
 
 
+def input_names(prog: Program) -> dict[fx.Node, str]:
+    """placeholder node -> its input name (``params.*``, ``consts.*``, ``cache.*``, ...)."""
+    return dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
+
+
 def params(prog: Program) -> dict[fx.Node, str]:
     """placeholder node -> parameter name (``params.`` stripped), for the parameter inputs."""
-    phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
-    return {n: name[len("params."):] for n, name in zip(phs, prog.input_names) if name.startswith("params.")}
+    return {n: name[len("params."):] for n, name in input_names(prog).items() if name.startswith("params.")}
 
 
 def drop_replaced_params(programs: dict[str, Program], weights: dict[str, torch.Tensor], replaced: Iterable[str]) -> int:

@@ -40,7 +40,7 @@ import torch.fx as fx
 import dsv4c.ops  # noqa: F401  (registers torch.ops.dsv4)
 from dsv4c.errors import BackendUnavailableError
 from dsv4c.ops.library import hc_pre_reference
-from dsv4c.passes.fxutil import fp32_cast_input
+from dsv4c.passes.fxutil import fp32_cast_input, input_names
 from dsv4c.program import Program
 
 aten = torch.ops.aten
@@ -190,7 +190,7 @@ WeightInfo = Callable[[fx.Node], "tuple[tuple[int, ...], torch.dtype] | None"]
 def weight_info_from(prog: Program, params: Mapping[str, Mapping[str, Any]] | None) -> WeightInfo:
     """(shape, dtype) of a graph input: its fake value when the graph carries metadata, else its entry in
     the manifest's ``params`` table (graphs loaded from an artifact's JSON have no node metadata)."""
-    names = input_names_of(prog)
+    names = input_names(prog)
 
     def info(node: fx.Node):
         val = node.meta.get("val")
@@ -260,7 +260,7 @@ def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str],
     Inductor generates (and can fuse with the producer of ``x``) instead of a cuBLAS fp32 SIMT GEMM and its
     split-K reduce (H100, session 13's profile: ~10 us a rotation; the keys' rotation is inside the
     compressor's own op and not matched here). Same products, fp32 sums in another order.
-    ``input_names``: each placeholder's input name (:func:`input_names_of`)."""
+    ``input_names``: each placeholder's input name (``dsv4c.passes.fxutil.input_names``)."""
     g = gm.graph
     n_done = 0
     for n in call_nodes(g, aten.matmul.default):
@@ -277,11 +277,6 @@ def rewrite_const_mms(gm: fx.GraphModule, input_names: Mapping[fx.Node, str],
     g.eliminate_dead_code()
     gm.recompile()
     return n_done
-
-
-def input_names_of(prog: Program) -> dict[fx.Node, str]:
-    """Each placeholder of ``prog``'s graph and its input name (``params.*``, ``consts.*``, ``cache.*``, ...)."""
-    return dict(zip((n for n in prog.graph_module.graph.nodes if n.op == "placeholder"), prog.input_names))
 
 
 def _skip_casts(n: Any) -> Any:
@@ -455,7 +450,7 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
                 done["hc_pre"] = fuse_hc_pre(prog.graph_module)
             done["narrow_fp32_mm"] = rewrite_narrow_fp32_mms(prog.graph_module, weight_info_from(prog, params))
             if TUNE["const_mm_reduction"]:
-                done["const_mm"] = rewrite_const_mms(prog.graph_module, input_names_of(prog))
+                done["const_mm"] = rewrite_const_mms(prog.graph_module, input_names(prog))
             if TUNE["router_topk_triton"]:
                 done["router_topk"] = rewrite_router_topk(prog.graph_module)
             if TUNE["shared_expert_stream"]:
@@ -474,5 +469,5 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
 
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
-           "rewrite_narrow_fp32_mms", "rewrite_const_mms", "input_names_of", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
+           "rewrite_narrow_fp32_mms", "rewrite_const_mms", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
            "narrow_mix", "is_call", "call_nodes", "replace_node"]

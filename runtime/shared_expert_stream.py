@@ -114,11 +114,12 @@ def _fork_cuda(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype, gate, ro
     with torch.cuda.stream(side), counter_set("side"):
         h = _shared_chain(x, w13, s13, w2, s2, act_quant, ue8m0, limit, mid_dtype,
                           fused_cast=bool(TUNE["fork_join_triton"]))
+    logits = linear_w16(x, gate)
     if TUNE["gather_rows_triton"]:
         from dsv4c.ops.triton_kernels import gather_rows  # noqa: PLC0415
 
-        return h, linear_w16(x, gate), gather_rows(x, rows)
-    return h, linear_w16(x, gate), x[rows]
+        return h, logits, gather_rows(x, rows)
+    return h, logits, x[rows]
 
 
 def _join_cuda(h, x, routed):

@@ -16,8 +16,9 @@ from passes_helpers import (  # noqa: E402
 from dsv4c.frontend.model import StepContext  # noqa: E402
 from dsv4c.program import Program  # noqa: E402
 from dsv4c.runtime.inductor_executor import _params_table  # noqa: E402
+from dsv4c.passes.fxutil import input_names  # noqa: E402
 from dsv4c.runtime.load_rewrites import (  # noqa: E402
-    fuse_hc_pre, input_names_of, rewrite_const_mms, rewrite_hc_post_einsums, rewrite_narrow_fp32_mms,
+    fuse_hc_pre, rewrite_const_mms, rewrite_hc_post_einsums, rewrite_narrow_fp32_mms,
     rewrite_w16_linears, weight_info_from)
 from dsv4c.testing import rel_err  # noqa: E402
 
@@ -85,7 +86,7 @@ def test_rewrites_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
 
 
 def _hadamard_mms(prog) -> int:
-    names = input_names_of(prog)
+    names = input_names(prog)
     return sum(1 for n in prog.graph_module.graph.nodes
                if n.op == "call_function" and n.target == aten.matmul.default
                and names.get(n.args[1]) == "consts.hadamard")
@@ -102,8 +103,8 @@ def test_hadamard_rotations_become_reductions_with_the_same_step(tiny_spec, tiny
     assert _hadamard_mms(ref_prog) == csa == 2
     new = _as_loaded(ref_prog)
     mms = len([n for n in new.graph_module.graph.nodes if n.target == aten.matmul.default])
-    assert rewrite_const_mms(new.graph_module, input_names_of(new), consts=("consts.rope.compress",)) == 0
-    assert rewrite_const_mms(new.graph_module, input_names_of(new)) == csa
+    assert rewrite_const_mms(new.graph_module, input_names(new), consts=("consts.rope.compress",)) == 0
+    assert rewrite_const_mms(new.graph_module, input_names(new)) == csa
     assert _hadamard_mms(new) == 0
     assert len([n for n in new.graph_module.graph.nodes if n.target == aten.matmul.default]) == mms - csa
     _same_step(ref_prog, new, w, ctx, seed=6)
