@@ -10,6 +10,9 @@
   summed in fp32 in different orders), and each form's TFLOP/s is reported (each on the tiles its
   launcher picks: 64 rows for the swapped form, 128 for the other at ~192 rows per expert).
 
+- indexer scores (``TUNE["indexer_prefill_tokens"]``): 8192 queries x 64 heads against 2048 FP4 keys, the
+  token-block kernel at a few tiles against the one-token-per-dot kernel (within 1e-5, TFLOP/s each).
+
 - ``--attn-sweep``: the prefill attention launch's tiles (heads per program, keys per step, warps, the
   split of the probabilities into two bf16 halves for P @ V) at an 8k prefill's shapes, for a CSA block
   (window 128 + 512 selected of 2048 packed entries) and a window-only block; each against the default
@@ -169,11 +172,56 @@ def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
     return rows
 
 
+INDEXER_TILES = ((2, 128, 8), (2, 64, 4), (2, 64, 8), (4, 64, 8), (4, 128, 8), (1, 128, 4))
+
+
+def indexer(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+    """The indexer's scores at an 8k prefill (8192 queries x 64 heads x 128 against 2048 FP4 keys, no visible
+    counts, as the prefill graph calls them): the token-block kernel (``TUNE["indexer_prefill_tokens"]``) at
+    each of INDEXER_TILES (tokens, keys per step, warps) against the one-token-per-dot kernel. Both sum exact
+    products in fp32 in different orders: within 1e-5 of the largest score."""
+    from dsv4c.ops import triton_kernels as tk
+
+    g = torch.Generator(device=dev).manual_seed(3)
+    S, H, D, E = 8192, 64, 128, 2048
+    q = torch.randn(1, S, H, D, device=dev, generator=g).to(torch.bfloat16)
+    codes = torch.randint(0, 256, (1, E, D // 2), dtype=torch.uint8, device=dev, generator=g)
+    scales = torch.randint(120, 128, (1, E, D // 32), dtype=torch.uint8, device=dev, generator=g)
+    w = torch.rand(1, S, H, device=dev, generator=g).to(torch.bfloat16)
+    flop = 2.0 * S * H * E * D
+
+    def run():  # noqa: ANN202
+        return tk.indexer_score_packed(q, codes, scales, w)
+
+    with tuned("indexer_prefill_tokens", False):
+        ref, t_ref = run(), bench(run)
+    print(f"indexer scores S={S}: one token per dot {t_ref:.3f} ms ({flop / t_ref / 1e9:.0f} TFLOP/s)")
+    rows = []
+    for bt, be, nw in INDEXER_TILES:
+        with tuned("indexer_prefill_tokens", True), tuned("indexer_prefill_bt", bt), \
+                tuned("indexer_prefill_be", be), tuned("indexer_prefill_warps", nw):
+            try:
+                out, t = run(), bench(run)
+            except Exception as e:  # noqa: BLE001  (a tile that does not fit is a row, not the end)
+                rows.append({"case": f"indexer prefill bt={bt} be={be} warps={nw}", "ok": False,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"  bt={bt} be={be} warps={nw}: {type(e).__name__}")
+                continue
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        row = {"case": f"indexer prefill bt={bt} be={be} warps={nw}", "ok": err <= 1e-5, "max_rel": err,
+               "ms_on": t, "ms_off": t_ref, "tflops_on": flop / t / 1e9, "tflops_off": flop / t_ref / 1e9}
+        print(f"  bt={bt} be={be} warps={nw}: {t:.3f} ms ({row['tflops_on']:.0f} TFLOP/s), max rel {err:.1e}")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--attn-sweep", action="store_true", help="time the prefill attention's tile choices")
     ap.add_argument("--only-sweep", action="store_true", help="the attention sweep alone")
+    ap.add_argument("--cases", default="attention,fp4,indexer",
+                    help="the on/off cases to run (attention, fp4, indexer; '' = none)")
     ap.add_argument("--attn-cases", default="csa,window", help="the sweep's cases (csa, window)")
     ap.add_argument("--attn-tiles", default="all", choices=("all", "shipped"),
                     help="all: every tile choice; shipped: the defaults against the pre-session-13 tiles")
@@ -189,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
 
     dev = torch.device("cuda")
-    rows = [] if args.only_sweep else [attention(dev, bench), *fp4_experts(dev, bench)]
+    cases = set() if args.only_sweep else {c for c in args.cases.split(",") if c}
+    rows = [attention(dev, bench)] if "attention" in cases else []
+    rows += fp4_experts(dev, bench) if "fp4" in cases else []
+    rows += indexer(dev, bench) if "indexer" in cases else []
     if args.attn_sweep or args.only_sweep:
         rows += attention_sweep(dev, bench, args.attn_cases, args.attn_tiles)
     if args.json:

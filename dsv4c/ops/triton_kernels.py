@@ -1106,15 +1106,30 @@ if HAVE_TRITON:
             tl.store(o_ptr + tok * NE + re, sc, mask=e_mask & s_ok)
 
     @triton.jit
+    def _fp4_key_tile(kc_ptr, ks_ptr, b, re, e_mask, KC_SB, KC_SE, KS_SB, KS_SE, D: tl.constexpr, BE: tl.constexpr):
+        """Keys ``re`` of batch ``b`` stored as FP4 (``kc`` [B, E, D/2] bytes, two e2m1 codes, low nibble = even
+        element; ``ks`` [B, E, D/32] ue8m0 bytes; batch / entry strides in bytes) as fp32 [BE, D]: each nibble
+        becomes an e4m3 bit pattern (value * 2^-6, exact) times 2^(byte - 127 + 6), so every value is exact in
+        bf16."""
+        j = tl.arange(0, D // 2)  # byte columns: elements 2j (low nibble) and 2j + 1 (high nibble)
+        p = tl.load(kc_ptr + b * KC_SB + re.to(tl.int64)[:, None] * KC_SE + j[None, :], mask=e_mask[:, None], other=0)
+        g = tl.arange(0, D // 32)
+        sb = tl.load(ks_ptr + b * KS_SB + re.to(tl.int64)[:, None] * KS_SE + g[None, :], mask=e_mask[:, None],
+                     other=127).to(tl.int32)
+        lo = ((p & 7) << 2) | ((p & 8) << 4)
+        hi = ((p >> 2) & 0x1C) | (p & 0x80)
+        k8 = tl.reshape(tl.join(lo, hi), (BE, D)).to(tl.float8e4nv, bitcast=True)
+        sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127) * 2^6
+        return tl.reshape(tl.reshape(k8.to(tl.float32), (BE, D // 32, 32)) * sf[:, :, None], (BE, D))
+
+    @triton.jit
     def _indexer_score_packed_kernel(q_ptr, kc_ptr, ks_ptr, w_ptr, vis_ptr, o_ptr, S, NH, NE,
                                      KC_SB, KC_SE, KS_SB, KS_SE,
                                      D: tl.constexpr, BS: tl.constexpr, BHI: tl.constexpr, BE: tl.constexpr,
                                      HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                      PDL: tl.constexpr = False):
-        """BS query tokens x BE keys stored as FP4: ``kc`` [B, E, D/2] bytes (two e2m1 codes, low nibble =
-        even element), ``ks`` [B, E, D/32] ue8m0 bytes; batch / entry strides in bytes. The tile is decoded
-        once in registers (e2m1 -> e4m3 bit pattern, times 2^(byte - 127 + 6): exact in bf16) and reused for
-        every token of the block.
+        """BS query tokens x BE keys stored as FP4 (see :func:`_fp4_key_tile`). The tile is decoded once in
+        registers and reused for every token of the block, one token's heads per dot (decode's shape).
 
         HAS_VIS: entry j is visible to token (b, s) when j < vis[b, s]; others score -inf, and a tile that no
         token of the block can see is not read at all (decode reads only the live part of the cache)."""
@@ -1126,7 +1141,6 @@ if HAVE_TRITON:
         e0 = tl.program_id(1) * BE
         re = e0 + tl.arange(0, BE)
         e_mask = re < NE
-        j = tl.arange(0, D // 2)  # byte columns: elements 2j (low nibble) and 2j + 1 (high nibble)
         rh = tl.arange(0, BHI)
         h_mask = rh < NH
         if HAS_VIS:
@@ -1136,17 +1150,7 @@ if HAVE_TRITON:
         else:
             live = e0 < NE
         if live:
-            p = tl.load(kc_ptr + b * KC_SB + re.to(tl.int64)[:, None] * KC_SE + j[None, :], mask=e_mask[:, None],
-                        other=0)
-            g = tl.arange(0, D // 32)
-            sb = tl.load(ks_ptr + b * KS_SB + re.to(tl.int64)[:, None] * KS_SE + g[None, :], mask=e_mask[:, None],
-                         other=127).to(tl.int32)
-            # e2m1 nibble -> e4m3 bit pattern (value * 2^-6, exact), interleaved back to element order
-            lo = ((p & 7) << 2) | ((p & 8) << 4)
-            hi = ((p >> 2) & 0x1C) | (p & 0x80)
-            k8 = tl.reshape(tl.join(lo, hi), (BE, D)).to(tl.float8e4nv, bitcast=True)
-            sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(byte - 127) * 2^6
-            kf = tl.reshape(tl.reshape(k8.to(tl.float32), (BE, D // 32, 32)) * sf[:, :, None], (BE, D))
+            kf = _fp4_key_tile(kc_ptr, ks_ptr, b, re, e_mask, KC_SB, KC_SE, KS_SB, KS_SE, D, BE)
             if UPCAST or IEEE:
                 kt = tl.trans(kf)
             else:
@@ -1172,6 +1176,57 @@ if HAVE_TRITON:
             for i in range(BS):
                 s = s0 + i
                 tl.store(o_ptr + (b * S + s) * NE + re, ninf, mask=e_mask & (s < S))
+
+    @triton.jit
+    def _indexer_score_packed_tokens_kernel(q_ptr, kc_ptr, ks_ptr, w_ptr, vis_ptr, o_ptr, S, NH, NE,
+                                            KC_SB, KC_SE, KS_SB, KS_SE,
+                                            D: tl.constexpr, BT: tl.constexpr, BHI: tl.constexpr, BE: tl.constexpr,
+                                            HAS_VIS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                            PDL: tl.constexpr = False):
+        """Prefill's shape: BT query tokens (all their heads: BT x BHI rows of one dot) against every key,
+        BE keys (decoded by :func:`_fp4_key_tile`) per step. Each step is one [BT BHI, D] x [D, BE] product;
+        its rows' ReLU times the head weights are summed per token. The query rows are loaded once.
+
+        HAS_VIS: as :func:`_indexer_score_packed_kernel`; key blocks past the block's last visible entry are
+        written as -inf without being read."""
+        _pdl_begin(PDL)
+        nsb = tl.cdiv(S, BT)
+        pid = tl.program_id(0)
+        b = (pid // nsb).to(tl.int64)
+        s0 = (pid % nsb) * BT
+        rt = tl.arange(0, BT)
+        rh = tl.arange(0, BHI)
+        rd = tl.arange(0, D)
+        s_ok = (s0 + rt) < S
+        tok = b * S + s0 + rt  # [BT]
+        rows = (tok[:, None] * NH + rh[None, :]).to(tl.int64)  # [BT, BHI]: query rows (token, head)
+        r_ok = s_ok[:, None] & (rh < NH)[None, :]
+        q = tl.load(q_ptr + tl.reshape(rows, (BT * BHI,))[:, None] * D + rd[None, :],
+                    mask=tl.reshape(r_ok, (BT * BHI,))[:, None], other=0.0)
+        if UPCAST or IEEE:
+            q = q.to(tl.float32)
+        w = tl.reshape(tl.load(w_ptr + rows, mask=r_ok, other=0.0).to(tl.float32), (BT * BHI,))
+        if HAS_VIS:
+            v = tl.load(vis_ptr + tok, mask=s_ok, other=0)  # [BT]
+            e_end = tl.minimum(tl.max(v), NE)
+        else:
+            e_end = NE
+        for e0 in range(0, e_end, BE):
+            re = e0 + tl.arange(0, BE)
+            e_mask = re < NE
+            kf = _fp4_key_tile(kc_ptr, ks_ptr, b, re, e_mask, KC_SB, KC_SE, KS_SB, KS_SE, D, BE)
+            if UPCAST or IEEE:
+                dots = tl.dot(q, tl.trans(kf), input_precision="ieee")
+            else:
+                dots = tl.dot(q, tl.trans(kf.to(tl.bfloat16)))  # exact keys: e2m1 * 2^k
+            sc = tl.sum(tl.reshape(tl.maximum(dots, 0.0) * w[:, None], (BT, BHI, BE)), axis=1)  # [BT, BE]
+            if HAS_VIS:
+                sc = tl.where(re[None, :] < v[:, None], sc, float("-inf"))
+            tl.store(o_ptr + tok[:, None] * NE + re[None, :], sc, mask=s_ok[:, None] & e_mask[None, :])
+        ninf = tl.full((BT, BE), float("-inf"), dtype=tl.float32)
+        for e0 in range(tl.cdiv(e_end, BE) * BE, NE, BE):
+            re = e0 + tl.arange(0, BE)
+            tl.store(o_ptr + tok[:, None] * NE + re[None, :], ninf, mask=s_ok[:, None] & (re < NE)[None, :])
 
     # ---- compressor softmax pooling -------------------------------------------------------------
 
@@ -1518,12 +1573,19 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # decode: the shared-expert fork's gather of the routed experts' input rows (x[rows]) as a Triton
         # launch under pdl instead of torch's gather kernel (session 13's no-PDL profile: 4 x 2.3 us, and a
         # launch outside the PDL chain); off until measured (a copy: same bits)
-        "gather_rows_triton": False}
+        "gather_rows_triton": False,
+        # prefill: the indexer's scores over FP4 keys with BT query tokens (all their heads) per program as
+        # one [BT H, dI] x [dI, BE] product per key step (``_indexer_score_packed_tokens_kernel``) instead of
+        # one token's heads per dot (H100 / H200 sessions 12-14: an 8k prefill's 8192 x 2048 scores took
+        # 10.7 ms, ~26 TFLOP/s, in that loop); off until measured (fp32 sums over heads in another order)
+        "indexer_prefill_tokens": False, "indexer_prefill_bt": 2, "indexer_prefill_be": 128,
+        "indexer_prefill_warps": 8}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
 # kernel at the HBM rate over ~2 programs per SM (264 x 64 KB = 17 MB, a third of an H100's L2) without
 # evicting the lines before they are used
 PDL_PREFETCH_BYTES = 64 * 1024
+INDEXER_TOKENS_MIN = 64  # query tokens (batch x sequence) from which the prefill indexer's token kernel runs
 WIN_SCAN_KEYS = 1024  # mask bytes per step of the prefill attention's window scan (TUNE attn_win_scan)
 
 
@@ -2127,6 +2189,14 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     kc = _rows_view(k_codes).view(torch.uint8)
     ks = _rows_view(k_scale).view(torch.uint8)
     vis = visible.to(torch.int64).contiguous() if visible is not None else q
+    if S > 1 and TUNE["indexer_prefill_tokens"] and (INTERPRET or B * S >= INDEXER_TOKENS_MIN):
+        bt = block_s or TUNE["indexer_prefill_bt"]
+        be = block_e or (32 if INTERPRET else TUNE["indexer_prefill_be"])
+        _indexer_score_packed_tokens_kernel[(B * triton.cdiv(S, bt),)](
+            q, kc, ks, w, vis, out, S, NH, NE, kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1), D=D, BT=bt,
+            BHI=_np2(NH, 16), BE=be, HAS_VIS=visible is not None, IEEE=_is_fp32(q), UPCAST=INTERPRET,
+            num_warps=num_warps or TUNE["indexer_prefill_warps"], num_stages=2, **pdl_kwargs(q.device))
+        return out
     if S == 1:  # decode: bigger key tiles amortize the query rows (re-read by every tile) when there are enough
         bs = 1
         be = block_e or (32 if INTERPRET else 128 if B * NE >= 256 * _num_sms(q.device) else 64)

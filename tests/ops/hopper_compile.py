@@ -171,6 +171,11 @@ def _cases() -> list[Case]:
              {"q_ptr": "bf16", "kc_ptr": "u8", "ks_ptr": "u8", "w_ptr": "bf16", "vis_ptr": "i64", "o_ptr": "fp32"},
              dict(D=128, BS=1, BHI=64, BE=128, HAS_VIS=True, IEEE=False, UPCAST=False), num_stages=2,
              wants_mma=True),
+        # prefill (TUNE indexer_prefill_tokens): 2 tokens x 64 heads per dot, 128 keys a step, causal counts
+        Case("indexer_score_packed_prefill", tk._indexer_score_packed_tokens_kernel,
+             {"q_ptr": "bf16", "kc_ptr": "u8", "ks_ptr": "u8", "w_ptr": "bf16", "vis_ptr": "i64", "o_ptr": "fp32"},
+             dict(D=128, BT=2, BHI=64, BE=128, HAS_VIS=True, IEEE=False, UPCAST=False), num_warps=8, num_stages=2,
+             wants_mma=True),
         # the greedy tail's argmax over the Flash vocabulary (32 slices per row)
         Case("argmax_rows", argmax._argmax_kernel,
              {"x_ptr": "fp32", "pv_ptr": "fp32", "pi_ptr": "i32", "cnt_ptr": "i32", "o_ptr": "i64"},

@@ -25,7 +25,7 @@ EXPECTED = {"fp8_gemv_tc", "w16_gemv_tc", "w16_tiled_mix", "fp4_gemv_tc_nb1", "f
             "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
-            "sparse_attn_prefill", "indexer_score_packed_decode", "swiglu_clamp", "argmax_rows", "add_f32",
+            "sparse_attn_prefill", "indexer_score_packed_decode", "indexer_score_packed_prefill", "swiglu_clamp", "argmax_rows", "add_f32",
             "gather_rows",
             *(f"{name}_pdl" for name in ("hc_pre_decode_one_pass", "sparse_attn_packed_decode", "attn_merge_decode",
                                          "topk_split", "swiglu_clamp", "indexer_score_packed_decode", "argmax_rows",

@@ -203,6 +203,43 @@ def test_indexer_score_packed_strided_keys():
     check(tk.indexer_score_packed(q, codes, ks, w), ops.indexer_score(q, fp4_unpack(codes, ks), w))
 
 
+@pytest.fixture
+def token_kernel(monkeypatch):
+    """The prefill indexer's token-block kernel on (``TUNE["indexer_prefill_tokens"]``)."""
+    monkeypatch.setitem(tk.TUNE, "indexer_prefill_tokens", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,bt", [(5, 2), (9, 4), (3, 1)])
+def test_indexer_score_packed_token_kernel(token_kernel, dtype, S, bt):
+    """BT tokens x all heads per dot (S not a multiple of BT, E not a multiple of the key step, 5 heads padded
+    to 16 rows each): the reference's scores, and the decode-shaped kernel's (the switch off)."""
+    q, codes, ks, w = _indexer_case(2, S, 140 + S, dtype, nI=5, E=45)
+    w[1, -1, 3] = -0.75  # a negative head weight in the last (partial) token block
+    ref = ops.indexer_score(q, fp4_unpack(codes, ks), w)
+    out = tk.indexer_score_packed(q, codes, ks, w, block_s=bt, block_e=16)
+    check(out, ref)
+    tk.TUNE["indexer_prefill_tokens"] = False
+    check(out, tk.indexer_score_packed(q, codes, ks, w, block_e=16))
+
+
+def test_indexer_score_packed_token_kernel_visible(token_kernel):
+    """With visible counts: -inf past each token's count, key steps past the block's last visible entry never
+    read (garbage bytes there), and the top-k over these scores as the reference's."""
+    q, codes, ks, w = _indexer_case(2, 5, 150, torch.bfloat16, E=48)
+    visible = torch.tensor([[0, 1, 9, 16, 3], [30, 2, 31, 7, 0]])
+    codes[0, 16:] = 0x77  # batch 0 sees at most 16 entries: its key steps 16.. are never decoded
+    ks[0, 16:] = 255
+    out = tk._indexer_score_packed_launch(q, codes, ks, w, visible, 2, 16, None)
+    clean = ks.clone()
+    clean[0, 16:] = 127
+    ref = ops.indexer_score(q, fp4_unpack(codes, clean), w)
+    ref = ref.masked_fill(torch.arange(48) >= visible[..., None], float("-inf"))
+    check(out, ref)
+    want, _ = _topk_ref(q, codes, clean, w, visible, 8)
+    assert torch.equal(tk.indexer_topk_packed(q, codes, ks, w, visible, 8, block_s=2, block_e=16), want)
+
+
 def _topk_ref(q, codes, ks, w, visible, topk):
     scores = ops.indexer_score(q, fp4_unpack(codes, ks), w)
     ent = torch.arange(codes.shape[1])
