@@ -166,13 +166,14 @@ def _compress_finish_pair(a, z, a_prev, z_prev, norm_w, pos, ia, iz, ia_prev, iz
 
 
 # the visible prefix goes to the selection as row lengths: the kernel reads only that prefix of the scores
-# (the artifact scores all max_seq_len / ratio entries)
+# (the cache holds max_seq_len / ratio entries); the packed scores skip the rest too (an 8k prefill at a 64k
+# artifact context: 2048 live of 16513 entries, the causal half of them visible to the average token)
 def _indexer_topk(q, k, w, visible, topk):
     return dsv4.topk_ids(dsv4.indexer_score(q, k, w), topk, visible)
 
 
 def _indexer_topk_packed(q, k_codes, k_scale, w, visible, topk):
-    return dsv4.topk_ids(dsv4.indexer_score_packed(q, k_codes, k_scale, w), topk, visible)
+    return dsv4.topk_ids(dsv4.indexer_score_packed(q, k_codes, k_scale, w, visible), topk, visible)
 
 
 # The KV storage codecs (elementwise with one small reduction per block) have no kernel of their own:

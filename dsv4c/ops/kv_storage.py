@@ -143,13 +143,20 @@ def _key_block(k_codes: Tensor, k_scale: Tensor) -> int:
 
 
 @_op("indexer_score_packed")
-def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor) -> Tensor:
-    """``indexer_score`` with the keys [B, E, ...] in storage format (``fp4_pack``): fp32 [B, S, E]."""
-    return indexer_score(q, unpack_fp4_keys(k_codes, k_scale, _key_block(k_codes, k_scale)), w)
+def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor,
+                         visible: Tensor | None = None) -> Tensor:
+    """``indexer_score`` with the keys [B, E, ...] in storage format (``fp4_pack``): fp32 [B, S, E]. With
+    ``visible`` (integers [B, S]) entries j >= visible[b, s] score -inf (a kernel need not read them: the
+    cache holds max_seq_len / ratio entries, a prefix of which is live)."""
+    scores = indexer_score(q, unpack_fp4_keys(k_codes, k_scale, _key_block(k_codes, k_scale)), w)
+    if visible is None:
+        return scores
+    ent = torch.arange(scores.shape[-1], device=scores.device)
+    return scores.masked_fill(ent >= visible[..., None], float("-inf"))
 
 
 @indexer_score_packed.register_fake
-def _(q, k_codes, k_scale, w):
+def _(q, k_codes, k_scale, w, visible=None):
     return q.new_empty((q.shape[0], q.shape[1], k_codes.shape[1]), dtype=torch.float32)
 
 

@@ -1576,9 +1576,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         "gather_rows_triton": False,
         # prefill: the indexer's scores over FP4 keys with BT query tokens (all their heads) per program as
         # one [BT H, dI] x [dI, BE] product per key step (``_indexer_score_packed_tokens_kernel``) instead of
-        # one token's heads per dot (H100 / H200 sessions 12-14: an 8k prefill's 8192 x 2048 scores took
-        # 10.7 ms, ~26 TFLOP/s, in that loop); off until measured (fp32 sums over heads in another order)
-        "indexer_prefill_tokens": False, "indexer_prefill_bt": 2, "indexer_prefill_be": 128,
+        # one token's heads per dot (H100, session 14, 8192 queries x 64 heads x 2048 keys
+        # (benchmarks/prefill_probe.py --cases indexer): 1.525 -> 1.060 ms at 4 tokens, 64 keys, 8 warps;
+        # 1.17-1.30 ms at the other tiles tried; bitwise the same scores)
+        "indexer_prefill_tokens": True, "indexer_prefill_bt": 4, "indexer_prefill_be": 64,
         "indexer_prefill_warps": 8}
 TC_MAX_ROWS = 16
 # L2 prefetch per GEMV program under TUNE pdl_prefetch: enough to cover a few microseconds of the previous
@@ -2188,7 +2189,7 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     w = w.contiguous()
     kc = _rows_view(k_codes).view(torch.uint8)
     ks = _rows_view(k_scale).view(torch.uint8)
-    vis = visible.to(torch.int64).contiguous() if visible is not None else q
+    vis = visible.to(torch.int64).expand(B, S).contiguous() if visible is not None else q
     if S > 1 and TUNE["indexer_prefill_tokens"] and (INTERPRET or B * S >= INDEXER_TOKENS_MIN):
         bt = block_s or TUNE["indexer_prefill_bt"]
         be = block_e or (32 if INTERPRET else TUNE["indexer_prefill_be"])
@@ -2212,13 +2213,16 @@ def _indexer_score_packed_launch(q: Tensor, k_codes: Tensor, k_scale: Tensor, w:
     return out
 
 
-def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, *, block_s: int | None = None,
+def indexer_score_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, visible: Tensor | None = None, *,
+                         block_s: int | None = None,
                          block_e: int | None = None, num_warps: int | None = None) -> Tensor:
     """``dsv4::indexer_score_packed``: :func:`indexer_score` with the keys in their storage format (``k_codes``
     [B, E, dI/2] uint8, two e2m1 codes per byte, ``k_scale`` [B, E, dI/32] ue8m0 bytes), decoded in registers.
     Both may be slices of larger buffers (any batch / entry strides, unit last stride). fp32 [B, S, E]."""
     _require(q, k_codes, k_scale, w)
-    return _indexer_score_packed_launch(q, k_codes, k_scale, w, None, block_s, block_e, num_warps)
+    if visible is not None:
+        _require(visible)
+    return _indexer_score_packed_launch(q, k_codes, k_scale, w, visible, block_s, block_e, num_warps)
 
 
 def indexer_topk_packed(q: Tensor, k_codes: Tensor, k_scale: Tensor, w: Tensor, visible: Tensor, topk: int, *,
@@ -2284,7 +2288,8 @@ def _cuda_impls() -> dict:
         # ops of dsv4c.ops.kv_storage (the KV cache in its storage format); registered only where defined
         "sparse_attn_packed": lambda q, win_kv, win_mask, comp_nope, comp_scale, comp_rope, comp_idx, sink, scale:
             sparse_attn_packed(q, win_kv, win_mask, comp_nope, comp_scale, comp_rope, comp_idx, sink, scale),
-        "indexer_score_packed": lambda q, k_codes, k_scale, w: indexer_score_packed(q, k_codes, k_scale, w),
+        "indexer_score_packed": lambda q, k_codes, k_scale, w, visible=None: indexer_score_packed(
+            q, k_codes, k_scale, w, visible),
         "indexer_topk_packed": lambda q, k_codes, k_scale, w, visible, topk: indexer_topk_packed(
             q, k_codes, k_scale, w, visible, topk),
         "topk_ids": _topk_ids,

@@ -197,6 +197,18 @@ def test_indexer_score_packed(dtype, S):
         check(out, ops.indexer_score_packed(q, codes, ks, w))
 
 
+@pytest.mark.parametrize("S", [1, 5])
+def test_indexer_score_packed_visible(S):
+    """The op's optional visible counts: -inf past each token's count, the rest as without them."""
+    q, codes, ks, w = _indexer_case(2, S, 160 + S, torch.bfloat16, E=40)
+    visible = torch.tensor([[17], [3]]) if S == 1 else torch.tensor([[0, 1, 8, 33, 40], [3, 20, 33, 17, 0]])
+    ref = ops.indexer_score(q, fp4_unpack(codes, ks), w).masked_fill(torch.arange(40) >= visible[..., None],
+                                                                     float("-inf"))
+    check(tk.indexer_score_packed(q, codes, ks, w, visible, block_e=16), ref)
+    if _has_op("indexer_score_packed"):
+        check(ops.indexer_score_packed(q, codes, ks, w, visible), ref)
+
+
 def test_indexer_score_packed_strided_keys():
     q, codes_all, ks_all, w = _indexer_case(2, 3, 90, torch.bfloat16, E=48)
     codes, ks = codes_all[:, :33], ks_all[:, :33]

@@ -66,3 +66,37 @@ def test_key_rotation_as_a_reduction(monkeypatch):
     assert gemm.search(codes[False]) and not gemm.search(codes[True])
     assert (outs[True] - x @ h).abs().max() <= 1e-5 * (x @ h).abs().max()
     assert keys[True] != keys[False]
+
+
+def test_indexer_topk_packed_scores_only_the_visible_entries():
+    """The packed indexer's decomposition hands its visible counts to the score op as well as to the
+    selection: the scores past each count are -inf (a kernel need not read them; the cache holds all
+    max_seq_len / ratio entries) and the ids are the op's."""
+    from dsv4c.runtime import inductor_executor as ie
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 3, 4, 64, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 20, 64, generator=g).to(torch.bfloat16)
+    w = torch.rand(1, 3, 4, generator=g)
+    codes, scale = ops.fp4_pack(k, 32)
+    visible = torch.tensor([[2, 7, 12]])
+    seen = []
+    real = ops.indexer_score_packed
+
+    class Spy:  # the decomposition's call, recorded
+        def __call__(self, *args):  # noqa: ANN002, ANN204
+            seen.append(args)
+            return real(*args)
+
+    scores = ops.indexer_score_packed(q, codes, scale, w, visible)
+    assert bool(torch.isinf(scores[0, 0, 2:]).all()) and bool(torch.isfinite(scores[0, 2, :12]).all())
+    assert bool(torch.isinf(scores[0, 2, 12:]).all())
+    assert torch.equal(scores[torch.isfinite(scores)], ops.indexer_score_packed(q, codes, scale, w)[torch.isfinite(scores)])
+    orig = ie.dsv4
+    try:
+        ie.dsv4 = type("NS", (), {"indexer_score_packed": Spy(), "topk_ids": ops.topk_ids})()
+        ids = ie._indexer_topk_packed(q, codes, scale, w, visible, 4)
+    finally:
+        ie.dsv4 = orig
+    assert len(seen) == 1 and seen[0][4] is visible
+    assert torch.equal(ids, ops.indexer_topk_packed(q, codes, scale, w, visible, 4))
