@@ -13,6 +13,9 @@
 - indexer scores (``TUNE["indexer_prefill_tokens"]``): 8192 queries x 64 heads against 2048 FP4 keys, the
   token-block kernel at a few tiles against the one-token-per-dot kernel (within 1e-5, TFLOP/s each).
 
+- ``--cases fp4_sweep``: the swapped FP4 expert product at a few tiles (rows, warps, stages) against the
+  launcher's own.
+
 - ``--attn-sweep``: the prefill attention launch's tiles (heads per program, keys per step, warps, the
   split of the probabilities into two bf16 halves for P @ V) at an 8k prefill's shapes, for a CSA block
   (window 128 + 512 selected of 2048 packed entries) and a window-only block; each against the default
@@ -172,6 +175,50 @@ def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
     return rows
 
 
+FP4_TILES = ((64, 4, 3), (64, 4, 4), (64, 4, 2), (64, 8, 3), (128, 8, 3), (128, 4, 3))  # rows, warps, stages
+
+
+def fp4_sweep(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+    """The swapped prefill FP4 expert product (``TUNE["fp4_prefill_swap"]``) at each of FP4_TILES (rows of one
+    expert per tile, warps, pipeline stages; ``TUNE["fp4_prefill_warps"]`` / ``["fp4_prefill_stages"]``) for
+    the fp4 case's shapes, each against the launcher's own tiles: the same products summed in the same
+    order per tile, so within 1e-2 of the largest output (bf16 outputs), and TFLOP/s."""
+    from dsv4c.ops import fused
+    from dsv4c.ops import triton_kernels as tk
+
+    g = torch.Generator(device=dev).manual_seed(2)
+    T, E, TOPK = 8192, 256, 6
+    expert = torch.rand(T, E, device=dev, generator=g).topk(TOPK, dim=-1).indices.reshape(-1).contiguous()
+    rows = []
+    for name, (n, k) in {"w1+w3": (4096, 4096), "w2": (4096, 2048)}.items():
+        w = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev, generator=g)
+        s = torch.exp2(torch.randint(-9, -6, (E, n, k // 32), device=dev, generator=g).float())
+        pw, ps = fused.pack_fp4_tiled(w, s, 128, 128)
+        x = torch.randn(T * TOPK, k, device=dev, generator=g).to(torch.bfloat16)
+        flop = 2.0 * T * TOPK * n * k
+
+        def run(bm=None):  # noqa: ANN001, ANN202
+            return tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=bm)
+
+        ref, t_ref = run(), bench(run)
+        print(f"fp4 prefill {name}: launcher tiles {t_ref:.3f} ms ({flop / t_ref / 1e9:.0f} TFLOP/s)")
+        for bm, nw, st in FP4_TILES:
+            case = f"fp4 prefill {name} bm={bm} warps={nw} stages={st}"
+            with tuned("fp4_prefill_warps", nw), tuned("fp4_prefill_stages", st):
+                try:
+                    out, t = run(bm), bench(lambda bm=bm: run(bm))
+                except Exception as e:  # noqa: BLE001  (a tile that does not fit is a row, not the end)
+                    rows.append({"case": case, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    print(f"  bm={bm} warps={nw} stages={st}: {type(e).__name__}")
+                    continue
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            row = {"case": case, "ok": err <= 1e-2 and bool(torch.isfinite(out).all()), "max_rel": err,
+                   "ms_on": t, "ms_off": t_ref, "tflops_on": flop / t / 1e9, "tflops_off": flop / t_ref / 1e9}
+            print(f"  bm={bm} warps={nw} stages={st}: {t:.3f} ms ({row['tflops_on']:.0f} TFLOP/s), max rel {err:.1e}")
+            rows.append(row)
+    return rows
+
+
 INDEXER_TILES = ((2, 128, 8), (2, 64, 4), (2, 64, 8), (4, 64, 8), (4, 128, 8), (1, 128, 4))
 
 
@@ -221,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-sweep", action="store_true", help="time the prefill attention's tile choices")
     ap.add_argument("--only-sweep", action="store_true", help="the attention sweep alone")
     ap.add_argument("--cases", default="attention,fp4,indexer",
-                    help="the on/off cases to run (attention, fp4, indexer; '' = none)")
+                    help="the on/off cases to run (attention, fp4, indexer, fp4_sweep; '' = none)")
     ap.add_argument("--attn-cases", default="csa,window", help="the sweep's cases (csa, window)")
     ap.add_argument("--attn-tiles", default="all", choices=("all", "shipped"),
                     help="all: every tile choice; shipped: the defaults against the pre-session-13 tiles")
@@ -241,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [attention(dev, bench)] if "attention" in cases else []
     rows += fp4_experts(dev, bench) if "fp4" in cases else []
     rows += indexer(dev, bench) if "indexer" in cases else []
+    rows += fp4_sweep(dev, bench) if "fp4_sweep" in cases else []
     if args.attn_sweep or args.only_sweep:
         rows += attention_sweep(dev, bench, args.attn_cases, args.attn_tiles)
     if args.json:

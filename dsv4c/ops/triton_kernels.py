@@ -1518,6 +1518,9 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # across K blocks) on quant-dequantized bf16 activations, on tiles of at most 64 rows (H100, session 9,
         # 8192 tokens x top-6 of 256 experts: w1+w3 9.6 ms on 64-row tiles, 10.1 on 128, 11.5 unswapped)
         "fp4_prefill_swap": True,
+        # the prefill FP4 product's warps (None: 8 for 128 x 128 tiles, else 4) and pipeline stages
+        # (benchmarks/prefill_probe.py --cases fp4_sweep times a few; the 8k prefill spends ~40 % here)
+        "fp4_prefill_warps": None, "fp4_prefill_stages": 3,
         # prefill: the mHC mixes (bf16 streams x narrow fp32 weight) through linear_w16's three-term bf16 dots
         # instead of a cuBLAS fp32 GEMM (runtime/load_rewrites.py: rewrite_prefill_mixes); H100, session 10:
         # the 8k prefill's mixes no longer among its top kernels
@@ -1857,11 +1860,11 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     order, te, row0, row1, T = _expert_schedule(expert, E, bm)
     out = torch.zeros((A, N), dtype=x.dtype, device=x.device)
     cnt = _counters(x.device)
-    nw = 8 if bm * bn >= 128 * 128 else 4
+    nw = TUNE["fp4_prefill_warps"] or (8 if bm * bn >= 128 * 128 else 4)
     _fp4_packed_kernel[(T, triton.cdiv(N, bn), 1)](
         a, sa, order, te, row0, row1, weight, scale, out, out, cnt, A, N, K, E, NBLK, KT, nkb, nkb,
         PBN=PBN, PBK=PBK, ACT_MODE=act_mode, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
-        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, SWAP=swap, num_warps=nw, num_stages=3)
+        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, SWAP=swap, num_warps=nw, num_stages=TUNE["fp4_prefill_stages"])
     return out
 
 

@@ -112,6 +112,31 @@ def test_fp4_packed_prefill_swap(monkeypatch, act_quant, ue8m0):
     assert not swapped[expert == -1].float().any()
 
 
+def test_fp4_packed_prefill_launch_knobs(monkeypatch):
+    """TUNE fp4_prefill_warps / fp4_prefill_stages reach the prefill launch (None: the launcher's rule) and
+    leave the numbers alone."""
+    pw, ps = _packed_experts(3, 64, 256, 32, 128, 26)
+    x = _act((40, 256), 27, torch.bfloat16, spread=False)
+    expert = torch.tensor([1, 0, 1, 1, 2, 2, 1, 0] * 5)
+    launches = []
+    real = tk._fp4_packed_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # noqa: ANN001, ANN204
+            def launch(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+                launches.append((kw["num_warps"], kw["num_stages"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tk, "_fp4_packed_kernel", Spy())
+    first = tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16)
+    monkeypatch.setitem(tk.TUNE, "fp4_prefill_warps", 8)
+    monkeypatch.setitem(tk.TUNE, "fp4_prefill_stages", 2)
+    second = tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=16)
+    assert launches == [(4, 3), (8, 2)]
+    assert torch.equal(first, second)
+
+
 # ---- FP8, few rows --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
