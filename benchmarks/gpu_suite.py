@@ -109,7 +109,12 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
             out[name] = (torch.randn(shape, generator=g, device=device) * 0.1).to(ts.dtype)
         elif name == "embed.weight":
             out[name] = torch.randn(shape, generator=g, device=device).to(ts.dtype)
-        else:  # bf16 matrices (head, gate, compressor, indexer weights_proj, wo_a in the activation dtype)
+        elif name.endswith(".wo_a.weight"):  # FP8 in a checkpoint, dequantized at load: e4m3 x 2^k per 128 x 128
+            n, k = shape[-2], shape[-1]  # [G R, K] (128 | R, K), as the checkpoint's blocks tile it
+            w = torch.randn(shape, generator=g, device=device).reshape(-1, 128, k // 128, 128) / math.sqrt(k)
+            s = torch.exp2(torch.ceil(torch.log2(w.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4) / 448.0)))
+            out[name] = ((w / s).clamp(-448, 448).to(F8).float() * s).reshape(shape).to(ts.dtype)
+        else:  # bf16 matrices (head, gate, compressor, indexer weights_proj)
             out[name] = (torch.randn(shape, generator=g, device=device) / math.sqrt(shape[-1])).to(ts.dtype)
     for name, ts in table.items():
         if name.endswith(".tid2eid") and not name.startswith("mtp."):
@@ -735,8 +740,11 @@ def ab_switches(out: Path, flags: list[str], main: dict, deadline: float, device
                     r["profile_decode"] = {"error": f"{type(e).__name__}: {e}"}
             if ref is not None:
                 r["default_step_ms"] = ref["step_ms"]
-                if bw and "bytes_per_step" in ref:
+                if bw and "bytes_per_step" in ref:  # the main engine's bytes (compare entries by their times)
                     r["hbm_fraction"] = round(ref["bytes_per_step"]["total"] / (r["step_ms"] / 1e3) / bw, 3)
+                    if "total_stored" in ref["bytes_per_step"]:  # wo_a at its stored FP8 size: any entry's floor
+                        r["hbm_fraction_stored"] = round(ref["bytes_per_step"]["total_stored"] / (r["step_ms"] / 1e3)
+                                                         / bw, 3)
             res[key] = r
             log(f"flash: A/B {entry} -> {[tk.TUNE[n] for n in names]}: decode b=1 context {context} "
                 f"{r['step_ms']:.3f} ms (default {ref['step_ms'] if ref else '?'} ms); logits vs default "

@@ -19,6 +19,9 @@ Measured in one run (all GPU times with CUDA events, medians over repeats):
   touches, E(1 - (1 - k/E)^B), times one expert's bytes; embedding and hash-routing tables: the rows
   used) plus the KV entries it reads in the allocated layout (window, all visible HCA entries, CSA
   indexer keys and the top-k selected entries). ``hbm_fraction`` = bytes_per_step / step time / measured copy bandwidth.
+  ``wo_a`` counts as the engine reads it: in the activation dtype as the artifact holds it (the reference
+  applies the dequantized weight), or as e4m3 + block scales under TUNE ``wo_a_fp8``;
+  ``hbm_fraction_stored`` counts it at that stored FP8 size either way.
 - ``prefill``: one sequence of ``prefill_tokens`` (8192) tokens, tokens/s and model TFLOP/s (the useful
   FLOPs of the math: every GEMM, the attention over the visible keys, the indexer scores; counted from
   the spec).
@@ -91,12 +94,16 @@ def _dtype_size(name: str) -> int:
             "int64": 8, "bool": 1}[name]
 
 
-def decode_weight_bytes(manifest: dict, used: set[str], batch: int) -> dict:
-    """Weight bytes one decode step reads (see the module docstring)."""
+def decode_weight_bytes(manifest: dict, used: set[str], batch: int, wo_a_fp8: bool = False) -> dict:
+    """Weight bytes one decode step reads (see the module docstring). ``wo_a``, which the artifact holds in
+    the activation dtype (the reference's dequantized weight), counts at that size unless ``wo_a_fp8`` (the
+    engine reads it as e4m3 + fp32 scales per 128 x 128 block, runtime/wo_a_fp8.py); ``total_stored`` counts
+    it at that stored FP8 size either way."""
     spec = manifest["spec"]
     E, k, V = spec["n_routed_experts"], spec["num_experts_per_tok"], spec["vocab_size"]
     distinct = E * (1 - (1 - k / E) ** batch)
-    tot = {"experts": 0.0, "head": 0.0, "embed_rows": 0.0, "other": 0.0}
+    tot = {"experts": 0.0, "head": 0.0, "embed_rows": 0.0, "wo_a": 0.0, "other": 0.0}
+    wo_a_stored = 0.0
     for name, ent in manifest["params"].items():
         if name not in used:
             continue
@@ -107,11 +114,24 @@ def decode_weight_bytes(manifest: dict, used: set[str], batch: int) -> dict:
             tot["head"] += nbytes
         elif name == "embed.weight" or name.endswith("gate.tid2eid"):
             tot["embed_rows"] += nbytes / ent["shape"][0] * min(batch, ent["shape"][0])
+        elif name.endswith(".wo_a.weight"):
+            n = math.prod(ent["shape"])
+            stored = n + 4 * n / (128 * 128)  # e4m3 bytes + one fp32 scale a block
+            wo_a_stored += stored
+            tot["wo_a"] += stored if wo_a_fp8 else nbytes
         else:
             tot["other"] += nbytes
     tot["total"] = sum(tot.values())
+    tot["total_stored"] = tot["total"] - tot["wo_a"] + wo_a_stored
+    tot["wo_a_read_as"] = "fp8" if wo_a_fp8 else "held"
     tot["distinct_experts_per_block"] = round(distinct, 2)
     return tot
+
+
+def reads_wo_a_fp8(eng) -> bool:  # noqa: ANN001 - an Engine
+    """Whether the engine's decode graph reads ``wo_a`` as FP8 (the load-time rewrite of
+    runtime/wo_a_fp8.py ran on it)."""
+    return bool(getattr(eng._executor, "rewrites", {}).get("decode", {}).get("wo_a_fp8"))
 
 
 def _blocks(spec: dict) -> list[tuple[str, int]]:
@@ -390,14 +410,18 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
             log(f"bench: skipping batch {b}: compiling its bucket needs ~{new_bucket_seconds:.0f} s")
             return
         r = bench_decode(eng, b, ctx, steps)
-        w = decode_weight_bytes(m, used, b)
+        w = decode_weight_bytes(m, used, b, wo_a_fp8=reads_wo_a_fp8(eng))
         kv = decode_kv_bytes(m, b, ctx)
         r["bytes_per_step"] = {"weights": round(w["total"]), "kv_read": round(kv), "total": round(w["total"] + kv),
-                               "weights_detail": {k: round(v) for k, v in w.items()}}
+                               "total_stored": round(w["total_stored"] + kv),
+                               "weights_detail": {k: v if isinstance(v, str) else round(v) for k, v in w.items()}}
         bw = (w["total"] + kv) / (r["step_ms"] / 1e3)
         r["achieved_bytes_per_s"] = round(bw)
         if "hbm" in res:
             r["hbm_fraction"] = round(bw / res["hbm"]["bytes_per_s"], 3)
+            # wo_a counted at its stored FP8 size: the least any engine must read
+            r["hbm_fraction_stored"] = round((w["total_stored"] + kv) / (r["step_ms"] / 1e3) / res["hbm"]["bytes_per_s"],
+                                             3)
             if "graph_replay_ms" in r:
                 r["hbm_fraction_replay"] = round((w["total"] + kv) / (r["graph_replay_ms"] / 1e3)
                                                  / res["hbm"]["bytes_per_s"], 3)
@@ -412,7 +436,8 @@ def run(artifact: str | Path, device: str | None = None, batches=DEFAULT_BATCHES
                     res["profile_decode"] = {"error": f"{type(e).__name__}: {e}"}
         res["decode"].append(r)
         log(f"bench: decode batch {b} context {ctx}: {r['step_ms']:.3f} ms/step"
-            + (f", {100 * r['hbm_fraction']:.0f}% of HBM bandwidth" if "hbm_fraction" in r else ""))
+            + (f", {100 * r['hbm_fraction']:.0f}% of HBM bandwidth ({100 * r['hbm_fraction_stored']:.0f}% with wo_a "
+               f"at its stored FP8 size)" if "hbm_fraction" in r else ""))
         if progress is not None:
             progress(res)
 
@@ -532,7 +557,8 @@ def summarize(res: dict) -> str:
     lines.append(f"  load / first prefill / first decode  {ld.get('engine_load_s')} / {ld.get('first_prefill_s')} / "
                  f"{ld.get('first_decode_s')} s (compile cache warm: {ld.get('compile_cache_warm')})")
     for r in res.get("decode", []):
-        frac = f"  {100 * r['hbm_fraction']:.0f}% HBM" if "hbm_fraction" in r else ""
+        frac = (f"  {100 * r['hbm_fraction']:.0f}% HBM ({100 * r['hbm_fraction_stored']:.0f}% wo_a as FP8)"
+                if "hbm_fraction" in r else "")
         lines.append(f"  decode b={r['batch']:<3} ctx={r['context']:<6} {r['step_ms']:8.3f} ms/step "
                      f"{r['bytes_per_step']['total'] / 1e9:6.3f} GB/step{frac}")
     if "prefill" in res:

@@ -74,19 +74,19 @@ def cache_key_parts(manifest: Mapping[str, Any], program_texts: Mapping[str, str
 
 
 def _runtime_hash() -> str:
-    """Hash of the code that shapes the compiled graphs (rewrites, decompositions, the Triton launchers):
-    Inductor's AOT cache keys on the traced graph, which does not see a changed decomposition."""
+    """Hash of the code that shapes the compiled graphs: the ops' schemas and implementations, the
+    decompositions, the load-time rewrites and the Triton launchers (every module of ``dsv4c.ops`` and
+    ``dsv4c.runtime``). Inductor's FX-graph cache keys on the traced graph, which shows neither a changed
+    decomposition nor a changed op schema; a compiled module that calls an op with its old arguments can
+    crash the process (seen with Inductor's C++ wrapper on the CPU)."""
+    import dsv4c.ops as ops_pkg  # noqa: PLC0415
     import dsv4c.ops.triton_kernels as tk  # noqa: PLC0415
 
     h = hashlib.sha256()
-    import dsv4c.ops.triton_gemv as gemv  # noqa: PLC0415
-    import dsv4c.ops.triton_mhc as mhc  # noqa: PLC0415
-    import dsv4c.ops.triton_topk as topk  # noqa: PLC0415
-    import dsv4c.runtime.inductor_pdl as ipdl  # noqa: PLC0415  (changes Inductor's generated code)
-    import dsv4c.runtime.load_rewrites as rewrites  # noqa: PLC0415
-
-    for mod in (__file__, tk.__file__, gemv.__file__, mhc.__file__, topk.__file__, rewrites.__file__, ipdl.__file__):
-        h.update(Path(mod).read_bytes())
+    for folder in (Path(ops_pkg.__file__).parent, Path(__file__).parent):
+        for mod in sorted(folder.glob("*.py")):
+            h.update(mod.name.encode())
+            h.update(mod.read_bytes())
     h.update(json.dumps({k: tk.TUNE.get(k) for k in DECOMP_SWITCHES}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

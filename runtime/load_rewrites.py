@@ -16,6 +16,8 @@ swaps a few aten patterns for kernels that suit a decode step's few rows:
 - RoPE as one element-wise expression instead of a stack and a cat (``runtime/rope_rewrite.py``);
 - cache row writes as ``index_put_``, which Inductor does in place (``runtime/cache_row_writes.py``);
 - the MoE routers' ``topk(...).indices`` as ``dsv4::topk_ids`` (:func:`rewrite_router_topk`), decode only;
+- the attention output's grouped projection reading ``wo_a`` as FP8 (``runtime/wo_a_fp8.py``, TUNE
+  ``wo_a_fp8``), decode only;
 - the shared expert on a second stream beside the routed experts, decode only
   (``runtime/shared_expert_stream.py``);
 - equal pure computations of different blocks merged into one node (``runtime/pure_cse.py``, TUNE
@@ -453,6 +455,10 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
                 done["const_mm"] = rewrite_const_mms(prog.graph_module, input_names(prog))
             if TUNE["router_topk_triton"]:
                 done["router_topk"] = rewrite_router_topk(prog.graph_module)
+            if TUNE["wo_a_fp8"]:
+                from .wo_a_fp8 import rewrite_wo_a_fp8  # noqa: PLC0415
+
+                done["wo_a_fp8"] = rewrite_wo_a_fp8(prog.graph_module)
             if TUNE["shared_expert_stream"]:
                 from .shared_expert_stream import overlap_shared_experts  # noqa: PLC0415
 

@@ -13,6 +13,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests that call torch.compile directly use Inductor's default on-disk cache, whose keys do not cover the
+# dsv4 ops' schemas or decompositions: an entry left by older code can be reused and crash (a segfault in
+# a C++ wrapper calling an op with its old arguments). Each test session compiles into a fresh folder.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv4c-tests-inductor-")
+
 from dsv4c.checkpoint import load_checkpoint, synthesize_checkpoint, to_model_params
 from dsv4c.spec import ModelSpec, get_variant
 

@@ -172,9 +172,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fp8_gemv_tc_kernel(x_ptr, w_ptr, sw_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SW_STRIDE,
+                            GROUP_ROWS, XS,
                             ACT_Q: tl.constexpr, UE8M0: tl.constexpr, FP8_DOT: tl.constexpr, UPCAST: tl.constexpr,
                             SPLIT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ONE_ROW: tl.constexpr):
-        """o [M, N] = x [M, K] @ w^T for M <= BR: BN weight rows (axis 0) x a K range (axis 1)."""
+        """o [M, N] = x [M, K] @ w^T for M <= BR: BN weight rows (axis 0) x a K range (axis 1).
+
+        Grouped (a block-diagonal weight stored without its zeros): weight rows [g GROUP_ROWS, (g + 1)
+        GROUP_ROWS) read x's columns [g K, (g + 1) K); x's rows are XS apart (K for one group, whose
+        GROUP_ROWS is N). BN divides GROUP_ROWS."""
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -182,7 +187,8 @@ if HAVE_TRITON:
         rk = tl.arange(0, 128)
         n_mask = rn < N
         m_mask = rm < M
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
+        x_ptr = x_ptr + ((pid_n * BN) // GROUP_ROWS).to(tl.int64) * K  # this program's group of columns
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * XS
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
         acc = tl.zeros((BN, BR), dtype=tl.float32)
         for i in range(KB_PER_SPLIT):
@@ -230,9 +236,39 @@ def fp8_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     part, cnt = _split_buffers(split, M, N, x2.device)
     _fp8_gemv_tc_kernel[(nt, split)](
-        x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb,
+        x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb, N, K,
         ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), FP8_DOT=bool(act_quant and TUNE["tc_fp8_dot"]), UPCAST=INTERPRET,
         SPLIT=split, BN=bn, BR=ROWS, ONE_ROW=M == 1, num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
+    return out
+
+
+def fp8_grouped_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, groups: int, *, block_n: int | None = None,
+                        split_k: int | None = None) -> Tensor:
+    """A grouped projection with block-scaled e4m3 weights and bf16 activations (no activation
+    quantization): out[:, g R:(g + 1) R] = x2[:, g K:(g + 1) K] @ (weight[g R:(g + 1) R] * scale)^T for
+    x2 [M, groups K] bf16 (M <= ROWS), weight [groups R, K] e4m3, scale [groups R / 128, K / 128] fp32.
+    Each e4m3 weight times its (power-of-two) block scale is exact in bf16, so this is the bf16 grouped
+    matmul of the dequantized weight, summed in fp32 (another order than cuBLAS's); out [M, groups R] in
+    x2's dtype. R must be a multiple of the row block (TUNE ``tc_bn``) and K of 128."""
+    M, GK = x2.shape
+    N, K = weight.shape
+    bn = block_n or TUNE["tc_bn"]
+    if (M > ROWS or x2.dtype != torch.bfloat16 or weight.dtype != torch.float8_e4m3fn or groups < 1
+            or GK != groups * K or N % groups or (N // groups) % bn or K % QBLOCK
+            or tuple(scale.shape) != (N // QBLOCK, K // QBLOCK)):
+        raise ValueError(f"fp8_grouped_gemv_tc: x {tuple(x2.shape)} {x2.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, scale {tuple(scale.shape)}, {groups} groups do not fit (at most {ROWS} "
+                         f"bf16 rows, e4m3 weight rows a multiple of {bn} per group, K a multiple of {QBLOCK})")
+    x2 = x2.contiguous()
+    kb = K // QBLOCK
+    nt = triton.cdiv(N, bn)
+    split, per = _pick_split(nt, kb, x2.device, split_k)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    part, cnt = _split_buffers(split, M, N, x2.device)
+    _fp8_gemv_tc_kernel[(nt, split)](
+        x2, weight, scale.contiguous(), out, part, cnt, M, N, K, kb, per, kb, N // groups, GK,
+        ACT_Q=False, UE8M0=True, FP8_DOT=False, UPCAST=INTERPRET, SPLIT=split, BN=bn, BR=ROWS, ONE_ROW=M == 1,
+        num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
     return out
 
 
@@ -280,4 +316,4 @@ def w16_gemv_tc(x2: Tensor, weight: Tensor, *, block_n: int | None = None, split
     return out
 
 
-__all__ = ["fp8_gemv_tc", "fp4_gemv_tc", "w16_gemv_tc"]
+__all__ = ["fp8_gemv_tc", "fp8_grouped_gemv_tc", "fp4_gemv_tc", "w16_gemv_tc"]

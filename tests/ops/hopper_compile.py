@@ -77,6 +77,11 @@ def _cases() -> list[Case]:
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", **gemv_bufs},
              dict(ACT_Q=True, UE8M0=True, FP8_DOT=True, UPCAST=False, SPLIT=2, BN=128, BR=gemv.ROWS, ONE_ROW=True),
              wants_mma=True),
+        # wo_a read as FP8 (TUNE wo_a_fp8): bf16 activations, e4m3 weights turned to bf16 for the dot, grouped
+        Case("fp8_grouped_gemv_tc_bf16", gemv._fp8_gemv_tc_kernel,
+             {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", **gemv_bufs},
+             dict(ACT_Q=False, UE8M0=True, FP8_DOT=False, UPCAST=False, SPLIT=2, BN=128, BR=gemv.ROWS, ONE_ROW=True),
+             wants_mma=True),
         Case("w16_gemv_tc", tk._w16_linear_kernel,
              {"x_ptr": "fp32", "w_ptr": "bf16", **gemv_bufs},
              dict(X_SPLIT3=True, UPCAST=False, SPLIT=2, SWAP_AB=True, BM=gemv.ROWS, BN=128, BK=128, PDL=False),

@@ -53,6 +53,24 @@ def test_fp8_gemv_tc(tc, M, dtype, act_quant, ue8m0):
     assert tc == ["fp8_gemv_tc", "fp8_gemv_tc"]
 
 
+@pytest.mark.parametrize("M,split", [(1, 1), (3, 2)])
+def test_fp8_grouped_gemv_tc(tc, M, split):
+    """The grouped projection (wo_a's shape: each group's rows read their own slice of x) on bf16 activations
+    and e4m3 weights: the bf16 einsum of the dequantized weight (exact products, fp32 sums)."""
+    G, R, K = 3, 128, 256  # two 64-row tiles per group, two 128-wide blocks
+    w, s = _fp8_weight(G * R, K, 5)
+    x = _act(M, G * K, 6, torch.bfloat16)
+    deq = quant.dequantize_fp8_weight(w, s).to(torch.bfloat16).view(G, R, K)
+    ref = torch.einsum("bsgk,gdk->bsgd", x.view(M, 1, G, K).float(), deq.float()).reshape(M, G * R)
+    out = triton_gemv.fp8_grouped_gemv_tc(x, w, s, G, split_k=split)
+    assert out.dtype == torch.bfloat16
+    check(out, ref.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_gemv.fp8_grouped_gemv_tc(x, w, s, 2)  # 3 K-slices of x for 2 groups
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_gemv.fp8_grouped_gemv_tc(x.float(), w, s, G)
+
+
 def test_fp8_gemv_tc_leaves_exact_fp32_to_the_fma_kernel(tc):
     """fp32 activations without quantization are not exact in a bf16/fp8 dot: the FMA GEMV keeps them."""
     w, s = _fp8_weight(128, 256, 3)

@@ -100,3 +100,19 @@ def test_indexer_topk_packed_scores_only_the_visible_entries():
         ie.dsv4 = orig
     assert len(seen) == 1 and seen[0][4] is visible
     assert torch.equal(ids, ops.indexer_topk_packed(q, codes, scale, w, visible, 4))
+
+
+def test_compile_cache_key_covers_op_schemas_and_rewrites(monkeypatch):
+    """The keyed compile cache's runtime hash reads every module of dsv4c.ops (op schemas, CPU
+    implementations, launchers) and dsv4c.runtime (decompositions, load-time rewrites): a changed schema
+    must not reuse a module compiled against the old one."""
+    from pathlib import Path
+
+    from dsv4c.runtime import inductor_executor as ie
+
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (read.append(self.name), real(self))[1])
+    ie._runtime_hash()
+    assert {"library.py", "kv_storage.py", "triton_kernels.py", "triton_gemv.py", "inductor_executor.py",
+            "load_rewrites.py", "wo_a_fp8.py", "shared_expert_stream.py", "rope_rewrite.py"} <= set(read)

@@ -1,0 +1,116 @@
+"""The attention output's grouped projection (``wo_a``) read as FP8 at decode (TUNE ``wo_a_fp8``).
+
+The checkpoint stores ``wo_a`` as e4m3 with one ue8m0 scale per 128 x 128 block, and the reference applies
+it as a bf16 grouped matmul of the dequantized weight (MODEL-SEMANTICS section 7), which is what the
+artifact holds: 2 bytes a weight. At batch 1 that matmul is a GEMV that streams the whole weight, 268 MB a
+step in the 4-block Flash slice (cuBLAS: 103 us of a 1.36 ms step on the H100, session 14).
+
+:func:`rewrite_wo_a_fp8` (a load-time rewrite of the decode graph, CUDA only) replaces its
+``einsum("bsgk,gdk->bsgd", o, wo_a)`` with ``dsv4c_rt::grouped_proj(o, wo_a)``. On CUDA that op finds the
+e4m3 codes and block scales whose products are the bf16 weight (:func:`fp8_blocks_exact`, once per weight,
+kept while the weight lives) and runs ``triton_gemv.fp8_grouped_gemv_tc``: e4m3 bytes turned into bf16 in
+the kernel, bf16 dots summed in fp32 per 128-wide block, the block scale (a power of two) applied to the
+block's sum. The products are the reference's exactly; only the fp32 summation order differs from
+cuBLAS's. A weight that is not exactly e4m3 times power-of-two block scales (a non-ue8m0 checkpoint),
+more rows than the GEMV takes, or other dtypes run the einsum as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.fx as fx
+
+from dsv4c.runtime.load_rewrites import call_nodes, replace_node
+
+aten = torch.ops.aten
+
+WO_A_EQUATION = "bsgk,gdk->bsgd"  # frontend/model.py's grouped output projection
+BLOCK = 128  # the checkpoint's FP8 weight blocks (rows and columns)
+E4M3_MAX = 448.0
+
+
+@torch.library.custom_op("dsv4c_rt::grouped_proj", mutates_args=())
+def grouped_proj(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``einsum("bsgk,gdk->bsgd", o, w)``: each group's slice of ``o`` [B, S, G, K] times its [R, K] weight."""
+    return torch.einsum(WO_A_EQUATION, o, w)
+
+
+@grouped_proj.register_fake
+def _(o, w):
+    return o.new_empty((*o.shape[:3], w.shape[1]))
+
+
+def fp8_blocks_exact(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(e4m3 codes [N, K], fp32 scales [N / 128, K / 128]) whose products are exactly ``w`` [N, K], with
+    ue8m0 block scales (2^ceil(log2(amax / 448)), amax floored at 1e-4) as the checkpoint's quantizer picks
+    them; None when ``w`` is not such a product (or N, K are not multiples of 128). A bf16 weight
+    dequantized from the checkpoint always is: its block scale can only be smaller here, which shifts each
+    code's exponent up without losing a bit."""
+    from dsv4c.quant import block_scale  # noqa: PLC0415
+
+    N, K = w.shape
+    if N % BLOCK or K % BLOCK:
+        return None
+    blocks = w.float().reshape(N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    scale = block_scale(blocks.abs().amax(dim=(1, 3)), E4M3_MAX, 1e-4, True)  # [N / 128, K / 128]
+    codes = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    if not torch.equal(codes.float() * scale[:, None, :, None], blocks):
+        return None
+    return codes.reshape(N, K), scale
+
+
+# weight (the graph input the einsum's operand is a view of) -> (its version, codes, scales) or None
+_CACHE: dict[int, tuple[int, torch.Tensor, torch.Tensor] | None] = {}
+
+
+def _fp8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`fp8_blocks_exact` of the grouped weight [G, R, K] as [G R, K], computed once per weight
+    tensor and dropped with it (the decode graph's warm-up runs fill this before CUDA graph capture)."""
+    base = w._base if w._base is not None else w
+    key = id(base)
+    hit = _CACHE.get(key, ...)
+    if hit is not ... and (hit is None or hit[0] == base._version):
+        return None if hit is None else hit[1:]
+    found = fp8_blocks_exact(w.reshape(-1, w.shape[-1]))
+    _CACHE[key] = None if found is None else (base._version, *found)
+    if hit is ...:
+        weakref.finalize(base, _CACHE.pop, key, None)
+    return found
+
+
+def _grouped_proj_cuda(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from dsv4c.ops import triton_gemv  # noqa: PLC0415
+
+    B, S, G, K = o.shape
+    R = w.shape[1]
+    fits = (B * S <= triton_gemv.ROWS and o.dtype == w.dtype == torch.bfloat16
+            and R % triton_gemv.TUNE["tc_bn"] == 0 and K % BLOCK == 0)
+    found = _fp8_of(w) if fits else None
+    if found is None:
+        return torch.einsum(WO_A_EQUATION, o, w)
+    codes, scale = found
+    return triton_gemv.fp8_grouped_gemv_tc(o.reshape(B * S, G * K), codes, scale, G).view(B, S, G, R)
+
+
+grouped_proj.register_kernel("cuda")(_grouped_proj_cuda)
+
+
+def rewrite_wo_a_fp8(gm: fx.GraphModule) -> int:
+    """Every ``einsum("bsgk,gdk->bsgd", o, w)`` (the attention output's grouped projection) ->
+    ``dsv4c_rt::grouped_proj(o, w)``; the number rewritten."""
+    g = gm.graph
+    n_done = 0
+    for n in call_nodes(g, aten.einsum.default):
+        if not (n.args[0] == WO_A_EQUATION and len(n.args[1]) == 2):
+            continue
+        with g.inserting_before(n):
+            new = g.call_function(torch.ops.dsv4c_rt.grouped_proj.default, tuple(n.args[1]))
+        replace_node(n, new)
+        n_done += 1
+    gm.recompile()
+    return n_done
+
+
+__all__ = ["grouped_proj", "fp8_blocks_exact", "rewrite_wo_a_fp8", "WO_A_EQUATION"]
