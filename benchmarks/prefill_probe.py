@@ -146,26 +146,34 @@ def attention_sweep(dev: torch.device, bench, cases: str = "csa,window", tiles_s
     return rows
 
 
-def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+def fp4_cases(dev: torch.device):  # noqa: ANN201 - yields (name, x, expert, packed weight, scales, flop)
+    """An 8k prefill's routed expert products: 8192 tokens routed top-6 over 256 experts through w1+w3
+    (4096 x 4096) and w2 (4096 x 2048), random packed 128 x 128 tiles, bf16 activations."""
     from dsv4c.ops import fused
-    from dsv4c.ops import triton_kernels as tk
 
     g = torch.Generator(device=dev).manual_seed(2)
     T, E, TOPK = 8192, 256, 6
     expert = torch.rand(T, E, device=dev, generator=g).topk(TOPK, dim=-1).indices.reshape(-1).contiguous()
-    rows = []
     for name, (n, k) in {"w1+w3": (4096, 4096), "w2": (4096, 2048)}.items():
         w = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev, generator=g)
         s = torch.exp2(torch.randint(-9, -6, (E, n, k // 32), device=dev, generator=g).float())
         pw, ps = fused.pack_fp4_tiled(w, s, 128, 128)
         x = torch.randn(T * TOPK, k, device=dev, generator=g).to(torch.bfloat16)
+        yield name, x, expert, pw, ps, 2.0 * T * TOPK * n * k
+
+
+def fp4_experts(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
+    from dsv4c.ops import triton_kernels as tk
+
+    T = 8192
+    rows = []
+    for name, x, expert, pw, ps, flop in fp4_cases(dev):
 
         def run():  # noqa: ANN202
             return tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False)
 
         on, t_on, off, t_off = timed_pair("fp4_prefill_swap", run, bench)
         err = ((on.float() - off.float()).abs().max() / off.float().abs().max()).item()
-        flop = 2.0 * T * TOPK * n * k
         row = {"case": f"fp4 prefill {name} T={T}", "ok": err <= 1e-2 and bool(torch.isfinite(on).all()),
                "max_rel": err, "ms_on": t_on, "ms_off": t_off,
                "tflops_on": flop / t_on / 1e9, "tflops_off": flop / t_off / 1e9}
@@ -183,19 +191,10 @@ def fp4_sweep(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
     expert per tile, warps, pipeline stages; ``TUNE["fp4_prefill_warps"]`` / ``["fp4_prefill_stages"]``) for
     the fp4 case's shapes, each against the launcher's own tiles: the same products summed in the same
     order per tile, so within 1e-2 of the largest output (bf16 outputs), and TFLOP/s."""
-    from dsv4c.ops import fused
     from dsv4c.ops import triton_kernels as tk
 
-    g = torch.Generator(device=dev).manual_seed(2)
-    T, E, TOPK = 8192, 256, 6
-    expert = torch.rand(T, E, device=dev, generator=g).topk(TOPK, dim=-1).indices.reshape(-1).contiguous()
     rows = []
-    for name, (n, k) in {"w1+w3": (4096, 4096), "w2": (4096, 2048)}.items():
-        w = torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev, generator=g)
-        s = torch.exp2(torch.randint(-9, -6, (E, n, k // 32), device=dev, generator=g).float())
-        pw, ps = fused.pack_fp4_tiled(w, s, 128, 128)
-        x = torch.randn(T * TOPK, k, device=dev, generator=g).to(torch.bfloat16)
-        flop = 2.0 * T * TOPK * n * k
+    for name, x, expert, pw, ps, flop in fp4_cases(dev):
 
         def run(bm=None):  # noqa: ANN001, ANN202
             return tk.fp4_grouped_linear_packed(x, expert, pw, ps, True, True, direct=False, block_m=bm)

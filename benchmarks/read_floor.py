@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,6 +36,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv4c.ops.triton_kernels import _pdl_release, _pdl_wait  # noqa: E402
+
+
+def graph_time_us(fns: list, reps: int = 20) -> float:
+    """Median replay time (us) of one CUDA graph holding ``fns`` (decode_gemv_gpu.py's timer)."""
+    from decode_gemv_gpu import graph_time_us as timer  # noqa: PLC0415  (this folder; GPU runs only)
+
+    return timer(fns, reps)
 
 BLOCK = 2048  # int32 words per program per step: 8 KB, four 16-byte loads a thread at 4 warps
 LAUNCHES = 20  # launches per graph
@@ -78,39 +84,13 @@ def read_launch(x: torch.Tensor, programs: int, mode: str = "plain", out: torch.
     return out
 
 
-def graph_us(fns: list, reps: int = 20) -> float:
-    """Median replay time (us) of one CUDA graph holding ``fns`` in order."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate (read + write bytes per second), as dsv4c bench measures it."""
     a = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda")
     b = torch.empty_like(a)
     b.copy_(a)
     torch.cuda.synchronize()
-    us = graph_us([lambda: b.copy_(a)], reps=10)
+    us = graph_time_us([lambda: b.copy_(a)], reps=10)
     return 2 * nbytes / (us / 1e6)
 
 
@@ -144,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             outs = [torch.empty(programs, dtype=torch.int32, device=dev) for _ in regions]
             for mode in MODES:
                 ok = bool((read_launch(regions[0], programs, mode, outs[0], args.warps).cpu().numpy() == want).all())
-                us = graph_us([lambda r=r, o=o, m=mode: read_launch(r, programs, m, o, args.warps)
+                us = graph_time_us([lambda r=r, o=o, m=mode: read_launch(r, programs, m, o, args.warps)
                                for r, o in zip(regions, outs)])
                 per = us / LAUNCHES
                 rate = 4 * words / (per / 1e6)
@@ -154,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['mb']:5.1f} {programs:6d} {mode:>16} {per:10.2f} {rate / 1e12:7.3f} "
                       f"{row['of_copy']:8.1%}{'' if ok else '  WRONG RESULT'}")
         big = pool[:LAUNCHES * (mb << 18) // (4 * sms * BLOCK) * (4 * sms * BLOCK)]
-        us = graph_us([lambda: read_launch(big, 4 * sms, num_warps=args.warps)])
+        us = graph_time_us([lambda: read_launch(big, 4 * sms, num_warps=args.warps)])
         rows.append({"mb": round(4 * big.numel() / 2**20, 3), "programs": 4 * sms, "mode": "one_launch_all_regions",
                      "ok": True, "us_per_launch": round(us, 3), "bytes_per_s": round(4 * big.numel() / (us / 1e6)),
                      "of_copy": round(4 * big.numel() / (us / 1e6) / copy, 3)})
