@@ -61,15 +61,17 @@ def fp8_blocks_exact(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     return codes.reshape(N, K), scale
 
 
-# weight (the graph input the einsum's operand is a view of) -> (its version, codes, scales) or None
-_CACHE: dict[int, tuple[int, torch.Tensor, torch.Tensor] | None] = {}
+# (the tensor the weight view belongs to, the view's offset, shape and strides) -> (the version it had,
+# codes, scales), or None where the weight is not e4m3 x 2^k
+_CACHE: dict[tuple, tuple[int, torch.Tensor, torch.Tensor] | None] = {}
 
 
 def _fp8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`fp8_blocks_exact` of the grouped weight [G, R, K] as [G R, K], computed once per weight
-    tensor and dropped with it (the decode graph's warm-up runs fill this before CUDA graph capture)."""
+    """:func:`fp8_blocks_exact` of the grouped weight [G, R, K] as [G R, K], computed once per weight and
+    dropped with the tensor it is a view of (the graph input; the decode graph's warm-up runs fill this
+    before CUDA graph capture). Several weights may be views of one buffer: the view's place is in the key."""
     base = w._base if w._base is not None else w
-    key = id(base)
+    key = (id(base), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
     hit = _CACHE.get(key, ...)
     if hit is not ... and (hit is None or hit[0] == base._version):
         return None if hit is None else hit[1:]

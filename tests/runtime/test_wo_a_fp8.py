@@ -70,11 +70,10 @@ def test_cuda_path_dispatch_and_cache(monkeypatch):
         assert got.shape == (1, 1, 2, 128) and got.dtype == torch.bfloat16
         assert torch.equal(got, want.to(torch.bfloat16))
     assert calls == [2, 2] and found == [(256, 256)]  # codes found once for the weight, kept
-    key = id(param)
-    assert key in wo_a_fp8._CACHE
+    assert [k[0] for k in wo_a_fp8._CACHE] == [id(param)]
     del param
     gc.collect()
-    assert key not in wo_a_fp8._CACHE  # dropped with the weight
+    assert not wo_a_fp8._CACHE  # dropped with the weight
 
     # not exactly e4m3 x 2^k, or too many rows: the einsum, as the graph had it
     rough = torch.randn(2, 128, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
@@ -83,6 +82,18 @@ def test_cuda_path_dispatch_and_cache(monkeypatch):
     many = torch.randn(2, 9, 2, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)  # 18 rows
     assert torch.equal(wo_a_fp8._grouped_proj_cuda(many, exact), torch.einsum(wo_a_fp8.WO_A_EQUATION, many, exact))
     assert calls == [2, 2]
+
+
+def test_weights_sharing_one_buffer_are_told_apart(monkeypatch):
+    """Two blocks' weights as views of one buffer (as a loader may hand them out): each its own codes."""
+    _gemv_spy(monkeypatch)
+    buf = torch.cat([_dequantized(1, 128, 128, 9).flatten(), _dequantized(1, 128, 128, 10).flatten()])
+    o = torch.randn(1, 1, 1, 128, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    for i in (0, 1, 0):
+        w = buf[i * 128 * 128:(i + 1) * 128 * 128].view(1, 128, 128)
+        want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), w.float()).to(torch.bfloat16)
+        assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, w), want)
+    assert len(wo_a_fp8._CACHE) == 2
 
 
 def test_cache_sees_an_in_place_change(monkeypatch):
