@@ -64,6 +64,7 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
     FP8 weights: e4m3 of w / s with one ue8m0 scale per 128x128 tile (s = 2^ceil(log2(amax / 448))).
     FP4 experts: uniformly random e2m1 nibbles, one ue8m0 scale per 1x32 block around 1/(2.93 sqrt(K))
     (2.93 = RMS of a uniformly random e2m1 code), jittered by one power of two either way."""
+    from dsv4c import quant
     from dsv4c.layout import model_tensors
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -110,10 +111,8 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
         elif name == "embed.weight":
             out[name] = torch.randn(shape, generator=g, device=device).to(ts.dtype)
         elif name.endswith(".wo_a.weight"):  # FP8 in a checkpoint, dequantized at load: e4m3 x 2^k per 128 x 128
-            n, k = shape[-2], shape[-1]  # [G R, K] (128 | R, K), as the checkpoint's blocks tile it
-            w = torch.randn(shape, generator=g, device=device).reshape(-1, 128, k // 128, 128) / math.sqrt(k)
-            s = torch.exp2(torch.ceil(torch.log2(w.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4) / 448.0)))
-            out[name] = ((w / s).clamp(-448, 448).to(F8).float() * s).reshape(shape).to(ts.dtype)
+            w = torch.randn(shape, generator=g, device=device).reshape(-1, shape[-1]) / math.sqrt(shape[-1])
+            out[name] = quant.dequantize_fp8_weight(*quant.quantize_fp8_weight(w)).reshape(shape).to(ts.dtype)
         else:  # bf16 matrices (head, gate, compressor, indexer weights_proj)
             out[name] = (torch.randn(shape, generator=g, device=device) / math.sqrt(shape[-1])).to(ts.dtype)
     for name, ts in table.items():

@@ -94,7 +94,7 @@ def quantize_fp8_weight(w: torch.Tensor, block: int = 128, ue8m0: bool = True) -
     """[N, K] -> (e4m3 [N, K], fp32 scale [ceil(N/block), ceil(K/block)]), one scale per block x block tile."""
     n, k = w.shape
     nb, kb = math.ceil(n / block), math.ceil(k / block)
-    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, block, kb, block)
     s = block_scale(tiles.abs().amax(dim=(1, 3)), FP8_MAX, FP8_AMAX_FLOOR, ue8m0)

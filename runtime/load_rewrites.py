@@ -381,24 +381,32 @@ def fuse_hc_pre(gm: fx.GraphModule) -> int:
 HC_POST_EQUATION = "bsij,bsid->bsjd"
 
 
-def rewrite_hc_post_einsums(gm: fx.GraphModule) -> int:
-    """``einsum("bsij,bsid->bsjd", comb, x)`` (the mHC post-mix, n = 4 terms per output) ->
-    ``(comb[..., None] * x[..., None, :]).sum(2)``: Inductor fuses it with the residual update into one
-    kernel instead of running a cuBLAS batched GEMM (plus a copy of its input) per sub-layer."""
+def rewrite_einsums(gm: fx.GraphModule, equation: str, build: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node]) -> int:
+    """Every two-operand ``einsum(equation, a, b)`` -> ``build(graph, a, b)`` (its nodes inserted where the
+    einsum was); the number rewritten."""
     g = gm.graph
     n_done = 0
     for n in call_nodes(g, aten.einsum.default):
-        if not (n.args[0] == HC_POST_EQUATION and len(n.args[1]) == 2):
+        if not (n.args[0] == equation and len(n.args[1]) == 2):
             continue
-        comb, x = n.args[1]
         with g.inserting_before(n):
-            prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (comb, -1)),
-                                                     g.call_function(aten.unsqueeze.default, (x, 3))))
-            new = g.call_function(aten.sum.dim_IntList, (prod, [2]))
+            new = build(g, *n.args[1])
         replace_node(n, new)
         n_done += 1
     gm.recompile()
     return n_done
+
+
+def rewrite_hc_post_einsums(gm: fx.GraphModule) -> int:
+    """``einsum("bsij,bsid->bsjd", comb, x)`` (the mHC post-mix, n = 4 terms per output) ->
+    ``(comb[..., None] * x[..., None, :]).sum(2)``: Inductor fuses it with the residual update into one
+    kernel instead of running a cuBLAS batched GEMM (plus a copy of its input) per sub-layer."""
+    def product_sum(g: fx.Graph, comb: fx.Node, x: fx.Node) -> fx.Node:
+        prod = g.call_function(aten.mul.Tensor, (g.call_function(aten.unsqueeze.default, (comb, -1)),
+                                                 g.call_function(aten.unsqueeze.default, (x, 3))))
+        return g.call_function(aten.sum.dim_IntList, (prod, [2]))
+
+    return rewrite_einsums(gm, HC_POST_EQUATION, product_sum)
 
 
 def _topk_indices_only(n: fx.Node) -> bool:
@@ -476,4 +484,4 @@ def prepare_graph(prog: Program, device: torch.device, params: Mapping[str, Mapp
 
 __all__ = ["prepare_graph", "rewrite_w16_linears", "fuse_hc_pre", "rewrite_hc_post_einsums",
            "rewrite_narrow_fp32_mms", "rewrite_const_mms", "rewrite_prefill_mixes", "rewrite_router_topk", "weight_info_from", "linear_w16", "hc_pre",
-           "narrow_mix", "is_call", "call_nodes", "replace_node"]
+           "narrow_mix", "is_call", "call_nodes", "replace_node", "rewrite_einsums"]

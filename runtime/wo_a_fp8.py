@@ -22,13 +22,10 @@ import weakref
 import torch
 import torch.fx as fx
 
-from dsv4c.runtime.load_rewrites import call_nodes, replace_node
-
-aten = torch.ops.aten
+from dsv4c.runtime.load_rewrites import rewrite_einsums
 
 WO_A_EQUATION = "bsgk,gdk->bsgd"  # frontend/model.py's grouped output projection
 BLOCK = 128  # the checkpoint's FP8 weight blocks (rows and columns)
-E4M3_MAX = 448.0
 
 
 @torch.library.custom_op("dsv4c_rt::grouped_proj", mutates_args=())
@@ -44,21 +41,17 @@ def _(o, w):
 
 def fp8_blocks_exact(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(e4m3 codes [N, K], fp32 scales [N / 128, K / 128]) whose products are exactly ``w`` [N, K], with
-    ue8m0 block scales (2^ceil(log2(amax / 448)), amax floored at 1e-4) as the checkpoint's quantizer picks
-    them; None when ``w`` is not such a product (or N, K are not multiples of 128). A bf16 weight
-    dequantized from the checkpoint always is: its block scale can only be smaller here, which shifts each
-    code's exponent up without losing a bit."""
-    from dsv4c.quant import block_scale  # noqa: PLC0415
+    ue8m0 block scales as the checkpoint's quantizer picks them (``dsv4c.quant.quantize_fp8_weight``); None
+    when ``w`` is not such a product (or N, K are not multiples of 128). A bf16 weight dequantized from the
+    checkpoint always is: its block scale can only be smaller here, which shifts each code's exponent up
+    without losing a bit."""
+    from dsv4c.quant import dequantize_fp8_weight, quantize_fp8_weight  # noqa: PLC0415
 
     N, K = w.shape
     if N % BLOCK or K % BLOCK:
         return None
-    blocks = w.float().reshape(N // BLOCK, BLOCK, K // BLOCK, BLOCK)
-    scale = block_scale(blocks.abs().amax(dim=(1, 3)), E4M3_MAX, 1e-4, True)  # [N / 128, K / 128]
-    codes = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    if not torch.equal(codes.float() * scale[:, None, :, None], blocks):
-        return None
-    return codes.reshape(N, K), scale
+    codes, scale = quantize_fp8_weight(w, BLOCK)
+    return (codes, scale) if torch.equal(dequantize_fp8_weight(codes, scale, BLOCK), w.float()) else None
 
 
 # (the tensor the weight view belongs to, the view's offset, shape and strides) -> (the version it had,
@@ -102,17 +95,8 @@ grouped_proj.register_kernel("cuda")(_grouped_proj_cuda)
 def rewrite_wo_a_fp8(gm: fx.GraphModule) -> int:
     """Every ``einsum("bsgk,gdk->bsgd", o, w)`` (the attention output's grouped projection) ->
     ``dsv4c_rt::grouped_proj(o, w)``; the number rewritten."""
-    g = gm.graph
-    n_done = 0
-    for n in call_nodes(g, aten.einsum.default):
-        if not (n.args[0] == WO_A_EQUATION and len(n.args[1]) == 2):
-            continue
-        with g.inserting_before(n):
-            new = g.call_function(torch.ops.dsv4c_rt.grouped_proj.default, tuple(n.args[1]))
-        replace_node(n, new)
-        n_done += 1
-    gm.recompile()
-    return n_done
+    return rewrite_einsums(gm, WO_A_EQUATION,
+                           lambda g, o, w: g.call_function(torch.ops.dsv4c_rt.grouped_proj.default, (o, w)))
 
 
 __all__ = ["grouped_proj", "fp8_blocks_exact", "rewrite_wo_a_fp8", "WO_A_EQUATION"]

@@ -227,16 +227,22 @@ def fp8_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m
                 block_n: int | None = None, split_k: int | None = None) -> Tensor:
     """fp8_linear for at most 16 rows (x2 [M, K] contiguous, K % 128 == 0, checked by the caller); x2 is
     bf16 or the activation is quantized here (both make the dot's inputs exact)."""
-    M, K = x2.shape
-    N = weight.shape[0]
+    K, N = x2.shape[1], weight.shape[0]
+    return _fp8_tc_launch(x2, weight, scale, K, N, K, act_quant, ue8m0, block_n or TUNE["tc_bn"], split_k)
+
+
+def _fp8_tc_launch(x2: Tensor, weight: Tensor, scale: Tensor, K: int, group_rows: int, xs: int, act_quant: bool,
+                   ue8m0: bool, bn: int, split_k: int | None) -> Tensor:
+    """``_fp8_gemv_tc_kernel`` over the N rows of ``weight`` [N, K] (groups of ``group_rows`` rows, x's rows
+    ``xs`` apart), split-K as :func:`_pick_split` picks; out [M, N] in x2's dtype."""
+    M, N = x2.shape[0], weight.shape[0]
     kb = K // QBLOCK
-    bn = block_n or TUNE["tc_bn"]
     nt = triton.cdiv(N, bn)
     split, per = _pick_split(nt, kb, x2.device, split_k)
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     part, cnt = _split_buffers(split, M, N, x2.device)
     _fp8_gemv_tc_kernel[(nt, split)](
-        x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb, N, K,
+        x2, weight, scale, out, part, cnt, M, N, K, kb, per, kb, group_rows, xs,
         ACT_Q=bool(act_quant), UE8M0=bool(ue8m0), FP8_DOT=bool(act_quant and TUNE["tc_fp8_dot"]), UPCAST=INTERPRET,
         SPLIT=split, BN=bn, BR=ROWS, ONE_ROW=M == 1, num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
     return out
@@ -259,17 +265,7 @@ def fp8_grouped_gemv_tc(x2: Tensor, weight: Tensor, scale: Tensor, groups: int, 
         raise ValueError(f"fp8_grouped_gemv_tc: x {tuple(x2.shape)} {x2.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, scale {tuple(scale.shape)}, {groups} groups do not fit (at most {ROWS} "
                          f"bf16 rows, e4m3 weight rows a multiple of {bn} per group, K a multiple of {QBLOCK})")
-    x2 = x2.contiguous()
-    kb = K // QBLOCK
-    nt = triton.cdiv(N, bn)
-    split, per = _pick_split(nt, kb, x2.device, split_k)
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    part, cnt = _split_buffers(split, M, N, x2.device)
-    _fp8_gemv_tc_kernel[(nt, split)](
-        x2, weight, scale.contiguous(), out, part, cnt, M, N, K, kb, per, kb, N // groups, GK,
-        ACT_Q=False, UE8M0=True, FP8_DOT=False, UPCAST=INTERPRET, SPLIT=split, BN=bn, BR=ROWS, ONE_ROW=M == 1,
-        num_warps=TUNE["tc_warps"], num_stages=TUNE["tc_stages"])
-    return out
+    return _fp8_tc_launch(x2.contiguous(), weight, scale.contiguous(), K, N // groups, GK, False, True, bn, split_k)
 
 
 def fp4_gemv_tc(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *,

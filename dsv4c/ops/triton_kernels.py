@@ -1577,16 +1577,16 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # launch under pdl instead of torch's gather kernel (session 13's no-PDL profile: 4 x 2.3 us, and a
         # launch outside the PDL chain); off until measured (a copy: same bits)
         "gather_rows_triton": False,
-        # prefill: the indexer's scores over FP4 keys with BT query tokens (all their heads) per program as
-        # one [BT H, dI] x [dI, BE] product per key step (``_indexer_score_packed_tokens_kernel``) instead of
-        # one token's heads per dot (H100, session 14, 8192 queries x 64 heads x 2048 keys
-        # (benchmarks/prefill_probe.py --cases indexer): 1.525 -> 1.060 ms at 4 tokens, 64 keys, 8 warps;
-        # 1.17-1.30 ms at the other tiles tried; bitwise the same scores)
         # decode: the attention output's grouped projection reads wo_a as e4m3 codes + block scales found at
         # load (exact: the bf16 weight was dequantized from them) in a bf16-dot GEMV instead of cuBLAS's bf16
         # batched GEMM (runtime/wo_a_fp8.py): half the bytes (H100 session 14: 103 us of the 1.36 ms step for
         # 268 MB); off until measured (fp32 sums in another order)
         "wo_a_fp8": False,
+        # prefill: the indexer's scores over FP4 keys with BT query tokens (all their heads) per program as
+        # one [BT H, dI] x [dI, BE] product per key step (``_indexer_score_packed_tokens_kernel``) instead of
+        # one token's heads per dot (H100, session 14, 8192 queries x 64 heads x 2048 keys
+        # (benchmarks/prefill_probe.py --cases indexer): 1.525 -> 1.060 ms at 4 tokens, 64 keys, 8 warps;
+        # 1.17-1.30 ms at the other tiles tried; bitwise the same scores)
         "indexer_prefill_tokens": True, "indexer_prefill_bt": 4, "indexer_prefill_be": 64,
         "indexer_prefill_warps": 8}
 TC_MAX_ROWS = 16
