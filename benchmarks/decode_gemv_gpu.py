@@ -64,6 +64,11 @@ VARIANTS = {
     "fp4_mma_w8_split2": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 2},
     "fp4_mma_w8_split4": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4},
     "fp4_mma_w8_split8": {"fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 8},
+    # each FP4 MMA program's weight range asked into L2 once its expert is known (TUNE fp4_mma_l2_prefetch)
+    "fp4_l2pf": {"fp4_mma_l2_prefetch": True},
+    "fp4_l2pf_split1": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 1},
+    "fp4_l2pf_split2": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 2},
+    "fp4_l2pf_split8": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 8},
     "fp8_tc": {"fp8_mma": False},  # session 8's default: the e4m3 tensor-core dot
     "fp4_tc": {"fp4_mma": False},  # session 8's default: the FP4 tensor-core GEMV
     "fp8_mma_w8_split2": {"fp8_mma": True, "fp8_mma_warps": 8, "fp8_mma_split": 2},

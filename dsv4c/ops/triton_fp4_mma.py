@@ -127,7 +127,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_kernels import _decode_row_expert, _pdl_begin, _quant_e4m3, _splitk_store
+    from .triton_kernels import _decode_row_expert, _l2_prefetch_if, _pdl_begin, _quant_e4m3, _splitk_store
 
     _LANE_OFFS = tl.constexpr(_lane_offsets_asm())
     _W_LOAD = tl.constexpr(_w_load_asm())
@@ -172,10 +172,13 @@ if HAVE_TRITON:
     @triton.jit
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
                              A, N, K, E, NBLK, KTILES, T_PER_SPLIT, UE8M0: tl.constexpr, SPLIT: tl.constexpr,
-                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False):
+                             ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False,
+                             L2_PREFETCH: tl.constexpr = False):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
-        launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first)."""
+        launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first).
+        L2_PREFETCH: thread i asks K tile t0 + i of the program's rows into L2 (its BN x 64 bytes are
+        contiguous), the last thread the K range's scale bytes, before the first register load."""
         _pdl_begin(PDL)
         a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
@@ -192,6 +195,14 @@ if HAVE_TRITON:
             ev = tl.maximum(e, 0).to(tl.int64)
             w_blk = w_ptr + (ev * NBLK + nb) * KTILES * (128 * 64) + r0 * 64
             s_blk = sw_ptr + (ev * NBLK + nb) * (K // 32) * 128 + r0
+            if L2_PREFETCH:
+                i_pf = tl.arange(0, NT)
+                kt_pf = t0 + tl.minimum(i_pf, t1 - t0 - 1)
+                w_pf = (w_blk + kt_pf * (128 * 64)).to(tl.int64)
+                s_pf = (s_blk - r0 + t0 * (4 * 128)).to(tl.int64) + tl.zeros_like(w_pf)
+                last = i_pf == NT - 1
+                _l2_prefetch_if(tl.where(last, s_pf, w_pf), tl.where(last, (t1 - t0) * (4 * 128), BN * 64),
+                                ((i_pf < t1 - t0) | last).to(tl.int32))
             q_row = q_ptr + a.to(tl.int64) * K
             s_row = qs_ptr + a.to(tl.int64) * KTILES
             ow, os, ox = _lane_offsets(zero.to(tl.int32))
@@ -270,7 +281,7 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     _fp4_gemv_mma_kernel[(A, nt, split)](
         x, expert, order, weight, scale, q, qs, out, part, cnt, A, N, K, E, NBLK, KT, per, UE8M0=bool(ue8m0),
         SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), num_warps=warps,
-        num_stages=1, **pdl_kwargs(x.device))
+        num_stages=1, L2_PREFETCH=bool(TUNE["fp4_mma_l2_prefetch"]), **pdl_kwargs(x.device))
     return out
 
 

@@ -133,6 +133,14 @@ if HAVE_TRITON:
             args=[addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _l2_prefetch_if(addr, nbytes, on):
+        """:func:`_l2_prefetch` in the threads whose ``on`` (int32) is non-zero, nothing in the others."""
+        return tl.inline_asm_elementwise(
+            asm="{\n.reg .pred p;\nsetp.ne.u32 p, $3, 0;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
+                "mov.u32 $0, 0;\n}", constraints="=r,l,r,r", args=[addr, nbytes, on], dtype=tl.int32,
+            is_pure=False, pack=1)
+
+    @triton.jit
     def _pdl_wait(PDL: tl.constexpr):
         """Wait until the previous kernel on the stream has finished and its writes are visible. Under
         programmatic dependent launch nothing before this may read what an earlier kernel wrote, or write
@@ -1476,6 +1484,10 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # (H100, session 9: exact on mma_probe; the step's 8 FP4 launches 200 us = 53 % of HBM at 8 warps with
         # K split in 4, 271 us on the tensor-core GEMV; 462 us unsplit: 32 K tiles a program are latency-bound)
         "fp4_mma": True, "fp4_mma_warps": 8, "fp4_mma_split": 4,
+        # each FP4 MMA program asks its whole weight range (and its scale bytes) into L2 as soon as it knows its
+        # expert, so that the bytes in flight are not bounded by the one tile of registers a lane double-buffers
+        # (session 14: the step's FP4 launches at 41-53 % of the copy rate); off until measured
+        "fp4_mma_l2_prefetch": False,
         # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
         # (H100, session 9: exact on mma_probe; the step's 20 FP8 launches 261 vs 271 us, max error 9e-4 vs
         # 6e-3 of the e4m3 tensor-core dot)

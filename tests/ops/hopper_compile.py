@@ -107,6 +107,11 @@ def _cases() -> list[Case]:
                dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl), num_warps=w, num_stages=1,
                wants_mma=True, extra={"lane_asm": True, **({"pdl": "wait_first"} if pdl else {})})
           for w, pdl in ((4, False), (8, False), (8, True))],
+        # TUNE fp4_mma_l2_prefetch: the program's weight range asked into L2 once its expert is known (after
+        # the wait), one predicated bulk prefetch a thread
+        Case("fp4_gemv_mma_w8_pdl_l2", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
+             dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, L2_PREFETCH=True), num_warps=8,
+             num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first", "l2_prefetches": 1}),
         *[Case(f"fp8_gemv_mma_m{m}{'_pdl' if pdl else ''}", fp8mma._fp8_gemv_mma_kernel,
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
                dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl), num_stages=1, wants_mma=True,
@@ -228,6 +233,9 @@ def compile_case(case: Case) -> dict:
         row["min_wgmma_pending"] = case.extra["min_wgmma_pending"]
     if "pdl" in case.extra:
         row.update(_pdl_order(ptx))
+    if "l2_prefetches" in case.extra:  # bulk L2 prefetches in the whole kernel, and how many the case wants
+        row["l2_prefetches"] = ptx.count("cp.async.bulk.prefetch.L2.global")
+        row["want_l2_prefetches"] = case.extra["l2_prefetches"]
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")

@@ -21,7 +21,8 @@ if importlib.util.find_spec("triton") is None:
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 EXPECTED = {"fp8_gemv_tc", "fp8_grouped_gemv_tc_bf16", "w16_gemv_tc", "w16_tiled_mix", "fp4_gemv_tc_nb1", "fp4_gemv_tc_nb2", "fp4_gemv_tc_nb4",
             "fp4_gemv_tc_bn64_nb2", "fp4_gemv_mma_w4", "fp4_gemv_mma_w8",
-            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp8_gemv_mma_m1_pdl",
+            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2",
+            "fp8_gemv_mma_m1_pdl",
             "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
@@ -51,6 +52,8 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
         if "asm_one_per_thread" in r:  # lane-level PTX: element i of its tensors must live in thread i
             assert r["asm_one_per_thread"] is True, r
             assert r["mma_sync_count"] == 4, r  # one K tile's 4 scale groups, not duplicated per element
+        if "l2_prefetches" in r:
+            assert r["l2_prefetches"] == r["want_l2_prefetches"], r
         if "pdl_wait" in r:  # programmatic dependent launch: wait before any write, then release the next kernel
             assert r["pdl_wait"] and r["pdl_release_after_wait"], r
             assert r["pdl_stores_before_wait"] == 0 and r["pdl_plain_loads_before_wait"] == 0, r
