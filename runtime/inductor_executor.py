@@ -419,6 +419,10 @@ class InductorExecutor:
             self.rewrites[entry] = prepare_graph(prog, device, m.get("params"))
             prog.recompile()
             self.programs[entry] = prog
+        # graph inputs whose FP8 codes the wo_a_fp8 rewrite's op reads (found before each call, see
+        # runtime/wo_a_fp8.py register_weight)
+        self.fp8_weight_inputs = {entry: _fp8_weight_inputs(prog, self.rewrites[entry])
+                                  for entry, prog in self.programs.items()}
         parts = cache_key_parts(m, self.texts, device)
         self.cache_dir = compile_cache_dir(m, self.texts, device)
         use_compile_cache(self.cache_dir, parts)
@@ -434,9 +438,19 @@ class InductorExecutor:
             self._fns[entry] = fn
         return fn
 
+    def _flat_inputs(self, entry: str, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """``inputs`` in the graph's order, with what the load-time rewrites need of them prepared."""
+        flat = [inputs[n] for n in self.programs[entry].input_names]
+        if self.fp8_weight_inputs[entry]:
+            from .wo_a_fp8 import register_weight  # noqa: PLC0415
+
+            for i in self.fp8_weight_inputs[entry]:
+                register_weight(flat[i])
+        return flat
+
     def run(self, entry: str, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         prog = self.programs[entry]
-        flat = [inputs[n] for n in prog.input_names]
+        flat = self._flat_inputs(entry, inputs)
         fn = self._fn(entry)
         if entry == "decode" and self.use_graphs:
             if self._decode is None:
@@ -468,7 +482,16 @@ class InductorExecutor:
         prog = self.programs["decode"]
         if self._decode is None:
             self._decode = CudaGraphDecode(self._fn("decode"), prog.input_names, self.device)
-        return self._decode.greedy([inputs[n] for n in prog.input_names], steps)
+        return self._decode.greedy(self._flat_inputs("decode", inputs), steps)
+
+
+def _fp8_weight_inputs(prog: Program, done: Mapping[str, Any]) -> list[int]:
+    """Input positions of the weights the wo_a_fp8 rewrite's op reads (none where it did not run)."""
+    if not done.get("wo_a_fp8"):
+        return []
+    from .wo_a_fp8 import weight_inputs  # noqa: PLC0415
+
+    return weight_inputs(prog)
 
 
 def make_executor(art: Artifact, device: torch.device) -> InductorExecutor:

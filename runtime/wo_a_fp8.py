@@ -6,13 +6,14 @@ artifact holds: 2 bytes a weight. At batch 1 that matmul is a GEMV that streams 
 step in the 4-block Flash slice (cuBLAS: 103 us of a 1.36 ms step on the H100, session 14).
 
 :func:`rewrite_wo_a_fp8` (a load-time rewrite of the decode graph, CUDA only) replaces its
-``einsum("bsgk,gdk->bsgd", o, wo_a)`` with ``dsv4c_rt::grouped_proj(o, wo_a)``. On CUDA that op finds the
-e4m3 codes and block scales whose products are the bf16 weight (:func:`fp8_blocks_exact`, once per weight,
-kept while the weight lives) and runs ``triton_gemv.fp8_grouped_gemv_tc``: e4m3 bytes turned into bf16 in
+``einsum("bsgk,gdk->bsgd", o, wo_a)`` with ``dsv4c_rt::grouped_proj(o, wo_a)``. On CUDA that op uses the
+e4m3 codes and block scales whose products are the bf16 weight (:func:`fp8_blocks_exact`), which the
+executor finds for each such graph input before the graph runs (:func:`register_weight`, once per weight,
+kept while the weight lives), and runs ``triton_gemv.fp8_grouped_gemv_tc``: e4m3 bytes turned into bf16 in
 the kernel, bf16 dots summed in fp32 per 128-wide block, the block scale (a power of two) applied to the
 block's sum. The products are the reference's exactly; only the fp32 summation order differs from
 cuBLAS's. A weight that is not exactly e4m3 times power-of-two block scales (a non-ue8m0 checkpoint),
-more rows than the GEMV takes, or other dtypes run the einsum as before.
+a weight nobody registered, more rows than the GEMV takes, or other dtypes run the einsum as before.
 """
 
 from __future__ import annotations
@@ -54,25 +55,68 @@ def fp8_blocks_exact(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     return (codes, scale) if torch.equal(dequantize_fp8_weight(codes, scale, BLOCK), w.float()) else None
 
 
-# (the tensor the weight view belongs to, the view's offset, shape and strides) -> (the version it had,
-# codes, scales), or None where the weight is not e4m3 x 2^k
-_CACHE: dict[tuple, tuple[int, torch.Tensor, torch.Tensor] | None] = {}
+# (device, data pointer, element count, dtype, K) of a registered weight -> (a weak reference to it, its
+# version when its codes were found, (codes, scales) or None where it is not e4m3 x 2^k)
+_CODES: dict[tuple, tuple] = {}
+
+
+def _key(w: torch.Tensor) -> tuple:
+    return (w.device, w.data_ptr(), w.numel(), w.dtype, w.shape[-1])
+
+
+def _drop(key: tuple, ref: weakref.ref) -> None:
+    """Forget ``key`` if its entry is still the one for the weight just freed."""
+    if _CODES.get(key, (None,))[0] is ref:
+        del _CODES[key]
+
+
+def register_weight(w: torch.Tensor) -> bool:
+    """Find the e4m3 codes of a ``wo_a`` graph input [..., K] (:func:`fp8_blocks_exact` of it as [N, K]) before
+    the graph runs; whether it has them. A compiled graph hands the op an alias of its input (the same
+    memory in a new tensor object, no view of it, with a version counter of its own), so the op finds the
+    codes by the memory it is given. The executor calls this for every such input before every call, outside
+    CUDA graph capture (where finding codes would synchronize): a weight already registered costs a lookup;
+    one changed in place since (its version) is looked at again. The entry keeps only a weak reference and
+    goes with the weight. A CUDA graph captured before an in-place change keeps the codes it was captured
+    with (the engine does not change weights after load)."""
+    key = _key(w)
+    hit = _CODES.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2] is not None
+    found = fp8_blocks_exact(w.reshape(-1, w.shape[-1])) if w.is_contiguous() else None
+    ref = weakref.ref(w)
+    _CODES[key] = (ref, w._version, found)
+    weakref.finalize(w, _drop, key, ref)
+    return found is not None
 
 
 def _fp8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`fp8_blocks_exact` of the grouped weight [G, R, K] as [G R, K], computed once per weight and
-    dropped with the tensor it is a view of (the graph input; the decode graph's warm-up runs fill this
-    before CUDA graph capture). Several weights may be views of one buffer: the view's place is in the key."""
-    base = w._base if w._base is not None else w
-    key = (id(base), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
-    hit = _CACHE.get(key, ...)
-    if hit is not ... and (hit is None or hit[0] == base._version):
-        return None if hit is None else hit[1:]
-    found = fp8_blocks_exact(w.reshape(-1, w.shape[-1]))
-    _CACHE[key] = None if found is None else (base._version, *found)
-    if hit is ...:
-        weakref.finalize(base, _CACHE.pop, key, None)
+    """The codes registered for the memory of ``w`` (contiguous, a view or alias of a registered weight of
+    the same size), None if there are none or the weight has changed in place since."""
+    hit = _CODES.get(_key(w)) if w.is_contiguous() else None
+    if hit is None:
+        return None
+    orig = hit[0]()
+    return hit[2] if orig is not None and orig._version == hit[1] else None
+
+
+def weight_inputs(prog) -> list[int]:  # noqa: ANN001  (dsv4c.program.Program; imported lazily elsewhere)
+    """Positions in ``prog.input_names`` of the weights the graph's ``grouped_proj`` calls read (through
+    views), which the executor registers (:func:`register_weight`) before each call."""
+    phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
+    found = []
+    for n in prog.graph_module.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.dsv4c_rt.grouped_proj.default:
+            continue
+        w = n.args[1]
+        while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _VIEWS:
+            w = w.args[0]
+        if isinstance(w, fx.Node) and w.op == "placeholder" and phs.index(w) not in found:
+            found.append(phs.index(w))
     return found
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 def _grouped_proj_cuda(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -99,4 +143,5 @@ def rewrite_wo_a_fp8(gm: fx.GraphModule) -> int:
                            lambda g, o, w: g.call_function(torch.ops.dsv4c_rt.grouped_proj.default, (o, w)))
 
 
-__all__ = ["grouped_proj", "fp8_blocks_exact", "rewrite_wo_a_fp8", "WO_A_EQUATION"]
+__all__ = ["grouped_proj", "fp8_blocks_exact", "register_weight", "rewrite_wo_a_fp8", "weight_inputs",
+           "WO_A_EQUATION"]

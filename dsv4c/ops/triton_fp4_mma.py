@@ -173,12 +173,13 @@ if HAVE_TRITON:
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
                              A, N, K, E, NBLK, KTILES, T_PER_SPLIT, UE8M0: tl.constexpr, SPLIT: tl.constexpr,
                              ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False,
-                             L2_PREFETCH: tl.constexpr = False):
+                             L2_PREFETCH: tl.constexpr = False, DEPTH: tl.constexpr = 1):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
         launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first).
         L2_PREFETCH: thread i asks K tile t0 + i of the program's rows into L2 (its BN x 64 bytes are
-        contiguous), the last thread the K range's scale bytes, before the first register load."""
+        contiguous), the last thread the K range's scale bytes, before the first register load. DEPTH: K
+        tiles whose loads are in flight while one is multiplied (1 or 2)."""
         _pdl_begin(PDL)
         a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
@@ -222,13 +223,27 @@ if HAVE_TRITON:
             tl.store(s_row + kt_q, s, mask=ok)
             tl.debug_barrier()  # the stores above are what this program's lanes load next
             x_cur = _x_load(q_row, s_row, t0, ox, zero)
-            for kt in range(t0, t1):
-                k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
-                w_next = _w_load(w_blk, s_blk, k_next, ow, os)
-                x_next = _x_load(q_row, s_row, k_next, ox, zero)
-                acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
-                w_cur = w_next
-                x_cur = x_next
+            if DEPTH == 2:
+                k1 = tl.minimum(t0 + 1, t1 - 1)
+                w_mid = _w_load(w_blk, s_blk, k1, ow, os)
+                x_mid = _x_load(q_row, s_row, k1, ox, zero)
+                for kt in range(t0, t1):
+                    k_next = tl.minimum(kt + 2, t1 - 1)  # the last tiles load themselves again: no masks in PTX
+                    w_next = _w_load(w_blk, s_blk, k_next, ow, os)
+                    x_next = _x_load(q_row, s_row, k_next, ox, zero)
+                    acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
+                    w_cur = w_mid
+                    x_cur = x_mid
+                    w_mid = w_next
+                    x_mid = x_next
+            else:
+                for kt in range(t0, t1):
+                    k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
+                    w_next = _w_load(w_blk, s_blk, k_next, ow, os)
+                    x_next = _x_load(q_row, s_row, k_next, ox, zero)
+                    acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
+                    w_cur = w_next
+                    x_cur = x_next
         tot_g, tot_h, row, t = tl.inline_asm_elementwise(
             asm=_QUAD_SUM, constraints="=f,=f,=r,=r,f,f", args=[acc_g, acc_h],
             dtype=(tl.float32, tl.float32, tl.int32, tl.int32), is_pure=True, pack=1)
@@ -281,7 +296,8 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     _fp4_gemv_mma_kernel[(A, nt, split)](
         x, expert, order, weight, scale, q, qs, out, part, cnt, A, N, K, E, NBLK, KT, per, UE8M0=bool(ue8m0),
         SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), num_warps=warps,
-        num_stages=1, L2_PREFETCH=bool(TUNE["fp4_mma_l2_prefetch"]), **pdl_kwargs(x.device))
+        num_stages=1, L2_PREFETCH=bool(TUNE["fp4_mma_l2_prefetch"]), DEPTH=TUNE["fp4_mma_depth"],
+        **pdl_kwargs(x.device))
     return out
 
 

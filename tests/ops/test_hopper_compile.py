@@ -21,7 +21,7 @@ if importlib.util.find_spec("triton") is None:
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 EXPECTED = {"fp8_gemv_tc", "fp8_grouped_gemv_tc_bf16", "w16_gemv_tc", "w16_tiled_mix", "fp4_gemv_tc_nb1", "fp4_gemv_tc_nb2", "fp4_gemv_tc_nb4",
             "fp4_gemv_tc_bn64_nb2", "fp4_gemv_mma_w4", "fp4_gemv_mma_w8",
-            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2",
+            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2", "fp4_gemv_mma_w8_pdl_depth2",
             "fp8_gemv_mma_m1_pdl",
             "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",

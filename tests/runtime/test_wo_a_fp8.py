@@ -57,28 +57,49 @@ def _gemv_spy(monkeypatch):
     return calls
 
 
-def test_cuda_path_dispatch_and_cache(monkeypatch):
+def _alias(w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """What a compiled graph hands the op for its input: the same memory in a new tensor object, no view of
+    it (no ``_base``, a version counter of its own), as Inductor's ``reinterpret_tensor`` makes it."""
+    from torch._C._dynamo.guards import _reinterpret_tensor
+
+    strides = [1]
+    for n in reversed(shape[1:]):
+        strides.insert(0, strides[0] * n)
+    a = _reinterpret_tensor(w, shape, tuple(strides), 0)
+    assert a._base is None and a.data_ptr() == w.data_ptr()
+    return a
+
+
+def test_registered_weight_found_through_an_alias(monkeypatch):
+    """Session 15's GPU run: the op saw a new alias object every call, missed a cache keyed by the tensor,
+    and looked for codes inside CUDA graph capture. Codes are now found when the executor registers the
+    graph input and looked up by memory."""
     calls = _gemv_spy(monkeypatch)
     found = []
     real = wo_a_fp8.fp8_blocks_exact
     monkeypatch.setattr(wo_a_fp8, "fp8_blocks_exact", lambda w: (found.append(w.shape), real(w))[1])
-    param = _dequantized(2, 128, 256, 2).reshape(256, 256).clone()  # the graph input; the op sees a view of it
+    param = _dequantized(2, 128, 256, 2).reshape(256, 256).clone()  # the graph input
     o = torch.randn(1, 1, 2, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), param.view(2, 128, 256).float())
+    want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), param.view(2, 128, 256).float()).to(torch.bfloat16)
+    # not registered: the einsum, no search for codes inside the op
+    assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, _alias(param, (2, 128, 256))), want)
+    assert calls == [] and found == []
     for _ in range(2):
-        got = wo_a_fp8._grouped_proj_cuda(o, param.view(2, 128, 256))
+        assert wo_a_fp8.register_weight(param) is True
+        got = wo_a_fp8._grouped_proj_cuda(o, _alias(param, (2, 128, 256)))
         assert got.shape == (1, 1, 2, 128) and got.dtype == torch.bfloat16
-        assert torch.equal(got, want.to(torch.bfloat16))
+        assert torch.equal(got, want)
     assert calls == [2, 2] and found == [(256, 256)]  # codes found once for the weight, kept
-    assert [k[0] for k in wo_a_fp8._CACHE] == [id(param)]
     del param
     gc.collect()
-    assert not wo_a_fp8._CACHE  # dropped with the weight
+    assert not wo_a_fp8._CODES  # dropped with the weight
 
     # not exactly e4m3 x 2^k, or too many rows: the einsum, as the graph had it
     rough = torch.randn(2, 128, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    assert wo_a_fp8.register_weight(rough) is False
     assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, rough), torch.einsum(wo_a_fp8.WO_A_EQUATION, o, rough))
     exact = _dequantized(2, 128, 256, 5)
+    assert wo_a_fp8.register_weight(exact) is True
     many = torch.randn(2, 9, 2, 256, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)  # 18 rows
     assert torch.equal(wo_a_fp8._grouped_proj_cuda(many, exact), torch.einsum(wo_a_fp8.WO_A_EQUATION, many, exact))
     assert calls == [2, 2]
@@ -89,22 +110,27 @@ def test_weights_sharing_one_buffer_are_told_apart(monkeypatch):
     _gemv_spy(monkeypatch)
     buf = torch.cat([_dequantized(1, 128, 128, 9).flatten(), _dequantized(1, 128, 128, 10).flatten()])
     o = torch.randn(1, 1, 1, 128, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    ws = [buf[i * 128 * 128:(i + 1) * 128 * 128].view(128, 128) for i in (0, 1)]
+    for w in ws:
+        assert wo_a_fp8.register_weight(w)
     for i in (0, 1, 0):
-        w = buf[i * 128 * 128:(i + 1) * 128 * 128].view(1, 128, 128)
-        want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), w.float()).to(torch.bfloat16)
-        assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, w), want)
-    assert len(wo_a_fp8._CACHE) == 2
+        want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), ws[i].view(1, 128, 128).float()).to(torch.bfloat16)
+        assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, _alias(ws[i], (1, 128, 128))), want)
+    assert len(wo_a_fp8._CODES) == 2
 
 
-def test_cache_sees_an_in_place_change(monkeypatch):
+def test_an_in_place_change_is_seen(monkeypatch):
     _gemv_spy(monkeypatch)
     w = _dequantized(1, 128, 128, 7)
     o = torch.randn(1, 1, 1, 128, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
-    first = wo_a_fp8._grouped_proj_cuda(o, w)
-    w.mul_(2)  # still e4m3 x 2^k; the cached codes would be stale
-    assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, w), torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(),
-                                                                       w.float()).to(torch.bfloat16))
-    assert not torch.equal(first, wo_a_fp8._grouped_proj_cuda(o, w))
+    assert wo_a_fp8.register_weight(w)
+    first = wo_a_fp8._grouped_proj_cuda(o, _alias(w, (1, 128, 128)))
+    w.mul_(2)  # still e4m3 x 2^k; the codes found before are stale
+    want = torch.einsum(wo_a_fp8.WO_A_EQUATION, o.float(), w.float()).to(torch.bfloat16)
+    assert torch.equal(wo_a_fp8._grouped_proj_cuda(o, _alias(w, (1, 128, 128))), want)  # einsum until registered
+    assert wo_a_fp8.register_weight(w)  # found again
+    again = wo_a_fp8._grouped_proj_cuda(o, _alias(w, (1, 128, 128)))
+    assert torch.equal(again, want) and not torch.equal(first, again)
 
 
 def test_rewrite_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
@@ -119,6 +145,9 @@ def test_rewrite_of_the_h100_decode_graph(tiny_spec, tiny_ckpt):
     assert wo_a_fp8.rewrite_wo_a_fp8(new.graph_module) == 0
     assert len(call_positions(new, aten.einsum.default)) == 2 * L
     assert len(call_positions(new, torch.ops.dsv4c_rt.grouped_proj.default)) == L
+    # the executor registers exactly the blocks' wo_a inputs
+    assert [new.input_names[i] for i in wo_a_fp8.weight_inputs(new)] == \
+        [f"params.layers.{i}.attn.wo_a.weight" for i in range(L)]
     for seed in (11, 12):
         assert_same_step(ref, new, w, ctx, "decode", seed=seed)
 
@@ -131,4 +160,4 @@ def test_the_frontend_projection_is_the_one_rewritten():
 @pytest.fixture(autouse=True)
 def _clear_cache():
     yield
-    wo_a_fp8._CACHE.clear()
+    wo_a_fp8._CODES.clear()
