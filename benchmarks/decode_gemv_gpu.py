@@ -69,13 +69,17 @@ VARIANTS = {
     "fp4_l2pf_split1": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 1},
     "fp4_l2pf_split2": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 2},
     "fp4_l2pf_split8": {"fp4_mma_l2_prefetch": True, "fp4_mma_split": 8},
-    # two K tiles of weight loads in flight per lane (TUNE fp4_mma_depth)
-    "fp4_d2": {"fp4_mma_depth": 2},
-    "fp4_d2_split2": {"fp4_mma_depth": 2, "fp4_mma_split": 2},
-    "fp4_d2_split3": {"fp4_mma_depth": 2, "fp4_mma_split": 3},
-    "fp4_d2_w4": {"fp4_mma_depth": 2, "fp4_mma_warps": 4},
-    "fp4_d2_w4_split2": {"fp4_mma_depth": 2, "fp4_mma_warps": 4, "fp4_mma_split": 2},
+    # register sets of K tiles in flight per lane, taking turns (TUNE fp4_mma_unroll)
+    "fp4_u2": {"fp4_mma_unroll": 2},
+    "fp4_u4": {"fp4_mma_unroll": 4},
+    "fp4_u4_l2pf": {"fp4_mma_unroll": 4, "fp4_mma_l2_prefetch": True},
+    "fp4_u2_split2": {"fp4_mma_unroll": 2, "fp4_mma_split": 2},
+    "fp4_u4_split2": {"fp4_mma_unroll": 4, "fp4_mma_split": 2},
+    "fp4_u4_split8": {"fp4_mma_unroll": 4, "fp4_mma_split": 8},
     "fp4_split3": {"fp4_mma_split": 3},
+    "fp8_u2": {"fp8_mma_unroll": 2},
+    "both_u2": {"fp8_mma_unroll": 2, "fp4_mma_unroll": 2},
+    "both_u2_fp4u4": {"fp8_mma_unroll": 2, "fp4_mma_unroll": 4},
     "fp8_tc": {"fp8_mma": False},  # session 8's default: the e4m3 tensor-core dot
     "fp4_tc": {"fp4_mma": False},  # session 8's default: the FP4 tensor-core GEMV
     "fp8_mma_w8_split2": {"fp8_mma": True, "fp8_mma_warps": 8, "fp8_mma_split": 2},

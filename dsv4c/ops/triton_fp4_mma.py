@@ -170,16 +170,22 @@ if HAVE_TRITON:
             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
+    def _mma_step_if(w, x, acc_g, acc_h, keep):
+        """:func:`_mma_step` where ``keep`` (a scalar), else the sums unchanged."""
+        g, h = _mma_step(w, x, acc_g, acc_h)
+        return tl.where(keep, g, acc_g), tl.where(keep, h, acc_h)
+
+    @triton.jit
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
                              A, N, K, E, NBLK, KTILES, T_PER_SPLIT, UE8M0: tl.constexpr, SPLIT: tl.constexpr,
                              ORDERED: tl.constexpr, NT: tl.constexpr, TQ: tl.constexpr, PDL: tl.constexpr = False,
-                             L2_PREFETCH: tl.constexpr = False, DEPTH: tl.constexpr = 1):
+                             L2_PREFETCH: tl.constexpr = False, UNROLL: tl.constexpr = 1):
         """Row ``a`` (axis 0) times its expert's packed e2m1 weight: NT / 2 output rows (axis 1, 16 per warp),
         K tiles ``ks * T_PER_SPLIT ...`` (axis 2). Tensors of NT elements are per-thread registers. PDL:
         launched as a programmatic dependent (the expert ids come from the previous kernels: it waits first).
         L2_PREFETCH: thread i asks K tile t0 + i of the program's rows into L2 (its BN x 64 bytes are
-        contiguous), the last thread the K range's scale bytes, before the first register load. DEPTH: K
-        tiles whose loads are in flight while one is multiplied (1 or 2)."""
+        contiguous), the last thread the K range's scale bytes, before the first register load. UNROLL: register
+        sets of K tiles in flight that take turns (1: the next tile's loads while one is multiplied; 2 or 4)."""
         _pdl_begin(PDL)
         a, e, valid = _decode_row_expert(e_ptr, order_ptr, E, ORDERED)
         pid_n = tl.program_id(1)
@@ -207,7 +213,8 @@ if HAVE_TRITON:
             q_row = q_ptr + a.to(tl.int64) * K
             s_row = qs_ptr + a.to(tl.int64) * KTILES
             ow, os, ox = _lane_offsets(zero.to(tl.int32))
-            w_cur = _w_load(w_blk, s_blk, t0, ow, os)  # in flight while the activation is quantized
+            if UNROLL == 1:
+                w_cur = _w_load(w_blk, s_blk, t0, ow, os)  # in flight while the activation is quantized
             # the activation's K tiles t0..t1 -> e4m3 codes in fragment order (K 8c + {0, 2, 4, 6} then
             # {1, 3, 5, 7} per 8) + one scale per tile
             i = tl.arange(0, TQ)
@@ -222,21 +229,8 @@ if HAVE_TRITON:
                      mask=ok[:, None])
             tl.store(s_row + kt_q, s, mask=ok)
             tl.debug_barrier()  # the stores above are what this program's lanes load next
-            x_cur = _x_load(q_row, s_row, t0, ox, zero)
-            if DEPTH == 2:
-                k1 = tl.minimum(t0 + 1, t1 - 1)
-                w_mid = _w_load(w_blk, s_blk, k1, ow, os)
-                x_mid = _x_load(q_row, s_row, k1, ox, zero)
-                for kt in range(t0, t1):
-                    k_next = tl.minimum(kt + 2, t1 - 1)  # the last tiles load themselves again: no masks in PTX
-                    w_next = _w_load(w_blk, s_blk, k_next, ow, os)
-                    x_next = _x_load(q_row, s_row, k_next, ox, zero)
-                    acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
-                    w_cur = w_mid
-                    x_cur = x_mid
-                    w_mid = w_next
-                    x_mid = x_next
-            else:
+            if UNROLL == 1:
+                x_cur = _x_load(q_row, s_row, t0, ox, zero)
                 for kt in range(t0, t1):
                     k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
                     w_next = _w_load(w_blk, s_blk, k_next, ow, os)
@@ -244,6 +238,43 @@ if HAVE_TRITON:
                     acc_g, acc_h = _mma_step(w_cur, x_cur, acc_g, acc_h)
                     w_cur = w_next
                     x_cur = x_next
+            else:
+                # UNROLL register sets take turns: each set gets its next tile's loads right after its MMA,
+                # so those loads have the other sets' MMAs and the back edge to land, and no set is copied at
+                # the back edge. (The loop above carries the next tile's registers across its back edge, where
+                # ptxas copies them, and a copy of a register that a load is still filling waits for the
+                # load: one whole load latency per tile, seen in its SASS.) Tiles past t1 - 1 load the last
+                # one again and their sums are not kept.
+                wa = _w_load(w_blk, s_blk, t0, ow, os)
+                xa = _x_load(q_row, s_row, t0, ox, zero)
+                wb = _w_load(w_blk, s_blk, tl.minimum(t0 + 1, t1 - 1), ow, os)
+                xb = _x_load(q_row, s_row, tl.minimum(t0 + 1, t1 - 1), ox, zero)
+                if UNROLL == 4:
+                    wc = _w_load(w_blk, s_blk, tl.minimum(t0 + 2, t1 - 1), ow, os)
+                    xc = _x_load(q_row, s_row, tl.minimum(t0 + 2, t1 - 1), ox, zero)
+                    wd = _w_load(w_blk, s_blk, tl.minimum(t0 + 3, t1 - 1), ow, os)
+                    xd = _x_load(q_row, s_row, tl.minimum(t0 + 3, t1 - 1), ox, zero)
+                    for kt in range(t0, t1, 4):
+                        acc_g, acc_h = _mma_step(wa, xa, acc_g, acc_h)
+                        wa = _w_load(w_blk, s_blk, tl.minimum(kt + 4, t1 - 1), ow, os)
+                        xa = _x_load(q_row, s_row, tl.minimum(kt + 4, t1 - 1), ox, zero)
+                        acc_g, acc_h = _mma_step_if(wb, xb, acc_g, acc_h, kt + 1 < t1)
+                        wb = _w_load(w_blk, s_blk, tl.minimum(kt + 5, t1 - 1), ow, os)
+                        xb = _x_load(q_row, s_row, tl.minimum(kt + 5, t1 - 1), ox, zero)
+                        acc_g, acc_h = _mma_step_if(wc, xc, acc_g, acc_h, kt + 2 < t1)
+                        wc = _w_load(w_blk, s_blk, tl.minimum(kt + 6, t1 - 1), ow, os)
+                        xc = _x_load(q_row, s_row, tl.minimum(kt + 6, t1 - 1), ox, zero)
+                        acc_g, acc_h = _mma_step_if(wd, xd, acc_g, acc_h, kt + 3 < t1)
+                        wd = _w_load(w_blk, s_blk, tl.minimum(kt + 7, t1 - 1), ow, os)
+                        xd = _x_load(q_row, s_row, tl.minimum(kt + 7, t1 - 1), ox, zero)
+                else:
+                    for kt in range(t0, t1, 2):
+                        acc_g, acc_h = _mma_step(wa, xa, acc_g, acc_h)
+                        wa = _w_load(w_blk, s_blk, tl.minimum(kt + 2, t1 - 1), ow, os)
+                        xa = _x_load(q_row, s_row, tl.minimum(kt + 2, t1 - 1), ox, zero)
+                        acc_g, acc_h = _mma_step_if(wb, xb, acc_g, acc_h, kt + 1 < t1)
+                        wb = _w_load(w_blk, s_blk, tl.minimum(kt + 3, t1 - 1), ow, os)
+                        xb = _x_load(q_row, s_row, tl.minimum(kt + 3, t1 - 1), ox, zero)
         tot_g, tot_h, row, t = tl.inline_asm_elementwise(
             asm=_QUAD_SUM, constraints="=f,=f,=r,=r,f,f", args=[acc_g, acc_h],
             dtype=(tl.float32, tl.float32, tl.int32, tl.int32), is_pure=True, pack=1)
@@ -296,7 +327,7 @@ def fp4_gemv_mma(x: Tensor, expert: Tensor, weight: Tensor, scale: Tensor, ue8m0
     _fp4_gemv_mma_kernel[(A, nt, split)](
         x, expert, order, weight, scale, q, qs, out, part, cnt, A, N, K, E, NBLK, KT, per, UE8M0=bool(ue8m0),
         SPLIT=split, ORDERED=ordered, NT=32 * warps, TQ=triton.next_power_of_2(per), num_warps=warps,
-        num_stages=1, L2_PREFETCH=bool(TUNE["fp4_mma_l2_prefetch"]), DEPTH=TUNE["fp4_mma_depth"],
+        num_stages=1, L2_PREFETCH=bool(TUNE["fp4_mma_l2_prefetch"]), UNROLL=TUNE["fp4_mma_unroll"],
         **pdl_kwargs(x.device))
     return out
 

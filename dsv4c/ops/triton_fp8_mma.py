@@ -145,15 +145,23 @@ if HAVE_TRITON:
             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
+    def _mma_step_if(w, x, sw, acc, keep):
+        """:func:`_mma_step` where ``keep`` (a scalar), else the sums unchanged."""
+        new = _mma_step(w, x, sw, acc)
+        return (tl.where(keep, new[0], acc[0]), tl.where(keep, new[1], acc[1]), tl.where(keep, new[2], acc[2]),
+                tl.where(keep, new[3], acc[3]))
+
+    @triton.jit
     def _fp8_gemv_mma_kernel(x_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr, M, N, K, KB,
                              T_PER_SPLIT, SW_STRIDE, UE8M0: tl.constexpr, SPLIT: tl.constexpr, NT: tl.constexpr,
                              MP: tl.constexpr, QC: tl.constexpr, PDL: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False, PF_TILES: tl.constexpr = 8):
+                             PREFETCH: tl.constexpr = False, PF_TILES: tl.constexpr = 8,
+                             UNROLL: tl.constexpr = 1):
         """o [M, N] = x [M, K] @ w^T for M <= 8: NT / 2 weight rows (axis 0, 16 per warp), K tiles
         ``ks * T_PER_SPLIT ...`` (axis 1). Tensors of NT elements are per-thread registers. PDL: launched as
         a programmatic dependent, the first weight tile loaded before the wait for the previous kernel, the
         next kernel released after it (and, with PREFETCH, up to PF_TILES K tiles of each of the program's
-        weight rows asked into L2 first)."""
+        weight rows asked into L2 first). UNROLL: 1, or 2 register sets of K tiles in flight taking turns."""
         pid_n = tl.program_id(0)
         ks = tl.program_id(1)
         BN: tl.constexpr = NT // 2
@@ -169,7 +177,10 @@ if HAVE_TRITON:
         wh = wg + 8 * K
         if PREFETCH:
             _w_prefetch(wg, wh, t0, t1, PF_TILES)
-        w_cur = _w_load(wg, wh, t0)  # in flight while the activation is quantized
+        # in flight while the activation is quantized
+        w_cur = _w_load(wg, wh, t0)
+        if UNROLL > 1:
+            w_b = _w_load(wg, wh, tl.minimum(t0 + 1, t1 - 1))
         _pdl_begin(PDL)  # everything below reads the activation or writes
         # the activation rows' K tiles t0..t1 -> e4m3 codes (natural order) + one scale per row and tile
         r = tl.arange(0, MP)
@@ -192,14 +203,34 @@ if HAVE_TRITON:
         acc0 = tl.zeros((NT,), dtype=tl.float32)
         acc = (acc0, acc0, acc0, acc0)
         sw_row = sw_ptr + (n0 // 128) * SW_STRIDE
-        for kt in range(t0, t1):
-            k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
-            w_next = _w_load(wg, wh, k_next)
-            x_next = _x_load(xa, s0, s1, k_next)
-            sw = tl.load(sw_row + kt) + tl.zeros((NT,), dtype=tl.float32)
-            acc = _mma_step(w_cur, x_cur, sw, acc)
-            w_cur = w_next
-            x_cur = x_next
+        if UNROLL == 1:
+            for kt in range(t0, t1):
+                k_next = tl.minimum(kt + 1, t1 - 1)  # the last tile loads itself again: no masks in the PTX
+                w_next = _w_load(wg, wh, k_next)
+                x_next = _x_load(xa, s0, s1, k_next)
+                sw = tl.load(sw_row + kt) + tl.zeros((NT,), dtype=tl.float32)
+                acc = _mma_step(w_cur, x_cur, sw, acc)
+                w_cur = w_next
+                x_cur = x_next
+        else:
+            # two register sets take turns, each reloaded right after its MMA: no set is copied at the back
+            # edge, where the loop above waits for the next tile's loads (see triton_fp4_mma's UNROLL); a
+            # tile past t1 - 1 loads the last one again and its sum is not kept
+            kb = tl.minimum(t0 + 1, t1 - 1)
+            x_b = _x_load(xa, s0, s1, kb)
+            sw_a = tl.load(sw_row + t0) + tl.zeros((NT,), dtype=tl.float32)
+            sw_b = tl.load(sw_row + kb) + tl.zeros((NT,), dtype=tl.float32)
+            for kt in range(t0, t1, 2):
+                acc = _mma_step(w_cur, x_cur, sw_a, acc)
+                k = tl.minimum(kt + 2, t1 - 1)
+                w_cur = _w_load(wg, wh, k)
+                x_cur = _x_load(xa, s0, s1, k)
+                sw_a = tl.load(sw_row + k) + tl.zeros((NT,), dtype=tl.float32)
+                acc = _mma_step_if(w_b, x_b, sw_b, acc, kt + 1 < t1)
+                k = tl.minimum(kt + 3, t1 - 1)
+                w_b = _w_load(wg, wh, k)
+                x_b = _x_load(xa, s0, s1, k)
+                sw_b = tl.load(sw_row + k) + tl.zeros((NT,), dtype=tl.float32)
         row, t = tl.inline_asm_elementwise(
             asm=_LANE_ROWS, constraints="=r,=r,r", args=[zero], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
         # d0..d3 = (row g, col 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
@@ -245,7 +276,7 @@ def fp8_gemv_mma(x2: Tensor, weight: Tensor, scale: Tensor, ue8m0: bool, *, spli
     _fp8_gemv_mma_kernel[(nt, split)](
         x2, weight, scale, q, qs, out, part, cnt, M, N, K, kb, per, scale.stride(0), UE8M0=bool(ue8m0),
         SPLIT=split, NT=32 * warps, MP=mp, QC=qc, PF_TILES=max(1, PDL_PREFETCH_BYTES // (bn * 128)), num_warps=warps,
-        num_stages=1, **pdl_kwargs(x2.device, prefetch=True))
+        num_stages=1, UNROLL=TUNE["fp8_mma_unroll"], **pdl_kwargs(x2.device, prefetch=True))
     return out
 
 

@@ -1488,13 +1488,16 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # expert, so that the bytes in flight are not bounded by the one tile of registers a lane double-buffers
         # (session 14: the step's FP4 launches at 41-53 % of the copy rate); off until measured
         "fp4_mma_l2_prefetch": False,
-        # K tiles of weight loads each FP4 MMA lane keeps in flight while it multiplies one (1 or 2; 2 costs
-        # ~10 registers a thread); off until measured
-        "fp4_mma_depth": 1,
+        # register sets of K tiles each FP4 MMA lane keeps in flight, taking turns (1: the next tile's loads
+        # while one is multiplied, which waits out a load latency per tile, see the kernel; 2 or 4)
+        # (H100, session 15: a lane that keeps two tiles in flight through copied registers, 216 vs 199 us)
+        "fp4_mma_unroll": 1,
         # FP8 decode rows (<= 8) on the same register-fed MMAs (dsv4c.ops.triton_fp8_mma)
         # (H100, session 9: exact on mma_probe; the step's 20 FP8 launches 261 vs 271 us, max error 9e-4 vs
         # 6e-3 of the e4m3 tensor-core dot)
         "fp8_mma": True, "fp8_mma_warps": 4, "fp8_mma_split": None,
+        # register sets of K tiles each FP8 MMA lane keeps in flight, taking turns (1 or 2; see fp4_mma_unroll)
+        "fp8_mma_unroll": 1,
         # dsv4::topk_ids (the indexer's selection) on the Triton radix-select kernel instead of torch.topk
         # (H100: exact on every case, 15 vs 36 us for 2048 entries, 66 vs 90 us for 16384)
         "triton_topk": True,

@@ -104,25 +104,34 @@ def _cases() -> list[Case]:
           for nb in (1, 2, 4)],
         *[Case(f"fp4_gemv_mma_w{w}{'_pdl' if pdl else ''}", fp4mma._fp4_gemv_mma_kernel,
                {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl), num_warps=w, num_stages=1,
+               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl, UNROLL=1), num_warps=w,
+               num_stages=1,
                wants_mma=True, extra={"lane_asm": True, **({"pdl": "wait_first"} if pdl else {})})
           for w, pdl in ((4, False), (8, False), (8, True))],
         # TUNE fp4_mma_l2_prefetch: the program's weight range asked into L2 once its expert is known (after
         # the wait), one predicated bulk prefetch a thread
         Case("fp4_gemv_mma_w8_pdl_l2", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-             dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, L2_PREFETCH=True), num_warps=8,
+             dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, L2_PREFETCH=True, UNROLL=1),
+             num_warps=8,
              num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first", "l2_prefetches": 1}),
-        Case("fp4_gemv_mma_w8_pdl_depth2", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
-             dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, DEPTH=2), num_warps=8,
-             num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first"}),
+        *[Case(f"fp4_gemv_mma_w8_pdl_unroll{u}", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
+               dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, UNROLL=u), num_warps=8,
+               num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first", "mma_steps": u})
+          for u in (2, 4)],
         *[Case(f"fp8_gemv_mma_m{m}{'_pdl' if pdl else ''}", fp8mma._fp8_gemv_mma_kernel,
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl), num_stages=1, wants_mma=True,
+               dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl, UNROLL=1), num_stages=1, wants_mma=True,
                extra={"lane_asm": True, **({"pdl": "weights_first"} if pdl else {})})
           for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
+        # TUNE fp8_mma_unroll: two register sets of weight tiles, both loaded before the wait
+        Case("fp8_gemv_mma_m1_pdl_unroll2", fp8mma._fp8_gemv_mma_kernel,
+             {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
+             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, UNROLL=2), num_stages=1, wants_mma=True,
+             extra={"lane_asm": True, "pdl": "weights_first", "mma_steps": 2}),
         Case("fp8_gemv_mma_m1_pdl_prefetch", fp8mma._fp8_gemv_mma_kernel,
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
-             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8), num_stages=1, wants_mma=True,
+             dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8, UNROLL=1), num_stages=1,
+             wants_mma=True,
              extra={"lane_asm": True, "pdl": "weights_first"}),
         # prefill: rows of one expert per tile; the weight tile and the activation codes arrive as 16-byte
         # copies (only the scale bytes are loaded one by one)
@@ -242,6 +251,7 @@ def compile_case(case: Case) -> dict:
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")
+        row["want_mma_sync"] = 4 * case.extra.get("mma_steps", 1)  # 4 scale groups a K tile, per unrolled tile
     return row
 
 

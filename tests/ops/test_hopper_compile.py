@@ -21,8 +21,9 @@ if importlib.util.find_spec("triton") is None:
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 EXPECTED = {"fp8_gemv_tc", "fp8_grouped_gemv_tc_bf16", "w16_gemv_tc", "w16_tiled_mix", "fp4_gemv_tc_nb1", "fp4_gemv_tc_nb2", "fp4_gemv_tc_nb4",
             "fp4_gemv_tc_bn64_nb2", "fp4_gemv_mma_w4", "fp4_gemv_mma_w8",
-            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2", "fp4_gemv_mma_w8_pdl_depth2",
-            "fp8_gemv_mma_m1_pdl",
+            "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2", "fp4_gemv_mma_w8_pdl_unroll2",
+            "fp4_gemv_mma_w8_pdl_unroll4",
+            "fp8_gemv_mma_m1_pdl", "fp8_gemv_mma_m1_pdl_unroll2",
             "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
@@ -51,7 +52,8 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
             assert r["byte_loads"] <= r["max_byte_loads"], r
         if "asm_one_per_thread" in r:  # lane-level PTX: element i of its tensors must live in thread i
             assert r["asm_one_per_thread"] is True, r
-            assert r["mma_sync_count"] == 4, r  # one K tile's 4 scale groups, not duplicated per element
+            # one K tile's 4 scale groups (per tile of an unrolled step), not duplicated per element
+            assert r["mma_sync_count"] == r["want_mma_sync"], r
         if "l2_prefetches" in r:
             assert r["l2_prefetches"] == r["want_l2_prefetches"], r
         if "pdl_wait" in r:  # programmatic dependent launch: wait before any write, then release the next kernel
@@ -60,6 +62,7 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
     pdl = {r["case"]: r for r in rows if "pdl_wait" in r}
     # the FP8 GEMV's first weight tile is in flight before the wait: 4 16-byte loads a lane
     assert pdl["fp8_gemv_mma_m1_pdl"]["pdl_loads_before_wait"] == 4
+    assert pdl["fp8_gemv_mma_m1_pdl_unroll2"]["pdl_loads_before_wait"] == 8  # both register sets
     assert pdl["fp4_gemv_mma_w8_pdl"]["pdl_loads_before_wait"] == 0  # the expert ids come from earlier kernels
     for name, r in pdl.items():
         if not name.startswith("fp8_gemv_mma_m1_pdl"):
