@@ -170,10 +170,18 @@ if HAVE_TRITON:
             dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
-    def _mma_step_if(w, x, acc_g, acc_h, keep):
-        """:func:`_mma_step` where ``keep`` (a scalar), else the sums unchanged."""
+    def _tile_regs(kt, at):
+        """The lane's weight and activation registers of K tile ``kt``; ``at``: (w_blk, s_blk, q_row, s_row, ow,
+        os, ox, zero) of the kernel."""
+        return _w_load(at[0], at[1], kt, at[4], at[5]), _x_load(at[2], at[3], kt, at[6], at[7])
+
+    @triton.jit
+    def _turn(w, x, acc_g, acc_h, keep, k_next, at):
+        """One register set's turn: its tile's MMA (the sums kept where ``keep``, a scalar), then tile
+        ``k_next``'s loads into the set."""
         g, h = _mma_step(w, x, acc_g, acc_h)
-        return tl.where(keep, g, acc_g), tl.where(keep, h, acc_h)
+        w_next, x_next = _tile_regs(k_next, at)
+        return tl.where(keep, g, acc_g), tl.where(keep, h, acc_h), w_next, x_next
 
     @triton.jit
     def _fp4_gemv_mma_kernel(x_ptr, e_ptr, order_ptr, w_ptr, sw_ptr, q_ptr, qs_ptr, o_ptr, part_ptr, cnt_ptr,
@@ -245,36 +253,21 @@ if HAVE_TRITON:
                 # ptxas copies them, and a copy of a register that a load is still filling waits for the
                 # load: one whole load latency per tile, seen in its SASS.) Tiles past t1 - 1 load the last
                 # one again and their sums are not kept.
-                wa = _w_load(w_blk, s_blk, t0, ow, os)
-                xa = _x_load(q_row, s_row, t0, ox, zero)
-                wb = _w_load(w_blk, s_blk, tl.minimum(t0 + 1, t1 - 1), ow, os)
-                xb = _x_load(q_row, s_row, tl.minimum(t0 + 1, t1 - 1), ox, zero)
+                at = (w_blk, s_blk, q_row, s_row, ow, os, ox, zero)
+                wa, xa = _tile_regs(t0, at)
+                wb, xb = _tile_regs(tl.minimum(t0 + 1, t1 - 1), at)
                 if UNROLL == 4:
-                    wc = _w_load(w_blk, s_blk, tl.minimum(t0 + 2, t1 - 1), ow, os)
-                    xc = _x_load(q_row, s_row, tl.minimum(t0 + 2, t1 - 1), ox, zero)
-                    wd = _w_load(w_blk, s_blk, tl.minimum(t0 + 3, t1 - 1), ow, os)
-                    xd = _x_load(q_row, s_row, tl.minimum(t0 + 3, t1 - 1), ox, zero)
+                    wc, xc = _tile_regs(tl.minimum(t0 + 2, t1 - 1), at)
+                    wd, xd = _tile_regs(tl.minimum(t0 + 3, t1 - 1), at)
                     for kt in range(t0, t1, 4):
-                        acc_g, acc_h = _mma_step(wa, xa, acc_g, acc_h)
-                        wa = _w_load(w_blk, s_blk, tl.minimum(kt + 4, t1 - 1), ow, os)
-                        xa = _x_load(q_row, s_row, tl.minimum(kt + 4, t1 - 1), ox, zero)
-                        acc_g, acc_h = _mma_step_if(wb, xb, acc_g, acc_h, kt + 1 < t1)
-                        wb = _w_load(w_blk, s_blk, tl.minimum(kt + 5, t1 - 1), ow, os)
-                        xb = _x_load(q_row, s_row, tl.minimum(kt + 5, t1 - 1), ox, zero)
-                        acc_g, acc_h = _mma_step_if(wc, xc, acc_g, acc_h, kt + 2 < t1)
-                        wc = _w_load(w_blk, s_blk, tl.minimum(kt + 6, t1 - 1), ow, os)
-                        xc = _x_load(q_row, s_row, tl.minimum(kt + 6, t1 - 1), ox, zero)
-                        acc_g, acc_h = _mma_step_if(wd, xd, acc_g, acc_h, kt + 3 < t1)
-                        wd = _w_load(w_blk, s_blk, tl.minimum(kt + 7, t1 - 1), ow, os)
-                        xd = _x_load(q_row, s_row, tl.minimum(kt + 7, t1 - 1), ox, zero)
+                        acc_g, acc_h, wa, xa = _turn(wa, xa, acc_g, acc_h, kt < t1, tl.minimum(kt + 4, t1 - 1), at)
+                        acc_g, acc_h, wb, xb = _turn(wb, xb, acc_g, acc_h, kt + 1 < t1, tl.minimum(kt + 5, t1 - 1), at)
+                        acc_g, acc_h, wc, xc = _turn(wc, xc, acc_g, acc_h, kt + 2 < t1, tl.minimum(kt + 6, t1 - 1), at)
+                        acc_g, acc_h, wd, xd = _turn(wd, xd, acc_g, acc_h, kt + 3 < t1, tl.minimum(kt + 7, t1 - 1), at)
                 else:
                     for kt in range(t0, t1, 2):
-                        acc_g, acc_h = _mma_step(wa, xa, acc_g, acc_h)
-                        wa = _w_load(w_blk, s_blk, tl.minimum(kt + 2, t1 - 1), ow, os)
-                        xa = _x_load(q_row, s_row, tl.minimum(kt + 2, t1 - 1), ox, zero)
-                        acc_g, acc_h = _mma_step_if(wb, xb, acc_g, acc_h, kt + 1 < t1)
-                        wb = _w_load(w_blk, s_blk, tl.minimum(kt + 3, t1 - 1), ow, os)
-                        xb = _x_load(q_row, s_row, tl.minimum(kt + 3, t1 - 1), ox, zero)
+                        acc_g, acc_h, wa, xa = _turn(wa, xa, acc_g, acc_h, kt < t1, tl.minimum(kt + 2, t1 - 1), at)
+                        acc_g, acc_h, wb, xb = _turn(wb, xb, acc_g, acc_h, kt + 1 < t1, tl.minimum(kt + 3, t1 - 1), at)
         tot_g, tot_h, row, t = tl.inline_asm_elementwise(
             asm=_QUAD_SUM, constraints="=f,=f,=r,=r,f,f", args=[acc_g, acc_h],
             dtype=(tl.float32, tl.float32, tl.int32, tl.int32), is_pure=True, pack=1)
