@@ -105,8 +105,8 @@ def _cases() -> list[Case]:
         *[Case(f"fp4_gemv_mma_w{w}{'_pdl' if pdl else ''}", fp4mma._fp4_gemv_mma_kernel,
                {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
                dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=32 * w, TQ=16, PDL=pdl, UNROLL=1), num_warps=w,
-               num_stages=1,
-               wants_mma=True, extra={"lane_asm": True, **({"pdl": "wait_first"} if pdl else {})})
+               num_stages=1, wants_mma=True,
+               extra={"lane_asm": True, "loop_copies": "some", **({"pdl": "wait_first"} if pdl else {})})
           for w, pdl in ((4, False), (8, False), (8, True))],
         # TUNE fp4_mma_l2_prefetch: the program's weight range asked into L2 once its expert is known (after
         # the wait), one predicated bulk prefetch a thread
@@ -116,18 +116,19 @@ def _cases() -> list[Case]:
              num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first", "l2_prefetches": 1}),
         *[Case(f"fp4_gemv_mma_w8_pdl_unroll{u}", fp4mma._fp4_gemv_mma_kernel, {**fp4, "q_ptr": "u8", "qs_ptr": "fp32"},
                dict(UE8M0=True, SPLIT=2, ORDERED=False, NT=256, TQ=16, PDL=True, UNROLL=u), num_warps=8,
-               num_stages=1, wants_mma=True, extra={"lane_asm": True, "pdl": "wait_first", "mma_steps": u})
+               num_stages=1, wants_mma=True,
+               extra={"lane_asm": True, "pdl": "wait_first", "mma_steps": u, "loop_copies": "none"})
           for u in (2, 4)],
         *[Case(f"fp8_gemv_mma_m{m}{'_pdl' if pdl else ''}", fp8mma._fp8_gemv_mma_kernel,
                {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
                dict(UE8M0=True, SPLIT=2, NT=128, MP=mp, QC=qc, PDL=pdl, UNROLL=1), num_stages=1, wants_mma=True,
-               extra={"lane_asm": True, **({"pdl": "weights_first"} if pdl else {})})
+               extra={"lane_asm": True, "loop_copies": "some", **({"pdl": "weights_first"} if pdl else {})})
           for m, mp, qc, pdl in ((1, 1, 8, False), (5, 8, 4, False), (1, 1, 8, True))],
         # TUNE fp8_mma_unroll: two register sets of weight tiles, both loaded before the wait
         Case("fp8_gemv_mma_m1_pdl_unroll2", fp8mma._fp8_gemv_mma_kernel,
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
              dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, UNROLL=2), num_stages=1, wants_mma=True,
-             extra={"lane_asm": True, "pdl": "weights_first", "mma_steps": 2}),
+             extra={"lane_asm": True, "pdl": "weights_first", "mma_steps": 2, "loop_copies": "none"}),
         Case("fp8_gemv_mma_m1_pdl_prefetch", fp8mma._fp8_gemv_mma_kernel,
              {"x_ptr": "bf16", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "q_ptr": "u8", "qs_ptr": "fp32", **gemv_bufs},
              dict(UE8M0=True, SPLIT=2, NT=128, MP=1, QC=8, PDL=True, PREFETCH=True, PF_TILES=8, UNROLL=1), num_stages=1,
@@ -245,6 +246,9 @@ def compile_case(case: Case) -> dict:
         row["min_wgmma_pending"] = case.extra["min_wgmma_pending"]
     if "pdl" in case.extra:
         row.update(_pdl_order(ptx))
+    if "loop_copies" in case.extra:  # what the MMA loop does with the tiles it loads (see _mma_loop_copies)
+        row["loop_copies"] = _mma_loop_copies(compiled.asm["cubin"])
+        row["want_loop_copies"] = case.extra["loop_copies"]
     if "l2_prefetches" in case.extra:  # bulk L2 prefetches in the whole kernel, and how many the case wants
         row["l2_prefetches"] = ptx.count("cp.async.bulk.prefetch.L2.global")
         row["want_l2_prefetches"] = case.extra["l2_prefetches"]
@@ -283,6 +287,32 @@ def _pdl_order(ptx: str) -> dict:
             "pdl_plain_loads_before_wait": sum(".nc" not in ld for ld in loads),
             "pdl_stores_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", head)),
             "pdl_l2_prefetches_before_wait": head.count("cp.async.bulk.prefetch.L2.global")}
+
+
+def _mma_loop_copies(cubin: bytes) -> int | None:
+    """Register copies (MOV / IMAD.MOV) after the last global load of the kernel's MMA loop (the loop whose
+    body holds the HMMAs), in the SASS of the cubin (Triton's bundled nvdisasm): a copy there reads a register
+    that a load issued in the same iteration is still filling and waits for it. None: no nvdisasm, or no such
+    loop."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"^\.(L_x_\d+):", line))}
+    for i, line in enumerate(sass):
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:  # a backward branch: a loop
+            body = sass[labels[m.group(1)]:i]
+            if any("HMMA" in b for b in body):
+                last = max(j for j, b in enumerate(body) if "LDG" in b)
+                return sum(bool(re.search(r"\b(?:IMAD\.)?MOV(?:\.U32)? ", b)) for b in body[last:])
+    return None
 
 
 def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
