@@ -444,8 +444,8 @@ class InductorExecutor:
         if self.fp8_weight_inputs[entry]:
             from .wo_a_fp8 import register_weight  # noqa: PLC0415
 
-            for i in self.fp8_weight_inputs[entry]:
-                register_weight(flat[i])
+            for name in self.fp8_weight_inputs[entry]:
+                register_weight(inputs[name])
         return flat
 
     def run(self, entry: str, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -485,8 +485,8 @@ class InductorExecutor:
         return self._decode.greedy(self._flat_inputs("decode", inputs), steps)
 
 
-def _fp8_weight_inputs(prog: Program, done: Mapping[str, Any]) -> list[int]:
-    """Input positions of the weights the wo_a_fp8 rewrite's op reads (none where it did not run)."""
+def _fp8_weight_inputs(prog: Program, done: Mapping[str, Any]) -> list[str]:
+    """Input names of the weights the wo_a_fp8 rewrite's op reads (none where it did not run)."""
     if not done.get("wo_a_fp8"):
         return []
     from .wo_a_fp8 import weight_inputs  # noqa: PLC0415

@@ -27,6 +27,7 @@ from dsv4c.runtime.load_rewrites import rewrite_einsums
 
 WO_A_EQUATION = "bsgk,gdk->bsgd"  # frontend/model.py's grouped output projection
 BLOCK = 128  # the checkpoint's FP8 weight blocks (rows and columns)
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 @torch.library.custom_op("dsv4c_rt::grouped_proj", mutates_args=())
@@ -100,23 +101,20 @@ def _fp8_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return hit[2] if orig is not None and orig._version == hit[1] else None
 
 
-def weight_inputs(prog) -> list[int]:  # noqa: ANN001  (dsv4c.program.Program; imported lazily elsewhere)
-    """Positions in ``prog.input_names`` of the weights the graph's ``grouped_proj`` calls read (through
-    views), which the executor registers (:func:`register_weight`) before each call."""
-    phs = [n for n in prog.graph_module.graph.nodes if n.op == "placeholder"]
+def weight_inputs(prog) -> list[str]:  # noqa: ANN001  (dsv4c.program.Program; imported lazily elsewhere)
+    """Input names of the weights the graph's ``grouped_proj`` calls read (through views), which the executor
+    registers (:func:`register_weight`) before each call."""
+    from dsv4c.passes.fxutil import input_names  # noqa: PLC0415
+
+    names = input_names(prog)
     found = []
-    for n in prog.graph_module.graph.nodes:
-        if n.op != "call_function" or n.target is not torch.ops.dsv4c_rt.grouped_proj.default:
-            continue
+    for n in prog.graph_module.graph.find_nodes(op="call_function", target=torch.ops.dsv4c_rt.grouped_proj.default):
         w = n.args[1]
         while isinstance(w, fx.Node) and w.op == "call_function" and w.target in _VIEWS:
             w = w.args[0]
-        if isinstance(w, fx.Node) and w.op == "placeholder" and phs.index(w) not in found:
-            found.append(phs.index(w))
+        if w in names and names[w] not in found:
+            found.append(names[w])
     return found
-
-
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 def _grouped_proj_cuda(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

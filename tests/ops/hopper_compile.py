@@ -15,7 +15,9 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -294,9 +296,6 @@ def _mma_loop_copies(cubin: bytes) -> int | None:
     body holds the HMMAs), in the SASS of the cubin (Triton's bundled nvdisasm): a copy there reads a register
     that a load issued in the same iteration is still filling and waits for it. None: no nvdisasm, or no such
     loop."""
-    import subprocess  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     if not os.path.exists(tool):
         return None
