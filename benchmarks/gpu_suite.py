@@ -55,17 +55,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- fast on-device weight synthesis ----------------------------------------------------------------------
 
-def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                            depth: int | None = None) -> dict:
     """Random program parameters drawn on ``device``: the table ``to_model_params`` makes from a hub
     checkpoint (experts stacked per block, wo_a dequantized to the activation dtype), with the value
-    rules of ``dsv4c.checkpoint`` (weights ~ N(0, 1/fan_in), norms ~ 1, mHC and sinks as there). The MTP
-    block's tensors are left out: the prefill/decode programs do not read them.
+    rules of ``dsv4c.checkpoint`` (weights ~ N(0, 1/fan_in), the residual writes scaled for ``depth``
+    blocks by ``residual_write_scale``, norms ~ 1, mHC and sinks as there). The MTP block's tensors are
+    left out: the prefill/decode programs do not read them.
 
     FP8 weights: e4m3 of w / s with one ue8m0 scale per 128x128 tile (s = 2^ceil(log2(amax / 448))).
     FP4 experts: uniformly random e2m1 nibbles, one ue8m0 scale per 1x32 block around 1/(2.93 sqrt(K))
-    (2.93 = RMS of a uniformly random e2m1 code), jittered by one power of two either way."""
+    (2.93 = RMS of a uniformly random e2m1 code) times the residual-write scale rounded to a power of two,
+    jittered by one power of two either way."""
     from dsv4c import quant
+    from dsv4c.checkpoint import residual_write_scale
     from dsv4c.layout import model_tensors
+
+    depth = depth or spec.num_layers
 
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
@@ -78,7 +84,7 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
         leaf = name.rsplit(".", 1)[-1]
         if ts.dtype == F8:
             n, k = shape
-            w = torch.randn(shape, generator=g, device=device) / math.sqrt(k)
+            w = torch.randn(shape, generator=g, device=device) * (residual_write_scale(name, depth) / math.sqrt(k))
             nb, kb = -(-n // 128), -(-k // 128)
             pad = torch.zeros(nb * 128, kb * 128, device=device)
             pad[:n, :k] = w
@@ -91,7 +97,7 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
             E, n, k2 = shape
             k = 2 * k2
             out[name] = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.uint8)
-            e0 = round(math.log2(1.0 / (2.93 * math.sqrt(k))))
+            e0 = round(math.log2(residual_write_scale(name, depth) / (2.93 * math.sqrt(k))))
             jit = torch.randint(-1, 2, (E, n, k // 32), generator=g, device=device).float()
             out[name[: -len("weight")] + "scale"] = torch.exp2(e0 + jit)
         elif name.endswith("norm.weight"):
@@ -131,6 +137,7 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
 def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: str, dtype: str, max_seq_len: int,
                    max_batch: int, device_synth: bool) -> float:
     import dsv4c.lowering.build as B
+    from dsv4c.spec import get_variant
 
     orig = B._load_weights
     if device_synth:
@@ -138,7 +145,7 @@ def build_artifact(out: Path, variant: str, layers: int, target: str, numerics: 
 
         def load(req, spec, dt, progress, scratch=None):  # noqa: ANN001, ANN202
             t = time.perf_counter()
-            w = synth_weights_on_device(spec, dt, dev, req.seed)
+            w = synth_weights_on_device(spec, dt, dev, req.seed, depth=get_variant(variant).num_layers)
             torch.cuda.synchronize()
             progress(f"synthesized {len(w)} tensors on {dev} in {time.perf_counter() - t:.1f} s "
                      f"({sum(v.numel() * v.element_size() for v in w.values()) / 2**30:.1f} GiB)")

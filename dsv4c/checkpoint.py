@@ -33,8 +33,25 @@ INDEX_NAME = "model.safetensors.index.json"
 
 # ---- synthesis ------------------------------------------------------------------------------------
 
-def _init_value(name: str, ts: TensorSpec, spec: ModelSpec, gen: torch.Generator) -> torch.Tensor:
-    """A random fp32 value for one tensor, scaled so activations stay O(1) through the stack."""
+# Projections whose output is added to the residual streams.
+_RESIDUAL_WRITERS = (".attn.wo_b.weight", ".w2.weight")
+
+
+def residual_write_scale(name: str, depth: int) -> float:
+    """1/sqrt(2 * depth) for a projection that writes into the residual streams (attention ``wo_b``, each
+    routed and shared expert's ``w2``), else 1: the depth-scaled initialization of GPT-2 and Megatron-LM.
+
+    Why: with every matrix at N(0, 1/fan_in), each sub-layer adds as much as the streams already hold, and
+    the random model turns a one-ulp bf16 change of its input into 10-30 % of its logits (the FP8/FP4
+    activation roundings and routing choices amplify it at every block). With the writes scaled down, as
+    in a trained model, the streams are mostly carried through and a rounding difference stays small, so
+    two bf16 implementations can be compared at all."""
+    return 1.0 / math.sqrt(2 * depth) if name.endswith(_RESIDUAL_WRITERS) else 1.0
+
+
+def _init_value(name: str, ts: TensorSpec, spec: ModelSpec, gen: torch.Generator, depth: int) -> torch.Tensor:
+    """A random fp32 value for one tensor: activations stay O(1) through the stack, and the residual
+    writes are scaled by :func:`residual_write_scale`."""
     shape = ts.shape
     leaf = name.rsplit(".", 1)[-1]
 
@@ -58,7 +75,7 @@ def _init_value(name: str, ts: TensorSpec, spec: ModelSpec, gen: torch.Generator
     if name == "embed.weight":
         return randn(1.0)
     fan_in = shape[-1]
-    return randn(1.0 / math.sqrt(fan_in))
+    return randn(residual_write_scale(name, depth) / math.sqrt(fan_in))
 
 
 def _tid2eid(spec: ModelSpec, gen: torch.Generator) -> torch.Tensor:
@@ -67,9 +84,13 @@ def _tid2eid(spec: ModelSpec, gen: torch.Generator) -> torch.Tensor:
     return scores.argsort(dim=-1)[:, : spec.num_experts_per_tok].to(torch.int64).contiguous()
 
 
-def synthesize_tensors(spec: ModelSpec, seed: int = 0, progress: Progress | None = None) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) in hub storage format for every checkpoint tensor, deterministically."""
+def synthesize_tensors(spec: ModelSpec, seed: int = 0, progress: Progress | None = None,
+                       depth: int | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in hub storage format for every checkpoint tensor, deterministically.
+    ``depth``: the block count the residual writes are scaled for (default the spec's; a truncated slice
+    passes its full model's, so its blocks get the weights the full model's first blocks would)."""
     gen = torch.Generator().manual_seed(seed)
+    depth = depth or spec.num_layers
     table = checkpoint_tensors(spec)
     ue8m0 = spec.scale_fmt == "ue8m0"
     for name, ts in table.items():
@@ -80,24 +101,24 @@ def synthesize_tensors(spec: ModelSpec, seed: int = 0, progress: Progress | None
             continue
         scale_name = name[: -len("weight")] + "scale"
         if ts.dtype == F8:
-            w = _init_value(name, ts, spec, gen)
+            w = _init_value(name, ts, spec, gen, depth)
             q, s = quant.quantize_fp8_weight(w, ue8m0=ue8m0)
             yield name, q
             yield scale_name, s.to(torch.float8_e8m0fnu) if ue8m0 else s
         elif ts.dtype == U8:
             n, k2 = ts.shape
-            w = _init_value(name, TensorSpec((n, 2 * k2), torch.float32), spec, gen)
+            w = _init_value(name, TensorSpec((n, 2 * k2), torch.float32), spec, gen, depth)
             packed, s = quant.quantize_fp4_weight(w, FP4_BLOCK)
             yield name, packed.view(torch.float4_e2m1fn_x2)
             yield scale_name, s.to(torch.float8_e8m0fnu)
         elif ts.dtype == torch.int64:
             raise AssertionError(name)
         else:
-            yield name, _init_value(name, ts, spec, gen).to(ts.dtype)
+            yield name, _init_value(name, ts, spec, gen, depth).to(ts.dtype)
 
 
 def synthesize_checkpoint(spec: ModelSpec, out_dir: str | Path, seed: int = 0, shard_bytes: int = 64 << 20,
-                          progress: Progress | None = None) -> Path:
+                          progress: Progress | None = None, depth: int | None = None) -> Path:
     """Write a hub-format checkpoint of random weights; atomic (temp dir renamed into place)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -107,7 +128,7 @@ def synthesize_checkpoint(spec: ModelSpec, out_dir: str | Path, seed: int = 0, s
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, t in synthesize_tensors(spec, seed, progress):
+        for name, t in synthesize_tensors(spec, seed, progress, depth):
             nbytes = t.numel() * t.element_size()
             if size and size + nbytes > shard_bytes:
                 shards.append({})
