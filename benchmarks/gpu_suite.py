@@ -59,8 +59,8 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
                             depth: int | None = None) -> dict:
     """Random program parameters drawn on ``device``: the table ``to_model_params`` makes from a hub
     checkpoint (experts stacked per block, wo_a dequantized to the activation dtype), with the value
-    rules of ``dsv4c.checkpoint`` (weights ~ N(0, 1/fan_in), the residual writes scaled for ``depth``
-    blocks by ``residual_write_scale``, norms ~ 1, mHC and sinks as there). The MTP block's tensors are
+    rules of ``dsv4c.checkpoint`` (weights ~ N(0, 1/fan_in), with ``depth`` the residual writes scaled
+    for that many blocks by ``residual_write_scale``, norms ~ 1, mHC and sinks as there). The MTP block's tensors are
     left out: the prefill/decode programs do not read them.
 
     FP8 weights: e4m3 of w / s with one ue8m0 scale per 128x128 tile (s = 2^ceil(log2(amax / 448))).
@@ -70,8 +70,6 @@ def synth_weights_on_device(spec, dtype: torch.dtype, device: torch.device, seed
     from dsv4c import quant
     from dsv4c.checkpoint import residual_write_scale
     from dsv4c.layout import model_tensors
-
-    depth = depth or spec.num_layers
 
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}

@@ -190,9 +190,7 @@ def _load_weights(req: BuildRequest, spec: ModelSpec, dtype: torch.dtype, progre
         ckpt = load_checkpoint(req.checkpoint, spec, progress)
     else:
         try:
-            # a truncated slice gets the weights of its full model's first blocks (residual writes scaled
-            # for the full depth)
-            synthesize_checkpoint(spec, scratch / "ckpt", seed=req.seed, depth=get_variant(req.variant).num_layers)
+            synthesize_checkpoint(spec, scratch / "ckpt", seed=req.seed)
             progress(f"synthesized {spec.name} weights (seed {req.seed})")
             ckpt = load_checkpoint(scratch / "ckpt", spec)
         finally:
