@@ -466,6 +466,7 @@ if HAVE_TRITON:
         ks = tl.program_id(2)
         e = tl.load(t_exp_ptr + t).to(tl.int32)
         valid = (e >= 0) & (e < E)
+        used = e >= 0  # a tile of rows: an expert's, or (e == E) rows of no expert, whose zeros it writes
         ar = tl.arange(0, BM)
         if ROWS_DIRECT:
             rows = t + ar
@@ -475,7 +476,7 @@ if HAVE_TRITON:
             row0 = tl.load(t_row0_ptr + t)
             row1 = tl.load(t_row1_ptr + t)
             rows = row0 + ar
-            r_mask = (rows < row1) & valid
+            r_mask = (rows < row1) & used
             src = tl.load(order_ptr + rows, mask=r_mask, other=0).to(tl.int64)
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
@@ -544,7 +545,7 @@ if HAVE_TRITON:
                     if ACT_MODE != 0:
                         part = part * sa[:, None]
                     acc += part
-        if ROWS_DIRECT or valid:
+        if ROWS_DIRECT or used:
             if SWAP:
                 res = tl.trans(acc)
             else:
@@ -1424,28 +1425,32 @@ def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, act_quant: bool, ue8m0:
     return out.view(*lead, N)
 
 
-def _expert_schedule(expert: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _expert_schedule(expert: Tensor, num_experts: int, bm: int,
+                     zero_tiles: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Sort rows by expert and cut each expert's rows into tiles of ``bm``, on the device (no host sync).
 
     Returns (order [A] row ids sorted by expert, tile_expert [T] (-1 = unused tile), tile_row0 [T],
-    tile_row1 [T] (bounds into ``order``), T) with T a static upper bound on the number of tiles."""
+    tile_row1 [T] (bounds into ``order``), T) with T a static upper bound on the number of tiles.
+    ``zero_tiles``: the rows whose expert id is outside [0, num_experts) get tiles too, with tile_expert =
+    num_experts, so a kernel can write their zeros into an uninitialized output."""
     A = expert.shape[0]
     dev = expert.device
     e = expert.to(torch.int64)
     key = torch.where((e >= 0) & (e < num_experts), e, torch.full_like(e, num_experts))
     order = torch.sort(key, stable=True).indices
+    groups = num_experts + 1 if zero_tiles else num_experts
     # scatter_add instead of bincount: bincount syncs with the host (it sizes its output from the max)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_experts]
+    counts = counts[:groups]
     row_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + bm - 1) // bm
     tile_end = torch.cumsum(tiles, 0)
     tile_start = tile_end - tiles
-    T = triton.cdiv(A, bm) + min(num_experts, A)
+    T = triton.cdiv(A, bm) + min(groups, A)
     t = torch.arange(T, device=dev, dtype=torch.int64)
     te = torch.searchsorted(tile_end, t, right=True)
-    used = te < num_experts
-    ec = te.clamp(max=num_experts - 1)
+    used = te < groups
+    ec = te.clamp(max=groups - 1)
     row0 = row_start[ec] + (t - tile_start[ec]) * bm
     row1 = row_start[ec] + counts[ec]
     te = torch.where(used, te, torch.full_like(te, -1))
@@ -1880,8 +1885,10 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
         a, sa = act_quant_fp8(x, ue8m0)
     else:
         a, sa = x, x  # sa unused
-    order, te, row0, row1, T = _expert_schedule(expert, E, bm)
-    out = torch.zeros((A, N), dtype=x.dtype, device=x.device)
+    # rows of no expert get tiles that write their zeros, so the output needs no zero fill (1.9 ms of an 8k
+    # prefill on flash-4)
+    order, te, row0, row1, T = _expert_schedule(expert, E, bm, zero_tiles=True)
+    out = torch.empty((A, N), dtype=x.dtype, device=x.device)
     cnt = _counters(x.device)
     nw = TUNE["fp4_prefill_warps"] or (8 if bm * bn >= 128 * 128 else 4)
     _fp4_packed_kernel[(T, triton.cdiv(N, bn), 1)](

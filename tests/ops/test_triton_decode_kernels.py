@@ -54,12 +54,19 @@ def _packed_experts(E, N, K, bn, bk, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act_quant,ue8m0", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("path", ["gemv", "direct_dot", "sorted"])
-def test_fp4_packed(dtype, act_quant, ue8m0, path):
+def test_fp4_packed(dtype, act_quant, ue8m0, path, monkeypatch):
     E, N, K, A = 3, 64, 256, 9
     pw, ps = _packed_experts(E, N, K, 32, 64, 20)
     x = _act((A, K), 21, dtype)
     expert = torch.tensor([2, 0, -1, 2, 1, 3, 0, 0, 2])  # -1 and 3 are outside [0, E): zero rows
     ref = ops.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0)
+    empty = torch.empty
+
+    def poisoned(*shape, **kw):  # uninitialized memory made visible: the kernels must write every output
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     out = tk.fp4_grouped_linear_packed(x, expert, pw, ps, act_quant, ue8m0, direct=path != "sorted", block_n=16,
                                        block_m=16 if path == "direct_dot" else None,
                                        split_k=2 if path != "sorted" else None)
