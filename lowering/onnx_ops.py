@@ -34,8 +34,7 @@ How each op is expressed (opset 18 ops, converted to the model's opset afterward
   (``Reshape`` to pairs, ``Cos``/``Sin``), Hadamard ``MatMul`` and the FP8/FP4 quant-dequant above.
 - ``indexer_score`` / ``indexer_topk``: broadcast ``MatMul``, ``Relu``, weighted ``ReduceSum``;
   ``Where`` masks the invisible entries, ``TopK``, -1 where the score is -inf. (ONNX ``TopK`` breaks
-  ties by the lower index; ``torch.topk`` leaves tie order unspecified. Only exact score ties at the
-  top-k boundary could choose a different set.)
+  ties by the lower index, as the reference's stable sort does.)
 - ``topk_ids``: NaN -> -inf, ``TopK`` (its lower-index-first tie order is the op's), -1 for -inf picks and
   for the slots past the row.
 - ``sparse_attn``: window logits by broadcast ``MatMul`` masked with ``Where``; the chosen compressed

@@ -14,7 +14,7 @@ pass rewrites, per CSA block:
    ``dsv4::compress_finish_pair`` producing the KV entries and the indexer keys. The indexer's window
    gathers are hoisted above the main compressor's cache write for that (pure nodes only, and only
    if no cache they read is written in between).
-3. **indexer_topk**: ``indexer_score -> masked_fill(entry >= visible) -> topk -> where(isinf, -1)``
+3. **indexer_topk**: ``indexer_score -> masked_fill(entry >= visible) -> stable argsort[:k] -> gather -> where(isinf, -1)``
    becomes ``dsv4::indexer_topk`` (packed KV storage: ``indexer_score_packed`` -> ... becomes
    ``dsv4::indexer_topk_packed``, reading the keys' e2m1 codes and ue8m0 bytes).
 
@@ -87,11 +87,12 @@ _FINISH_DEPTH = 40  # the longest chain (quant mode 2) is ~25 nodes deep
 _PROJ_MM = Op(aten.matmul.default, Cast(V("u"), F32), Op(aten.t.default, Cast(V("w"), F32)), name="mm")
 
 def _topk_pattern(score):
-    scores = Op(aten.masked_fill.Scalar, score, Op(aten.ge.Tensor, Op(aten.arange.default, V("n_ent")),
-                                                   Op(aten.unsqueeze.default, V("visible"), V("vd"))), -math.inf)
-    tk = Named("tk", Op(aten.topk.default, scores, V("topk")))
-    return Op(aten.where.self, Op(aten.isinf.default, Op(operator.getitem, tk, 0)),
-              Op(aten.full_like.default, Named("idx", Op(operator.getitem, tk, 1)), -1), V("idx"))
+    hidden = Op(aten.ge.Tensor, Op(aten.arange.default, V("n_ent")), Op(aten.unsqueeze.default, V("visible"), V("vd")))
+    scores = Named("scores", Op(aten.masked_fill.Scalar, score, hidden, -math.inf))
+    order = Op(aten.argsort.stable, scores, kwargs={"stable": True, "descending": True})
+    idx = Named("idx", Op(aten.slice.Tensor, order, V("sd"), 0, V("topk")))
+    return Op(aten.where.self, Op(aten.isinf.default, Op(aten.gather.default, scores, -1, idx)),
+              Op(aten.full_like.default, idx, -1), idx)
 
 
 _TOPK = _topk_pattern(Op(dsv4.indexer_score.default, V("q"), V("k"), V("w")))
@@ -320,7 +321,8 @@ def _fuse_topk(prog: Program) -> int:
         if b is None:
             continue
         k_shape = b["k"].meta["val"].shape if "val" in b["k"].meta else None
-        if k_shape is None or b["n_ent"] != k_shape[1] or b["vd"] not in (-1, 2) or not isinstance(b["topk"], int):
+        if (k_shape is None or b["n_ent"] != k_shape[1] or b["vd"] not in (-1, 2) or b["sd"] not in (-1, 2)
+                or not isinstance(b["topk"], int)):
             continue
         with g.inserting_before(w):
             if packed:

@@ -223,11 +223,18 @@ def _(g, v, weight, limit, has_weight):
 
 def select_visible_topk(scores: Tensor, visible: Tensor, topk: int) -> Tensor:
     """Ids [..., topk] of the best-scoring entries of each row among those it may see (entry j is visible
-    to a row when j < visible[row]); -1 where fewer than ``topk`` are visible. Plain aten ops, so traced
-    graphs show them (the ``fuse_compress_indexer`` pass matches this chain)."""
+    to a row when j < visible[row]), by descending score and the lower id first on ties; -1 where fewer
+    than ``topk`` are visible. Plain aten ops, so traced graphs show them (the ``fuse_compress_indexer``
+    pass matches this chain).
+
+    The tie order is part of the result: indexer scores tie exactly whenever every head's ReLU is zero,
+    and a tie at the k-th place decides which entry is attended. ``torch.topk`` leaves it unspecified
+    (it changes with the row length, so a cache of another capacity could pick another entry); a stable
+    sort fixes it to the rule of the compiled paths (``select_topk_ids``, the Triton top-k, ONNX TopK)."""
     ent = torch.arange(scores.shape[-1], device=scores.device)
     scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    vals, idx = torch.topk(scores, topk, dim=-1)
+    idx = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :topk]
+    vals = scores.gather(-1, idx)
     return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
 
 

@@ -65,42 +65,6 @@ def share_traces() -> None:
         build_mod._load_weights = _load_weights
 
 
-def _stable_indexer_topk(q, k, w, visible, topk):  # noqa: ANN001, ANN202
-    """``dsv4::indexer_topk`` with score ties broken by the lower entry index (what ONNX ``TopK`` does)."""
-    from dsv4c.ops.library import indexer_score
-
-    scores = indexer_score(q, k, w)
-    ent = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(ent >= visible[..., None], float("-inf"))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    vals, idx = order.values[..., :topk], order.indices[..., :topk]
-    return torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
-
-
-def deterministic_ties() -> bool:
-    """Make the eager reference break indexer score ties by the lower entry index, if it does not already.
-
-    Indexer scores tie exactly whenever every head's ReLU is zero (probability 2^-heads per entry: 1/16
-    on mini), and a tie at the top-k boundary decides which entry is attended. The library's reference
-    uses ``torch.topk``, whose tie order is arbitrary (neither lowest nor highest index first), so no
-    lowering can match it there; ONNX ``TopK`` breaks ties by the lower index. Until the reference
-    defines that rule itself (then this finds nothing to do), the comparison runs the eager artifact
-    with it. Returns whether the kernel was replaced."""
-    import dsv4c.ops.library as lib
-
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        q, k = torch.randn(1, 8, 4, 32, generator=g), torch.randn(1, 37, 32, generator=g)
-        k[:, torch.rand(37, generator=g) < 0.5] = 0.0  # zero keys: score exactly 0, many ties
-        w = torch.rand(1, 8, 4, generator=g) - 0.3
-        visible = torch.full((1, 8), 37)
-        if not torch.equal(torch.ops.dsv4.indexer_topk(q, k, w, visible, 16),
-                           _stable_indexer_topk(q, k, w, visible, 16)):
-            lib.indexer_topk.register_kernel("cpu")(_stable_indexer_topk)
-            return True
-    return False
-
-
 def eager_run(path: Path, variant: str) -> dict[str, torch.Tensor]:
     from dsv4c.runtime import Engine
 
@@ -137,8 +101,6 @@ def main(argv: list[str]) -> int:
         build(BuildRequest(output=out / backend, variant=variant, backend=backend, numerics=numerics, dtype="fp32",
                            max_seq_len=MAX_SEQ_LEN, max_batch=4, layers=layers, seed=0), progress=print)
     t1 = time.perf_counter()
-    if deterministic_ties():
-        print("eager reference: dsv4::indexer_topk breaks score ties by the lower index for this comparison")
     save_file({k: v.contiguous() for k, v in eager_run(out / "eager", variant).items()},
               str(out / "eager_run.safetensors"))
     print(f"builds {t1 - t0:.1f} s, eager run {time.perf_counter() - t1:.1f} s")
