@@ -215,6 +215,13 @@ def fp4_sweep(dev: torch.device, bench) -> list[dict]:  # noqa: ANN001
                    "ms_on": t, "ms_off": t_ref, "tflops_on": flop / t / 1e9, "tflops_off": flop / t_ref / 1e9}
             print(f"  bm={bm} warps={nw} stages={st}: {t:.3f} ms ({row['tflops_on']:.0f} TFLOP/s), max rel {err:.1e}")
             rows.append(row)
+        # the weight dequantized through fp32 (TUNE fp4_prefill_deq_f32): the same bf16 values, so bitwise equal
+        with tuned("fp4_prefill_deq_f32", True):
+            out, t = run(), bench(run)
+        row = {"case": f"fp4 prefill {name} deq_f32", "ok": bool(torch.equal(out, ref)), "ms_on": t, "ms_off": t_ref,
+               "tflops_on": flop / t / 1e9, "tflops_off": flop / t_ref / 1e9}
+        print(f"  deq_f32: {t:.3f} ms ({row['tflops_on']:.0f} TFLOP/s), bitwise {'equal' if row['ok'] else 'NOT equal'}")
+        rows.append(row)
     return rows
 
 

@@ -446,7 +446,8 @@ if HAVE_TRITON:
                            part_ptr, cnt_ptr, A, N, K, E, NBLK, KTILES, NKB, KB_PER_SPLIT,
                            PBN: tl.constexpr, PBK: tl.constexpr, ACT_MODE: tl.constexpr, UE8M0: tl.constexpr,
                            IEEE: tl.constexpr, UPCAST: tl.constexpr, ROWS_DIRECT: tl.constexpr,
-                           SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr):
+                           SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr,
+                           DEQ_F32: tl.constexpr = False):
         """Rows of one expert times that expert's packed e2m1 weight (``dsv4c.fp4-tiled/1``).
 
         The tile's nibbles become e4m3 bit patterns with two masks and shifts (an e2m1 value is its e4m3
@@ -534,6 +535,13 @@ if HAVE_TRITON:
                         acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
                     else:
                         part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                elif DEQ_F32:  # through fp32: no per-element e4m3 -> f16 -> bf16 conversion (F2F, 1/8 rate)
+                    w = tl.reshape(tl.reshape(w8.to(tl.float32), (BN, 4, 32)) * sf[:, :, None], (BN, 128))
+                    w = w.to(tl.bfloat16)
+                    if SWAP:
+                        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
+                    else:
+                        part = tl.dot(a, tl.trans(w.to(a.dtype)))
                 else:
                     w = tl.reshape(tl.reshape(w8.to(tl.bfloat16), (BN, 4, 32)) * sf.to(tl.bfloat16)[:, :, None],
                                    (BN, 128))
@@ -1544,6 +1552,11 @@ TUNE = {"gemv_bn": 128, "gemv_warps": 4, "fp4_gemv_bn": 32, "fp4_gemv_warps": 2,
         # the prefill FP4 product's warps (None: 8 for 128 x 128 tiles, else 4) and pipeline stages
         # (benchmarks/prefill_probe.py --cases fp4_sweep times a few; the 8k prefill spends ~40 % here)
         "fp4_prefill_warps": None, "fp4_prefill_stages": 3,
+        # the prefill FP4 product dequantizes its weight tile through fp32 (e4m3 -> f16 -> f32, the scale in
+        # fp32, one bf16 pack per pair) instead of e4m3 -> f16 -> bf16 and a bf16 scale: the same bf16 values,
+        # without one F2F conversion per weight element (a 1/8-rate unit; the sm_90 SASS of the loop: 128 F2F
+        # and 1292 instructions per 128-wide K block before, none and 1348 after); off until timed
+        "fp4_prefill_deq_f32": False,
         # prefill: the mHC mixes (bf16 streams x narrow fp32 weight) through linear_w16's three-term bf16 dots
         # instead of a cuBLAS fp32 GEMM (runtime/load_rewrites.py: rewrite_prefill_mixes); H100, session 10:
         # the 8k prefill's mixes no longer among its top kernels
@@ -1894,7 +1907,8 @@ def fp4_grouped_linear_packed(x: Tensor, expert: Tensor, weight: Tensor, scale: 
     _fp4_packed_kernel[(T, triton.cdiv(N, bn), 1)](
         a, sa, order, te, row0, row1, weight, scale, out, out, cnt, A, N, K, E, NBLK, KT, nkb, nkb,
         PBN=PBN, PBK=PBK, ACT_MODE=act_mode, UE8M0=bool(ue8m0), IEEE=ieee, UPCAST=INTERPRET,
-        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, SWAP=swap, num_warps=nw, num_stages=TUNE["fp4_prefill_stages"])
+        ROWS_DIRECT=False, SPLIT=1, BM=bm, BN=bn, SWAP=swap, DEQ_F32=bool(TUNE["fp4_prefill_deq_f32"]),
+        num_warps=nw, num_stages=TUNE["fp4_prefill_stages"])
     return out
 
 

@@ -151,7 +151,13 @@ def _cases() -> list[Case]:
               "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
              dict(PBN=128, PBK=128, ACT_MODE=0, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
                   BM=64, BN=128, SWAP=True), num_warps=4, num_stages=3, wants_mma=True,
-             extra={"aligned": True, "max_byte_loads": 4, "min_wgmma_pending": 1}),
+             extra={"aligned": True, "max_byte_loads": 4, "min_wgmma_pending": 1, "loop_mix": True}),
+        Case("fp4_packed_prefill_swap_deq_f32", tk._fp4_packed_kernel,
+             {"x_ptr": "bf16", "sa_ptr": "bf16", "order_ptr": "i64", "t_exp_ptr": "i32", "t_row0_ptr": "i32",
+              "t_row1_ptr": "i32", "w_ptr": "u8", "sw_ptr": "u8", "o_ptr": "bf16", "part_ptr": "bf16", "cnt_ptr": "i32"},
+             dict(PBN=128, PBK=128, ACT_MODE=0, UE8M0=True, IEEE=False, UPCAST=False, ROWS_DIRECT=False, SPLIT=1,
+                  BM=64, BN=128, SWAP=True, DEQ_F32=True), num_warps=4, num_stages=3, wants_mma=True,
+             extra={"aligned": True, "max_byte_loads": 4, "min_wgmma_pending": 1, "loop_mix": True}),
         Case("fp4_gemv_tc_bn64_nb2", gemv._fp4_gemv_tc_kernel, fp4, dict(fp4_const, BN=64, NB=2), wants_mma=True),
         Case("topk_ids_single", topk._topk_ids_kernel, {"s_ptr": "fp32", "len_ptr": "i64", "o_ptr": "i64"},
              dict(CHUNK=2048, KP=512, SINGLE=True, HAS_LEN=False), num_warps=8),
@@ -227,7 +233,7 @@ def _all_cases() -> list[Case]:
                     for c in cases if c.name in PDL_TOO]
 
 
-def compile_case(case: Case) -> dict:
+def compile_case(case: Case, mix: bool = False) -> dict:
     t0 = time.perf_counter()
     sig = _signature(case)
     attrs = None
@@ -254,6 +260,8 @@ def compile_case(case: Case) -> dict:
     if "l2_prefetches" in case.extra:  # bulk L2 prefetches in the whole kernel, and how many the case wants
         row["l2_prefetches"] = ptx.count("cp.async.bulk.prefetch.L2.global")
         row["want_l2_prefetches"] = case.extra["l2_prefetches"]
+    if mix or case.extra.get("loop_mix"):
+        row["loop_mix"] = loop_mix(compiled.asm["cubin"])
     if case.extra.get("lane_asm"):
         row["asm_one_per_thread"] = _asm_one_per_thread(compiled.asm["ttgir"], case.num_warps)
         row["mma_sync_count"] = ptx.count("mma.sync")
@@ -291,26 +299,59 @@ def _pdl_order(ptx: str) -> dict:
             "pdl_l2_prefetches_before_wait": head.count("cp.async.bulk.prefetch.L2.global")}
 
 
-def _mma_loop_copies(cubin: bytes) -> int | None:
-    """Register copies (MOV / IMAD.MOV) after the last global load of the kernel's MMA loop (the loop whose
-    body holds the HMMAs), in the SASS of the cubin (Triton's bundled nvdisasm): a copy there reads a register
-    that a load issued in the same iteration is still filling and waits for it. None: no nvdisasm, or no such
-    loop."""
+def _sass(cubin: bytes) -> list[str] | None:
+    """The cubin's SASS lines (Triton's bundled nvdisasm); None when the tool is missing."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     if not os.path.exists(tool):
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+
+
+def _loops(sass: list[str]) -> list[list[str]]:
+    """The bodies of the SASS's loops (a label up to a backward branch to it), in program order."""
     labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"^\.(L_x_\d+):", line))}
+    out = []
     for i, line in enumerate(sass):
         m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), i) < i:  # a backward branch: a loop
-            body = sass[labels[m.group(1)]:i]
-            if any("HMMA" in b for b in body):
-                last = max(j for j, b in enumerate(body) if "LDG" in b)
-                return sum(bool(re.search(r"\b(?:IMAD\.)?MOV(?:\.U32)? ", b)) for b in body[last:])
+        if m and labels.get(m.group(1), i) < i:
+            out.append(sass[labels[m.group(1)]:i + 1])
+    return out
+
+
+def loop_mix(cubin: bytes) -> dict[str, int] | None:
+    """Instruction counts (by opcode, without modifiers) of the kernel's longest loop body: what one
+    iteration of its main loop issues per thread. How a kernel spends its issue slots is readable here
+    without a GPU (e.g. one F2F conversion per weight element in the prefill FP4 expert loop)."""
+    sass = _sass(cubin)
+    if sass is None:
+        return None
+    bodies = _loops(sass)
+    if not bodies:
+        return {}
+    ops: dict[str, int] = {}
+    for line in max(bodies, key=len):
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
+
+
+def _mma_loop_copies(cubin: bytes) -> int | None:
+    """Register copies (MOV / IMAD.MOV) after the last global load of the kernel's MMA loop (the loop whose
+    body holds the HMMAs), in the SASS of the cubin (Triton's bundled nvdisasm): a copy there reads a register
+    that a load issued in the same iteration is still filling and waits for it. None: no nvdisasm, or no such
+    loop."""
+    sass = _sass(cubin)
+    if sass is None:
+        return None
+    for body in _loops(sass):
+        body = body[:-1]  # without the back edge
+        if any("HMMA" in b for b in body):
+            last = max(j for j, b in enumerate(body) if "LDG" in b)
+            return sum(bool(re.search(r"\b(?:IMAD\.)?MOV(?:\.U32)? ", b)) for b in body[last:])
     return None
 
 
@@ -332,13 +373,16 @@ def _asm_one_per_thread(ttgir: str, num_warps: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    only = set(argv[1:])
+    """``hopper_compile.py [--mix] [CASE ...]``: compile the cases (all without names); ``--mix`` adds each
+    kernel's main-loop instruction mix (:func:`loop_mix`)."""
+    mix = "--mix" in argv[1:]
+    only = set(argv[1:]) - {"--mix"}
     failed = 0
     for case in _all_cases():
         if only and case.name not in only:
             continue
         try:
-            row = compile_case(case)
+            row = compile_case(case, mix)
         except Exception as exc:  # report every case, then fail
             row = {"case": case.name, "error": f"{type(exc).__name__}: {exc}"[-2000:]}
             failed += 1

@@ -24,7 +24,8 @@ EXPECTED = {"fp8_gemv_tc", "fp8_grouped_gemv_tc_bf16", "w16_gemv_tc", "w16_tiled
             "fp8_gemv_mma_m1", "fp8_gemv_mma_m5", "w16_gemv_tc_pdl", "fp4_gemv_mma_w8_pdl", "fp4_gemv_mma_w8_pdl_l2", "fp4_gemv_mma_w8_pdl_unroll2",
             "fp4_gemv_mma_w8_pdl_unroll4",
             "fp8_gemv_mma_m1_pdl", "fp8_gemv_mma_m1_pdl_unroll2",
-            "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
+            "w16_gemv_tc_pdl_prefetch", "fp8_gemv_mma_m1_pdl_prefetch", "fp4_packed_prefill", "fp4_packed_prefill_swap",
+            "fp4_packed_prefill_swap_deq_f32", "topk_ids_single", "topk_ids_chunked", "topk_split", "topk_level_scores", "topk_level_final", "hc_split_decode", "hc_pre_decode",
             "hc_pre_decode_one_pass",
             "sparse_attn_packed_decode", "attn_merge_decode", "sparse_attn_packed_decode_no_merge",
             "sparse_attn_prefill", "indexer_score_packed_decode", "indexer_score_packed_prefill", "swiglu_clamp", "argmax_rows", "add_f32",
@@ -63,6 +64,12 @@ def test_decode_kernels_compile_for_hopper(tmp_path):
         if "pdl_wait" in r:  # programmatic dependent launch: wait before any write, then release the next kernel
             assert r["pdl_wait"] and r["pdl_release_after_wait"], r
             assert r["pdl_stores_before_wait"] == 0 and r["pdl_plain_loads_before_wait"] == 0, r
+    mix = {r["case"]: r["loop_mix"] for r in rows if r.get("loop_mix") is not None}  # needs nvdisasm
+    if mix:
+        # the prefill FP4 loop converts each weight element e4m3 -> f16 -> bf16 with one F2F (a 1/8-rate
+        # unit); TUNE fp4_prefill_deq_f32 goes through fp32 instead and must not
+        assert mix["fp4_packed_prefill_swap"].get("F2F", 0) == 128, mix["fp4_packed_prefill_swap"]
+        assert mix["fp4_packed_prefill_swap_deq_f32"].get("F2F", 0) == 0, mix["fp4_packed_prefill_swap_deq_f32"]
     pdl = {r["case"]: r for r in rows if "pdl_wait" in r}
     # the FP8 GEMV's first weight tile is in flight before the wait: 4 16-byte loads a lane
     assert pdl["fp8_gemv_mma_m1_pdl"]["pdl_loads_before_wait"] == 4
