@@ -579,15 +579,12 @@ def perturbation_spread(eng, prompt_len: int, steps: int, seed: int = 0) -> dict
     one bf16 ulp: the intrinsic sensitivity of this (random-weight) model's logits in bf16 reference numerics,
     the scale against which the inductor-vs-eager difference is to be read."""
     from dsv4c.runtime.executors import EagerExecutor
+    from dsv4c.testing import one_ulp_moved
 
     dev = eng.device
     ref = EagerExecutor(eng.artifact, dev)
     emb = eng._static["params.embed.weight"]
-    g = torch.Generator(device=dev).manual_seed(seed + 1)
-    pert = emb.clone()
-    flip = torch.rand(emb.shape, generator=g, device=dev) < 0.05
-    sign = torch.where(torch.rand(emb.shape, generator=g, device=dev) < 0.5, -1.0, 1.0)
-    pert[flip] = (emb.float() * (1 + sign * 2.0 ** -8))[flip].to(emb.dtype)
+    pert = one_ulp_moved(emb, 0.05, torch.Generator(device=dev).manual_seed(seed + 1))
 
     def run(table):  # noqa: ANN001, ANN202
         cache = {k: torch.zeros_like(v[:1]) for k, v in eng.cache.items()}

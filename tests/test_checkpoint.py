@@ -12,7 +12,7 @@ from dsv4c.checkpoint import load_checkpoint, residual_write_scale, synthesize_c
     to_model_params
 from dsv4c.frontend.model import StepContext, constants, step
 from dsv4c.spec import get_variant
-from dsv4c.testing import new_cache, rel_err
+from dsv4c.testing import new_cache, one_ulp_moved, rel_err
 
 
 def test_residual_write_scale_picks_the_projections_that_write_into_the_streams():
@@ -53,11 +53,7 @@ def _prefill_spread(depth: int, folder) -> float:
                              torch.bfloat16)
     ctx = StepContext(spec, "reference", torch.bfloat16)
     emb = params["embed.weight"]
-    g = torch.Generator().manual_seed(1)
-    flip = torch.rand(emb.shape, generator=g) < 0.05
-    sign = torch.where(torch.rand(emb.shape, generator=g) < 0.5, -1.0, 1.0)
-    moved = emb.clone()
-    moved[flip] = (emb.float() * (1 + sign * 2.0 ** -8))[flip].to(emb.dtype)
+    moved = one_ulp_moved(emb, 0.05, torch.Generator().manual_seed(1))
     ids = torch.randint(0, spec.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     out = []
     with torch.no_grad():

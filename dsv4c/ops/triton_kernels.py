@@ -529,22 +529,19 @@ if HAVE_TRITON:
                 w8 = tl.reshape(tl.join(lo, hi), (BN, 128)).to(tl.float8e4nv, bitcast=True)
                 sb = tl.load(s_base + (kb * 4 + g)[None, :] * PBN + r_in[:, None], mask=kb_ok, other=0).to(tl.int32)
                 sf = ((sb + 6) << 23).to(tl.float32, bitcast=True)  # 2^(b - 127) * 2^6
-                if UPCAST or IEEE:
+                # DEQ_F32: the bf16 dots' weight through fp32 too (one bf16 pack per pair instead of one
+                # e4m3 -> f16 -> bf16 F2F per element, a 1/8-rate unit; the same values)
+                if UPCAST or IEEE or DEQ_F32:
                     w = tl.reshape(tl.reshape(w8.to(tl.float32), (BN, 4, 32)) * sf[:, :, None], (BN, 128))
+                else:
+                    w = tl.reshape(tl.reshape(w8.to(tl.bfloat16), (BN, 4, 32)) * sf.to(tl.bfloat16)[:, :, None],
+                                   (BN, 128))
+                if UPCAST or IEEE:
                     if SWAP:
                         acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
                     else:
                         part = tl.dot(a, tl.trans(w), input_precision="ieee")
-                elif DEQ_F32:  # through fp32: no per-element e4m3 -> f16 -> bf16 conversion (F2F, 1/8 rate)
-                    w = tl.reshape(tl.reshape(w8.to(tl.float32), (BN, 4, 32)) * sf[:, :, None], (BN, 128))
-                    w = w.to(tl.bfloat16)
-                    if SWAP:
-                        acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
-                    else:
-                        part = tl.dot(a, tl.trans(w.to(a.dtype)))
                 else:
-                    w = tl.reshape(tl.reshape(w8.to(tl.bfloat16), (BN, 4, 32)) * sf.to(tl.bfloat16)[:, :, None],
-                                   (BN, 128))
                     if SWAP:
                         acc = tl.dot(w.to(a.dtype), tl.trans(a), acc)
                     else:
